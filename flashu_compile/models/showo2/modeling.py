@@ -1,0 +1,267 @@
+"""Show-o2 on transformers parts: a Qwen2 LLM, SigLIP encoder layers and a flow-matching head.
+
+The forward follows the official ``Showo2Qwen2_5.forward`` (same inputs, same outputs, same
+state-dict keys) but places the time and image embeddings with index tensors instead of Python
+loops over tensor values, so one denoising step or prefill traces into a single graph.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+from torch import nn
+from transformers import Qwen2ForCausalLM
+from transformers.models.siglip.modeling_siglip import SiglipEncoder
+
+from .configuration import Showo2Config, preset
+from .modules import (
+    FinalLayer,
+    ModulatedAttentionBlock,
+    PatchEmbed,
+    RMSNorm,
+    TimestepEmbedder,
+    interpolate_position_table,
+    llama3_inv_freq,
+    rotary_cos_sin,
+)
+
+
+def image_span_mask(modality_positions: torch.Tensor, seq_len: int) -> torch.Tensor:
+    """(B, S, 1) bool: positions inside any (offset, length) span of their row."""
+    pos = torch.arange(seq_len, device=modality_positions.device)
+    offset = modality_positions[..., 0:1]
+    inside = (pos >= offset) & (pos < offset + modality_positions[..., 1:2])
+    return inside.any(dim=1)[..., None]
+
+
+def unpatchify(x: torch.Tensor, grid_h: int, grid_w: int, patch: int, channels: int) -> torch.Tensor:
+    """(N, h*w, p*p*c) -> (N, c, h*p, w*p) with the official reshape (no spatial permute)."""
+    n = x.shape[0]
+    x = x.reshape(n, grid_h, grid_w, patch, patch, channels).reshape(n, grid_h * patch * grid_w * patch, channels)
+    return x.transpose(1, 2).reshape(n, channels, grid_h * patch, grid_w * patch)
+
+
+class Showo2(nn.Module):
+    """The Show-o2 unified model (understanding through the LLM head, generation through the flow head)."""
+
+    def __init__(self, config: Showo2Config) -> None:
+        super().__init__()
+        self.config = config
+        h, d = config.hidden_size, config.flow_head.hidden_size
+        self.showo = Qwen2ForCausalLM(config.llm)
+        self.image_embedder_und = PatchEmbed(config.patch_size, config.image_latent_dim, config.clip_latent_dim)
+        self.image_embedder_gen = PatchEmbed(config.patch_size, config.image_latent_dim, h)
+        self.position_embedding = nn.Embedding(config.num_position_embeddings, config.clip_latent_dim)
+        und_config = copy.deepcopy(config.vision)
+        und_config.num_hidden_layers -= 1  # Show-o2 drops SigLIP's last layer
+        self.und_trans = SiglipEncoder(und_config)
+        self.fusion_proj = nn.Sequential(
+            RMSNorm(config.clip_latent_dim + h),
+            nn.Linear(config.clip_latent_dim + h, h),
+            nn.GELU(),
+            nn.Linear(h, h),
+        )
+        self.time_embed = TimestepEmbedder(d)
+        if h != d:
+            self.diff_proj = nn.Sequential(nn.Linear(h, d), nn.GELU(), nn.Linear(d, d))
+            self.time_embed_proj = nn.Linear(d, h)
+        self.diffusion_head_a = nn.ModuleList(
+            [ModulatedAttentionBlock(config.flow_head) for _ in range(config.num_diffusion_layers)]
+        )
+        self.diffusion_head_b = FinalLayer(d, config.patch_size, config.image_latent_dim)
+        self.register_buffer("head_inv_freq", llama3_inv_freq(config.flow_head), persistent=False)
+
+    # ----------------------------------------------------------------- construction helpers
+    @classmethod
+    def from_preset(cls, name: str, seed: int = 0) -> Showo2:
+        """A randomly initialised model of a named preset (deterministic for ``seed``)."""
+        return cls.random(preset(name), seed)
+
+    @classmethod
+    def random(cls, config: Showo2Config, seed: int = 0) -> Showo2:
+        """Build and initialise with a fixed seed, independent of the global RNG state."""
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            model = cls(config)
+            model.init_weights()
+        return model.eval()
+
+    @classmethod
+    def from_pretrained(cls, path: str, **kwargs) -> Showo2:
+        """Load an official-layout checkpoint folder; see :func:`checkpoint.load_showo2`."""
+        from .checkpoint import load_showo2
+
+        return load_showo2(path, **kwargs)
+
+    @classmethod
+    def default(cls) -> Showo2:
+        """The embedded default model shipped with the package."""
+        from .embedded import load_default
+
+        return load_default()
+
+    def save_pretrained(self, path: str, **kwargs) -> None:
+        from .checkpoint import save_showo2
+
+        save_showo2(self, path, **kwargs)
+
+    @torch.no_grad()
+    def init_weights(self) -> None:
+        """Random weights where every module matters (unlike the official init, which zeroes the
+        output layer and adaLN so a fresh model predicts v = 0)."""
+        for module in self.modules():
+            if isinstance(module, (nn.Linear, nn.Conv2d)):
+                nn.init.normal_(module.weight, std=0.02 if isinstance(module, nn.Linear) else 0.05)
+                if module.bias is not None:
+                    nn.init.normal_(module.bias, std=0.02)
+            elif isinstance(module, nn.Embedding):
+                nn.init.normal_(module.weight, std=0.05)
+            elif isinstance(module, nn.LayerNorm):
+                module.weight.normal_(1.0, 0.05)
+                module.bias.normal_(0.0, 0.02)
+            elif hasattr(module, "weight") and isinstance(getattr(module, "weight"), nn.Parameter) \
+                    and module.weight.dim() == 1:
+                module.weight.normal_(1.0, 0.05)  # RMSNorm variants
+        for block in self.diffusion_head_a:
+            nn.init.normal_(block.adaLN_modulation[1].weight, std=0.05)
+        nn.init.normal_(self.diffusion_head_b.adaLN_modulation[1].weight, std=0.05)
+        nn.init.normal_(self.diffusion_head_b.linear.weight, std=0.1)
+        self.showo.tie_weights()
+
+    # ----------------------------------------------------------------- pieces of the forward
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.showo.model.embed_tokens.weight.dtype
+
+    def image_features(self, image_latents: torch.Tensor) -> torch.Tensor:
+        """Dual-path image features: SigLIP-style semantic path and a projection path, fused."""
+        latents = image_latents.to(self.dtype)
+        p = self.config.patch_size
+        grid_h, grid_w = latents.shape[-2] // p, latents.shape[-1] // p
+        und = self.image_embedder_und(latents)
+        gen = self.image_embedder_gen(latents)
+        table = self.position_embedding.weight
+        side = int(round(table.shape[0] ** 0.5))
+        if (grid_h, grid_w) == (side, side):
+            und = und + table[None]
+        else:
+            und = und + interpolate_position_table(table, grid_h, grid_w)
+        und = self.und_trans(inputs_embeds=und).last_hidden_state
+        return self.fusion_proj(torch.cat([und, gen], dim=-1))
+
+    def time_embeddings(self, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(flow-head conditioning of width D, time token of width H) for each image."""
+        time_embeds = self.time_embed(t, self.dtype)
+        tokens = self.time_embed_proj(time_embeds) if hasattr(self, "time_embed_proj") else time_embeds
+        return time_embeds, tokens
+
+    def embed(
+        self,
+        text_tokens: torch.Tensor,
+        image_latents: torch.Tensor,
+        t: torch.Tensor,
+        time_positions: torch.Tensor,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Token embeddings with the time token at ``time_positions`` and image tokens right after."""
+        embeds = self.showo.model.embed_tokens(text_tokens)
+        image = self.image_features(image_latents)
+        time_embeds, time_tokens = self.time_embeddings(t)
+        values = torch.cat([time_tokens[:, None].to(embeds.dtype), image.to(embeds.dtype)], dim=1)
+        index = time_positions[:, None] + torch.arange(values.shape[1], device=text_tokens.device)
+        embeds = embeds.scatter(1, index[..., None].expand(-1, -1, embeds.shape[-1]), values)
+        return embeds, time_embeds
+
+    def llm_hidden(self, inputs_embeds: torch.Tensor, attention_mask: torch.Tensor | None, **kwargs) -> torch.Tensor:
+        """The LLM's last hidden state after its final norm (what the flow head reads)."""
+        return self.showo.model(inputs_embeds=inputs_embeds, attention_mask=attention_mask, **kwargs).last_hidden_state
+
+    def flow_head(
+        self,
+        hidden: torch.Tensor,
+        time_embeds: torch.Tensor,
+        attention_mask: torch.Tensor | None,
+        image_span: torch.Tensor,
+    ) -> torch.Tensor:
+        """Per-position velocity patches (B, S, p*p*c) from the LLM's hidden states."""
+        x = self.diff_proj(hidden) if hasattr(self, "diff_proj") else hidden
+        rotary = rotary_cos_sin(self.head_inv_freq, x.shape[1], x.dtype)
+        for block in self.diffusion_head_a:
+            x = block(x, time_embeds, attention_mask, rotary, image_span)
+        return self.diffusion_head_b(x, time_embeds, image_span)
+
+    def velocity(self, head_out: torch.Tensor, time_positions: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
+        """Gather each row's image tokens (time token dropped) and unpatchify to (B, c, H, W)."""
+        n = grid[0] * grid[1]
+        index = time_positions[:, None] + 1 + torch.arange(n, device=head_out.device)
+        tokens = head_out.gather(1, index[..., None].expand(-1, -1, head_out.shape[-1]))
+        return unpatchify(tokens, grid[0], grid[1], self.config.patch_size, self.config.image_latent_dim)
+
+    def _check_spans(self, modality_positions: torch.Tensor, image_latents: torch.Tensor, seq_len: int) -> None:
+        if modality_positions.dim() != 3 or modality_positions.shape[1] != 1:
+            raise ValueError(
+                "modality_positions must be (batch, 1, 2): one image per row is supported, got "
+                f"{tuple(modality_positions.shape)}"
+            )
+        if torch.compiler.is_compiling():
+            return  # value checks would be data-dependent branches; eager calls validate
+        p = self.config.patch_size
+        expected = (image_latents.shape[-2] // p) * (image_latents.shape[-1] // p) + 1
+        lengths = modality_positions[:, 0, 1]
+        offsets = modality_positions[:, 0, 0]
+        if bool((lengths != expected).any()):
+            raise ValueError(f"modality length must be {expected} (time token + image tokens), got {lengths.tolist()}")
+        if bool((offsets < 0).any()) or bool((offsets + lengths > seq_len).any()):
+            raise ValueError(f"modality span out of the sequence of length {seq_len}: {modality_positions.tolist()}")
+
+    def _check_latents(self, image_latents: torch.Tensor) -> tuple[int, int]:
+        p, c = self.config.patch_size, self.config.image_latent_dim
+        if image_latents.dim() != 4 or image_latents.shape[1] != c:
+            raise ValueError(f"image_latents must be (batch, {c}, H, W), got {tuple(image_latents.shape)}")
+        if image_latents.shape[-2] % p or image_latents.shape[-1] % p:
+            raise ValueError(f"latent height/width must be multiples of the patch size {p}, "
+                             f"got {tuple(image_latents.shape[-2:])}")
+        return image_latents.shape[-2] // p, image_latents.shape[-1] // p
+
+    # ----------------------------------------------------------------- entry points
+    def forward(
+        self,
+        text_tokens: torch.Tensor,
+        image_latents: torch.Tensor | None = None,
+        t: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        modality_positions: torch.Tensor | None = None,
+        **unused,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Official semantics: returns ``(logits, v_pred)``; ``v_pred`` is None without an image."""
+        if image_latents is None:
+            logits = self.showo.lm_head(self.llm_hidden(self.showo.model.embed_tokens(text_tokens), attention_mask))
+            return logits, None
+        hidden, head_out, grid, time_positions = self._multimodal(
+            text_tokens, image_latents, t, attention_mask, modality_positions
+        )
+        return self.showo.lm_head(hidden), self.velocity(head_out, time_positions, grid)
+
+    def denoise(
+        self,
+        text_tokens: torch.Tensor,
+        image_latents: torch.Tensor,
+        t: torch.Tensor,
+        attention_mask: torch.Tensor,
+        modality_positions: torch.Tensor,
+    ) -> torch.Tensor:
+        """One flow step's velocity (B, c, H, W): the forward without the unused LM logits."""
+        _, head_out, grid, time_positions = self._multimodal(
+            text_tokens, image_latents, t, attention_mask, modality_positions
+        )
+        return self.velocity(head_out, time_positions, grid)
+
+    def _multimodal(self, text_tokens, image_latents, t, attention_mask, modality_positions):
+        grid = self._check_latents(image_latents)
+        self._check_spans(modality_positions, image_latents, text_tokens.shape[1])
+        time_positions = modality_positions[:, 0, 0]
+        t = t.reshape(-1).to(image_latents.device)
+        embeds, time_embeds = self.embed(text_tokens, image_latents, t, time_positions)
+        hidden = self.llm_hidden(embeds, attention_mask)
+        span = image_span_mask(modality_positions, text_tokens.shape[1])
+        return hidden, self.flow_head(hidden, time_embeds, attention_mask, span), grid, time_positions

@@ -1,0 +1,97 @@
+"""Token rows, modality positions and the omni-attention mask, laid out as the official code does.
+
+A text-to-image row is ``[bos] prompt [boi] [time] [image]*N [eoi] [eos] [pad]...`` with
+``modality_positions = (offset of the time token, N + 1)``. The understanding row is
+``[bos] system user-prefix [boi] [time] [image]*N [eoi] question assistant-prefix``; there the
+official code records the span one position later (offset = time position + 1), which shifts
+its bidirectional block by one token. That quirk is reproduced because released checkpoints
+are evaluated with it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from .tokenizer import ASSISTANT_PREFIX, SYSTEM_PROMPT, USER_PREFIX, Showo2Tokenizer
+
+# The official inverted mask is filled with iinfo(int64).min and cast to the model dtype.
+MASK_VALUE = float(torch.iinfo(torch.long).min)
+
+
+def omni_attention_mask(
+    modality_positions: torch.Tensor, seq_len: int, dtype: torch.dtype = torch.float32
+) -> torch.Tensor:
+    """4D additive mask (B, 1, L, L): causal, plus full attention inside each modality span.
+
+    ``modality_positions`` is (B, M, 2) of (offset, length); length 0 marks an empty slot.
+    """
+    if modality_positions.dim() != 3 or modality_positions.shape[-1] != 2:
+        raise ValueError(f"modality_positions must be (batch, images, 2), got {tuple(modality_positions.shape)}")
+    pos = torch.arange(seq_len, device=modality_positions.device)
+    offset = modality_positions[..., 0:1]
+    length = modality_positions[..., 1:2]
+    inside = (pos >= offset) & (pos < offset + length)  # (B, M, L)
+    same_span = (inside[..., :, None] & inside[..., None, :]).any(dim=1)  # (B, L, L)
+    causal = torch.ones(seq_len, seq_len, dtype=torch.bool, device=pos.device).tril()
+    allowed = causal | same_span
+    mask = torch.zeros(allowed.shape, dtype=dtype, device=pos.device)
+    return mask.masked_fill(~allowed, MASK_VALUE)[:, None]
+
+
+@dataclass
+class Rows:
+    """Model inputs for a batch of rows (what the official forward takes)."""
+
+    text_tokens: torch.Tensor  # (B, L) long
+    modality_positions: torch.Tensor  # (B, 1, 2) long
+    attention_mask: torch.Tensor  # (B, 1, L, L) additive
+    time_positions: torch.Tensor  # (B,) long: where the time token sits
+
+    @property
+    def seq_len(self) -> int:
+        return self.text_tokens.shape[1]
+
+
+def t2i_rows(
+    tokenizer: Showo2Tokenizer,
+    prompts: list[str],
+    num_image_tokens: int,
+    max_text_len: int,
+    guidance: bool,
+    dtype: torch.dtype = torch.float32,
+) -> Rows:
+    """Text-to-image rows; with ``guidance`` the unconditional rows follow the conditional ones."""
+    if not prompts:
+        raise ValueError("at least one prompt is needed")
+    span = num_image_tokens + 1  # the time token leads the image span
+
+    def row(ids: list[int]) -> tuple[list[int], int]:
+        ids = ids[:max_text_len]
+        tokens = ([tokenizer.bos_id, *ids, tokenizer.boi_id] + [tokenizer.img_pad_id] * span
+                  + [tokenizer.eoi_id, tokenizer.eos_id] + [tokenizer.pad_id] * (max_text_len - len(ids)))
+        return tokens, len(ids) + 2
+
+    rows = [row(tokenizer.encode(p)) for p in prompts]
+    if guidance:
+        rows += [row([]) for _ in prompts]
+    tokens = torch.tensor([r[0] for r in rows], dtype=torch.long)
+    offsets = torch.tensor([r[1] for r in rows], dtype=torch.long)
+    positions = torch.stack([offsets, torch.full_like(offsets, span)], dim=-1)[:, None]
+    return Rows(tokens, positions, omni_attention_mask(positions, tokens.shape[1], dtype), offsets)
+
+
+def mmu_row(
+    tokenizer: Showo2Tokenizer, question: str, num_image_tokens: int, dtype: torch.dtype = torch.float32
+) -> Rows:
+    """The understanding row for one image and one question (official chat layout)."""
+    head = [tokenizer.bos_id, *tokenizer.encode(SYSTEM_PROMPT), *tokenizer.encode(USER_PREFIX)]
+    span = num_image_tokens + 1
+    tail = [tokenizer.eoi_id, *tokenizer.encode(question), *tokenizer.encode(ASSISTANT_PREFIX)]
+    tokens = torch.tensor([head + [tokenizer.boi_id] + [tokenizer.img_pad_id] * span + tail], dtype=torch.long)
+    time_position = len(head) + 1
+    # Official inference_mmu: offset = len(head) + 2, one past the time token (see module doc).
+    positions = torch.tensor([[[time_position + 1, span]]], dtype=torch.long)
+    return Rows(tokens, positions, omni_attention_mask(positions, tokens.shape[1], dtype),
+                torch.tensor([time_position], dtype=torch.long))
