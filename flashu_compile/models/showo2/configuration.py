@@ -80,6 +80,10 @@ class Showo2Config:
     patch_size: int = 2
     num_diffusion_layers: int = 10
     add_time_embeds: bool = True
+    # Prompt slots in a text-to-image row; the official 290 = 1024 - (729 + 1) - 4.
+    max_text_len: int = 290
+    # How images map to latents: "wan2.1-vae" (real checkpoints) or "pixel-unshuffle-F" (small models).
+    latent_codec: str = "wan2.1-vae"
     # Kept verbatim so that a saved checkpoint is readable by the official code.
     llm_model_path: str = "Qwen/Qwen2.5-1.5B-Instruct"
     clip_pretrained_model_path: str = "google/siglip-so400m-patch14-384"
@@ -98,6 +102,11 @@ class Showo2Config:
                 "add_time_embeds=False is not supported: every released Show-o2 checkpoint places a time "
                 "token before the image tokens"
             )
+        if self.latent_codec != "wan2.1-vae":
+            factor = _unshuffle_factor(self.latent_codec)
+            if 3 * factor * factor != self.image_latent_dim:
+                raise ValueError(f"latent_codec {self.latent_codec!r} gives {3 * factor * factor} channels, "
+                                 f"but image_latent_dim is {self.image_latent_dim}")
         if self.vision.num_hidden_layers < 2:
             raise ValueError("the SigLIP config needs at least 2 layers (Show-o2 drops the last one)")
 
@@ -142,6 +151,9 @@ class Showo2Config:
             num_diffusion_layers=self.num_diffusion_layers,
             add_time_embeds=self.add_time_embeds,
             clip_pretrained_model_path=self.clip_pretrained_model_path,
+            # Not read by the official code (it ignores unknown keys); kept for a faithful round trip.
+            max_text_len=self.max_text_len,
+            latent_codec=self.latent_codec,
         )
         default_head = FlowHeadConfig()
         overrides = {k: getattr(self.flow_head, k) for k in FlowHeadConfig.OVERRIDABLE
@@ -168,6 +180,13 @@ class Showo2Config:
             "num_diffusion_layers": self.num_diffusion_layers,
             "token_grid": (self.image_latent_height, self.image_latent_width),
         }
+
+
+def _unshuffle_factor(codec: str) -> int:
+    prefix = "pixel-unshuffle-"
+    if not codec.startswith(prefix) or not codec[len(prefix):].isdigit() or int(codec[len(prefix):]) < 1:
+        raise ValueError(f"unknown latent_codec {codec!r}; use 'wan2.1-vae' or 'pixel-unshuffle-<factor>'")
+    return int(codec[len(prefix):])
 
 
 # --- Sub-config presets for the official hub ids (no hub access: the dimensions are known) ---
@@ -219,14 +238,16 @@ def _showo2_7b() -> Showo2Config:
 
 def _tiny() -> Showo2Config:
     # Proportions of the real model at toy width: H != D so diff_proj / time_embed_proj exist,
-    # GQA in both attention stacks, a 4x4 token grid matching a 16-entry position table.
+    # GQA in both attention stacks, an 8x8 token grid matching a 64-entry position table, and
+    # 32x32 RGB images as 12-channel pixel-unshuffled latents.
     from .tokenizer import SceneTokenizer
 
     return custom_config(
         vocab_size=len(SceneTokenizer()), hidden_size=64, num_layers=2, num_heads=4, num_kv_heads=2,
         intermediate_size=128, vision_hidden_size=48, vision_layers=3, vision_heads=4,
-        vision_intermediate_size=96, grid=4, head_hidden_size=96, head_heads=4, head_kv_heads=2,
-        head_dim=24, head_intermediate_size=192, num_diffusion_layers=2,
+        vision_intermediate_size=96, grid=8, head_hidden_size=96, head_heads=4, head_kv_heads=2,
+        head_dim=24, head_intermediate_size=192, num_diffusion_layers=2, latent_channels=12,
+        max_text_len=24, latent_codec="pixel-unshuffle-2",
     )
 
 
@@ -253,6 +274,8 @@ def custom_config(
     patch_size: int = 2,
     max_position_embeddings: int = 4096,
     tie_word_embeddings: bool = True,
+    max_text_len: int = 32,
+    latent_codec: str = "wan2.1-vae",
 ) -> Showo2Config:
     """A Show-o2 of arbitrary dimensions with the official structure (for tests and small models).
 
@@ -279,6 +302,7 @@ def custom_config(
         llm=llm, vision=vision, flow_head=head, llm_vocab_size=vocab_size, image_latent_dim=latent_channels,
         image_latent_height=grid, image_latent_width=grid, patch_size=patch_size,
         num_diffusion_layers=num_diffusion_layers, llm_model_path="llm", clip_pretrained_model_path="siglip",
+        max_text_len=max_text_len, latent_codec=latent_codec,
     )
 
 

@@ -71,6 +71,9 @@ class Showo2(nn.Module):
         )
         self.diffusion_head_b = FinalLayer(d, config.patch_size, config.image_latent_dim)
         self.register_buffer("head_inv_freq", llama3_inv_freq(config.flow_head), persistent=False)
+        # Set by attach(): what generate_images() / answer() need beyond the network.
+        self.tokenizer = None
+        self.codec = None
 
     # ----------------------------------------------------------------- construction helpers
     @classmethod
@@ -85,7 +88,20 @@ class Showo2(nn.Module):
             torch.manual_seed(seed)
             model = cls(config)
             model.init_weights()
-        return model.eval()
+        return model.eval()._attach_builtin()
+
+    def _attach_builtin(self) -> Showo2:
+        """Small models use the built-in scene tokenizer and a pixel codec when they fit."""
+        from .codecs import PixelUnshuffleCodec
+        from .configuration import _unshuffle_factor
+        from .tokenizer import SceneTokenizer
+
+        if self.config.latent_codec != "wan2.1-vae":
+            self.codec = PixelUnshuffleCodec(_unshuffle_factor(self.config.latent_codec))
+            tokenizer = SceneTokenizer()
+            if len(tokenizer) <= self.config.llm_vocab_size:
+                self.tokenizer = tokenizer
+        return self
 
     @classmethod
     def from_pretrained(cls, path: str, **kwargs) -> Showo2:
@@ -100,6 +116,17 @@ class Showo2(nn.Module):
         from .embedded import load_default
 
         return load_default()
+
+    def attach(self, tokenizer=None, codec=None) -> Showo2:
+        """Set the tokenizer and latent codec the high-level methods use; returns self."""
+        if tokenizer is not None:
+            if len(tokenizer) > self.config.llm_vocab_size:
+                raise ValueError(f"tokenizer has {len(tokenizer)} tokens but the model's vocabulary is "
+                                 f"{self.config.llm_vocab_size}")
+            self.tokenizer = tokenizer
+        if codec is not None:
+            self.codec = codec
+        return self
 
     def save_pretrained(self, path: str, **kwargs) -> None:
         from .checkpoint import save_showo2
@@ -265,3 +292,51 @@ class Showo2(nn.Module):
         hidden = self.llm_hidden(embeds, attention_mask)
         span = image_span_mask(modality_positions, text_tokens.shape[1])
         return hidden, self.flow_head(hidden, time_embeds, attention_mask, span), grid, time_positions
+
+    # ----------------------------------------------------------------- tasks
+    def _require(self, what: str):
+        value = getattr(self, what)
+        if value is None:
+            hint = {"tokenizer": "from_pretrained(..., tokenizer_path=...) or attach(tokenizer=...)",
+                    "codec": "from_pretrained(..., vae_path=...) or attach(codec=...)"}[what]
+            raise RuntimeError(f"this model has no {what}; provide one with {hint}")
+        return value
+
+    @torch.no_grad()
+    def generate_images(
+        self, prompts: list[str] | str, steps: int = 50, guidance: float = 7.5, shift: float = 3.0,
+        seed: int = 0, progress: bool = True, denoise=None,
+    ) -> torch.Tensor:
+        """Images (B, 3, H, W) in [0, 1]; without a decoder, a preview of the latents."""
+        from .codecs import preview
+        from .sampling import generate_latents
+
+        latents = generate_latents(self, self._require("tokenizer"), prompts, steps=steps, guidance=guidance,
+                                   shift=shift, seed=seed, denoise=denoise, progress=progress)
+        return self.codec.decode(latents) if self.codec is not None else preview(latents)
+
+    def encode_image(self, image) -> torch.Tensor:
+        """A PIL image or (3, H, W) tensor in [0, 1] -> the model's latent (1, c, h, w)."""
+        import numpy as np
+        import torch.nn.functional as F
+
+        codec = self._require("codec")
+        if not isinstance(image, torch.Tensor):
+            image = torch.from_numpy(np.asarray(image.convert("RGB"), dtype=np.float32) / 255.0).permute(2, 0, 1)
+        if image.dim() != 3 or image.shape[0] != 3:
+            raise ValueError(f"image must be RGB (3, H, W), got {tuple(image.shape)}")
+        h, w = self.config.latent_size
+        scale = getattr(codec, "factor", 8)
+        size = (h * scale, w * scale)
+        if tuple(image.shape[-2:]) != size:
+            image = F.interpolate(image[None], size=size, mode="bilinear", antialias=True, align_corners=False)[0]
+        return codec.encode(image[None] * 2 - 1)
+
+    @torch.no_grad()
+    def answer(self, image, question: str, max_new_tokens: int = 300) -> str:
+        """Greedy answer to ``question`` about ``image``, decoded with a KV cache."""
+        from .understanding import answer_tokens
+
+        tokenizer = self._require("tokenizer")
+        ids = answer_tokens(self, tokenizer, self.encode_image(image), question, max_new_tokens=max_new_tokens)
+        return tokenizer.decode(ids)
