@@ -1,0 +1,75 @@
+import pytest
+import torch
+
+from flashu_compile.models.showo2.sampling import euler_cfg, generate_latents, time_grid
+from flashu_compile.models.showo2.sequences import t2i_rows
+
+
+def test_time_grid_is_the_shifted_official_grid():
+    grid = time_grid(5, shift=3.0)
+    s = torch.tensor([0.0, 0.25, 0.5, 0.75, 1.0])
+    torch.testing.assert_close(grid, s / (s + 3 - 3 * s))
+    assert grid[0] == 0 and grid[-1] == 1
+    assert torch.equal(time_grid(4, shift=1.0), torch.linspace(0, 1, 4))
+    with pytest.raises(ValueError, match="steps must be >= 2"):
+        time_grid(1)
+
+
+def test_zero_guidance_equals_plain_euler_loop(small_model, tokenizer):
+    cfg = small_model.config
+    noise = torch.randn(2, cfg.image_latent_dim, *cfg.latent_size, generator=torch.Generator().manual_seed(3))
+    prompts = ["red circle", "blue square left of green triangle"]
+    out = generate_latents(small_model, tokenizer, prompts, steps=4, guidance=0.0, noise=noise, progress=False)
+
+    rows = t2i_rows(tokenizer, prompts, cfg.num_image_tokens, cfg.max_text_len, guidance=False)
+    assert rows.text_tokens.shape[0] == 2  # no unconditional rows without guidance
+    grid = time_grid(4)
+    x = noise.clone()
+    with torch.no_grad():
+        for i in range(3):
+            t = torch.full((2,), float(grid[i]))
+            _, v = small_model(rows.text_tokens, image_latents=x, t=t, attention_mask=rows.attention_mask,
+                               modality_positions=rows.modality_positions)
+            x = x + (grid[i + 1] - grid[i]) * v
+    torch.testing.assert_close(out, x, rtol=1e-6, atol=1e-6)
+
+
+def test_guidance_combines_cond_first_then_uncond(tokenizer):
+    rows = t2i_rows(tokenizer, ["red"], 4, 3, guidance=True)
+    calls = []
+
+    def fake(tokens, x, t, mask, positions):
+        calls.append((tokens.clone(), x.clone(), t.clone()))
+        v = torch.zeros_like(x)
+        v[0], v[1] = 3.0, 1.0  # cond row, then uncond row
+        return v
+
+    noise = torch.zeros(1, 2, 2, 2)
+    out = euler_cfg(fake, rows, noise, torch.tensor([0.0, 0.5, 1.0]), guidance=2.0, progress=False)
+    # v = v_u + s (v_c - v_u) = 1 + 2 * 2 = 5, integrated over a total time of 1.
+    torch.testing.assert_close(out, torch.full_like(noise, 5.0))
+    assert len(calls) == 2
+    tokens, x, t = calls[0]
+    assert torch.equal(tokens, rows.text_tokens) and x.shape[0] == 2 and torch.equal(x[0], x[1])
+    assert torch.equal(t, torch.tensor([0.0, 0.0])) and torch.equal(calls[1][2], torch.tensor([0.5, 0.5]))
+
+
+def test_generation_is_deterministic_per_seed(small_model, tokenizer):
+    a = generate_latents(small_model, tokenizer, ["red circle"], steps=3, guidance=5.0, seed=1, progress=False)
+    b = generate_latents(small_model, tokenizer, ["red circle"], steps=3, guidance=5.0, seed=1, progress=False)
+    c = generate_latents(small_model, tokenizer, ["red circle"], steps=3, guidance=5.0, seed=2, progress=False)
+    assert torch.equal(a, b) and not torch.equal(a, c)
+    assert a.dtype == torch.float32 and a.shape == (1, 12, 8, 8)
+
+
+def test_generate_images_decodes_with_the_pixel_codec(small_model):
+    images = small_model.generate_images(["red circle", "blue"], steps=2, guidance=1.0, progress=False)
+    assert images.shape == (2, 3, 16, 16)
+    assert images.min() >= 0 and images.max() <= 1
+
+
+def test_bad_generation_arguments(small_model, tokenizer):
+    with pytest.raises(ValueError, match="guidance must be >= 0"):
+        generate_latents(small_model, tokenizer, ["red"], steps=3, guidance=-1.0)
+    with pytest.raises(ValueError, match="noise must be"):
+        generate_latents(small_model, tokenizer, ["red"], steps=3, noise=torch.zeros(1, 3, 3, 3))
