@@ -38,7 +38,9 @@ class WanVAECodec:
         try:
             from diffusers import AutoencoderKLWan
         except ImportError as err:
-            raise ImportError("decoding real Show-o2 latents needs diffusers: pip install 'flashu-compile[vae]'") from err
+            raise ImportError(
+                "decoding real Show-o2 latents needs diffusers: pip install 'flashu-compile[vae]'"
+            ) from err
         if not os.path.isdir(path):
             raise FileNotFoundError(f"VAE folder {str(path)!r} does not exist")
         self.vae = AutoencoderKLWan.from_pretrained(str(path), torch_dtype=dtype, local_files_only=True).eval()

@@ -147,7 +147,7 @@ class Showo2(nn.Module):
             elif isinstance(module, nn.LayerNorm):
                 module.weight.normal_(1.0, 0.05)
                 module.bias.normal_(0.0, 0.02)
-            elif hasattr(module, "weight") and isinstance(getattr(module, "weight"), nn.Parameter) \
+            elif hasattr(module, "weight") and isinstance(module.weight, nn.Parameter) \
                     and module.weight.dim() == 1:
                 module.weight.normal_(1.0, 0.05)  # RMSNorm variants
         for block in self.diffusion_head_a:
