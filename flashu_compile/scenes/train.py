@@ -1,0 +1,172 @@
+"""Train the embedded Show-o2 on synthetic scenes, on a CPU, within a time budget.
+
+Both of Show-o2's losses on the official row layouts: flow matching on text-to-image rows
+(captions dropped 10% of the time so classifier-free guidance works) and next-token
+prediction on understanding rows (the answer after the assistant prefix). Latents are the
+images pixel-unshuffled by 2, so no VAE is involved.
+
+    python -m flashu_compile.scenes.train --minutes 25 --out flashu_compile/weights/showo2-scenes
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import math
+import random
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from flashu_compile.models.showo2 import Showo2, custom_config
+from flashu_compile.models.showo2.codecs import PixelUnshuffleCodec
+from flashu_compile.models.showo2.sequences import mmu_row, omni_attention_mask, t2i_rows
+from flashu_compile.models.showo2.tokenizer import SceneTokenizer
+
+from .dataset import make_split, to_tensor
+
+CFG_DROP = 0.1
+
+
+def scenes_config():
+    """Show-o2's structure at a size a 2-core CPU trains in minutes (about 2.6 M parameters)."""
+    return custom_config(
+        vocab_size=len(SceneTokenizer()), hidden_size=128, num_layers=4, num_heads=4, num_kv_heads=2,
+        intermediate_size=352, vision_hidden_size=96, vision_layers=3, vision_heads=4,
+        vision_intermediate_size=256, grid=8, head_hidden_size=160, head_heads=4, head_kv_heads=2, head_dim=40,
+        head_intermediate_size=384, num_diffusion_layers=3, latent_channels=12, max_text_len=12,
+        latent_codec="pixel-unshuffle-2",
+    )
+
+
+def flow_loss(model: Showo2, tok: SceneTokenizer, scenes, codec, rng: random.Random) -> torch.Tensor:
+    cfg = model.config
+    prompts = ["" if rng.random() < CFG_DROP else s.caption for s in scenes]
+    rows = t2i_rows(tok, prompts, cfg.num_image_tokens, cfg.max_text_len, guidance=False)
+    x1 = codec.encode(torch.stack([to_tensor(s.render()) for s in scenes]))
+    x0 = torch.randn_like(x1)
+    # Logit-normal times concentrate training where the flow is hardest, mid-trajectory.
+    t = torch.sigmoid(torch.randn(len(scenes)))
+    xt = t[:, None, None, None] * x1 + (1 - t[:, None, None, None]) * x0
+    v = model.denoise(rows.text_tokens, xt, t, rows.attention_mask, rows.modality_positions)
+    return F.mse_loss(v, x1 - x0)
+
+
+def answer_loss(model: Showo2, tok: SceneTokenizer, scenes, codec, rng: random.Random) -> torch.Tensor:
+    cfg = model.config
+    rows, targets = [], []
+    for s in scenes:
+        question, answer = rng.choice(s.qa)
+        row = mmu_row(tok, question, cfg.num_image_tokens)
+        answer_ids = tok.encode(answer) + [tok.eos_id]
+        rows.append((row, answer_ids))
+    length = max(r.seq_len + len(a) for r, a in rows)
+    tokens = torch.full((len(rows), length), tok.pad_id)
+    labels = torch.full((len(rows), length), -100)
+    for i, (row, answer_ids) in enumerate(rows):
+        n = row.seq_len
+        tokens[i, :n] = row.text_tokens[0]
+        tokens[i, n:n + len(answer_ids)] = torch.tensor(answer_ids)
+        labels[i, n - 1:n - 1 + len(answer_ids)] = torch.tensor(answer_ids)  # predict from the previous position
+        targets.append(answer_ids)
+    positions = torch.cat([r.modality_positions for r, _ in rows])
+    time_positions = torch.cat([r.time_positions for r, _ in rows])
+    latents = codec.encode(torch.stack([to_tensor(s.render()) for s in scenes]))
+    embeds, _ = model.embed(tokens, latents, torch.ones(len(scenes)), time_positions)
+    hidden = model.llm_hidden(embeds, omni_attention_mask(positions, length))
+    logits = model.showo.lm_head(hidden)
+    return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=-100)
+
+
+def save_weights(model: Showo2, out: Path, log: dict) -> None:
+    model.save_pretrained(str(out))
+    (out / "training.json").write_text(json.dumps(log, indent=1))
+    lines = []
+    for f in sorted(out.rglob("*")):
+        if f.is_file() and f.name != "SHA256SUMS":
+            lines.append(f"{hashlib.sha256(f.read_bytes()).hexdigest()}  {f.relative_to(out)}")
+    (out / "SHA256SUMS").write_text("\n".join(lines) + "\n")
+
+
+def plot_losses(log: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(9, 3.2))
+    for ax, key, title in ((axes[0], "flow", "flow matching (MSE)"), (axes[1], "ntp", "answer tokens (CE)")):
+        values = log[key]
+        window = max(1, len(values) // 50)
+        smooth = [sum(values[max(0, i - window):i + 1]) / len(values[max(0, i - window):i + 1])
+                  for i in range(len(values))]
+        ax.plot(values, alpha=0.25, color="C0")
+        ax.plot(smooth, color="C0")
+        ax.set_title(title)
+        ax.set_xlabel("step")
+        ax.set_yscale("log")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def train(minutes: float, out: Path, batch: int = 32, lr: float = 2e-3, seed: int = 0, n_train: int = 20000) -> dict:
+    torch.manual_seed(seed)
+    rng = random.Random(seed)
+    model = Showo2.random(scenes_config(), seed=seed).train()
+    tok = SceneTokenizer()
+    codec = PixelUnshuffleCodec(2)
+    data = make_split("train", n_train, seed=seed)
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01, betas=(0.9, 0.98))
+    budget = minutes * 60
+    start = time.perf_counter()
+    log = {"flow": [], "ntp": [], "config": model.config.summary(), "batch": batch, "lr": lr, "seed": seed}
+    step = 0
+    bar = tqdm(total=int(budget), desc="training (s)", unit="s")
+    while (elapsed := time.perf_counter() - start) < budget:
+        # Warm up, then cosine-decay on the wall-clock budget (the step count is not known ahead).
+        frac = elapsed / budget
+        scale = min(1.0, (step + 1) / 200) * 0.5 * (1 + math.cos(math.pi * frac))
+        for group in opt.param_groups:
+            group["lr"] = lr * max(scale, 0.02)
+        scenes = rng.sample(data, batch)
+        lf = flow_loss(model, tok, scenes, codec, rng)
+        ln = answer_loss(model, tok, scenes[: batch // 2], codec, rng)
+        opt.zero_grad(set_to_none=True)
+        (lf + 0.5 * ln).backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        log["flow"].append(float(lf))
+        log["ntp"].append(float(ln))
+        step += 1
+        bar.n = int(time.perf_counter() - start)
+        bar.set_postfix(step=step, flow=f"{float(lf):.3f}", ntp=f"{float(ln):.3f}")
+    bar.close()
+    log["steps"] = step
+    log["seconds"] = time.perf_counter() - start
+    model.eval()
+    out.mkdir(parents=True, exist_ok=True)
+    save_weights(model, out, {k: v for k, v in log.items()})
+    plot_losses(log, out.parent / f"{out.name}-losses.png")
+    return log
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--minutes", type=float, default=25.0)
+    parser.add_argument("--out", type=Path, default=Path("flashu_compile/weights/showo2-scenes"))
+    parser.add_argument("--batch", type=int, default=32)
+    parser.add_argument("--lr", type=float, default=2e-3)
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args(argv)
+    log = train(args.minutes, args.out, args.batch, args.lr, args.seed)
+    print(f"{log['steps']} steps in {log['seconds']:.0f} s; final flow {sum(log['flow'][-50:]) / 50:.4f}, "
+          f"ntp {sum(log['ntp'][-50:]) / 50:.4f} -> {args.out}")
+
+
+if __name__ == "__main__":
+    main()
