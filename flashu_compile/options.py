@@ -1,0 +1,152 @@
+"""FlashUOptions: every knob of the ``flashu`` backend, its presets, and strict validation.
+
+``torch.compile(model, backend="flashu", options={...})`` hands the dict to
+:meth:`FlashUOptions.from_dict`; a ``"preset"`` key picks the base values and the other keys
+override them. Unknown keys, wrong types and out-of-range values raise a ``ValueError`` that
+names the key and what it accepts.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, fields
+from typing import Any
+
+TASKS = ("auto", "t2i", "mmu")
+LOWERINGS = ("inductor", "eager", "tensorrt")
+PASSES = ("prune_channels", "layer_skip", "head_cache", "token_drop")
+TOKEN_DROP_ORDERS = ("highest", "lowest")
+
+
+@dataclass(frozen=True)
+class FlashUOptions:
+    """Settings of one ``flashu`` compilation (defaults: the paper's values, no pass enabled)."""
+
+    task: str = "auto"  # which task's plan and passes apply; "auto" infers it from the graph
+    lowering: str = "inductor"
+    passes: tuple[str, ...] = ()
+    plan: Any = None  # a calibration Plan or the path of a saved one
+    prune_ratio: float = 0.2  # r_p: fraction of FFN neurons removed
+    prune_multiple: int = 64  # kept neurons are rounded down to a multiple of this
+    hybrid_tau: int = 11  # full FFN when step > total_steps - tau
+    skip_ratio: float = 0.2  # r_LS: fraction of decoder layers skipped
+    skip_interval: int = 10  # T_LS: recalculation period of the skip set
+    cache_interval: int = 5  # T_cache: refresh period of the flow-head cache
+    guidance_schedule: tuple[tuple[int, float], ...] | None = None  # (steps, scale) segments, in order
+    token_drop_layer: int = 2  # K: visual tokens are dropped after this decoder layer
+    token_drop_ratio: float = 0.5  # rho: fraction of visual tokens dropped
+    token_drop_order: str = "highest"  # drop the highest V-norm tokens (the paper's direction)
+    step_semantics: str = "project"  # "project" or "flashu-reference" (the public code's step rules)
+    strict: bool = False  # raise instead of falling back when a pass does not apply
+    debug_dir: str | None = None  # dump every graph before and after every pass here
+    preset: str = "off"
+
+    def __post_init__(self) -> None:
+        _choice("task", self.task, TASKS)
+        _choice("lowering", self.lowering, LOWERINGS)
+        _choice("token_drop_order", self.token_drop_order, TOKEN_DROP_ORDERS)
+        _choice("step_semantics", self.step_semantics, ("project", "flashu-reference"))
+        _choice("preset", self.preset, tuple(PRESETS))
+        for name in self.passes:
+            _choice("passes", name, PASSES)
+        if len(set(self.passes)) != len(self.passes):
+            raise ValueError(f"option 'passes' lists a pass twice: {list(self.passes)}")
+        for name in ("prune_ratio", "skip_ratio", "token_drop_ratio"):
+            value = getattr(self, name)
+            if not 0.0 <= value < 1.0:
+                raise ValueError(f"option {name!r} must be in [0, 1), got {value!r}")
+        for name, low in (("prune_multiple", 1), ("hybrid_tau", 0), ("skip_interval", 1), ("cache_interval", 1),
+                          ("token_drop_layer", 0)):
+            value = getattr(self, name)
+            if value < low:
+                raise ValueError(f"option {name!r} must be >= {low}, got {value!r}")
+        if self.guidance_schedule is not None:
+            for steps, scale in self.guidance_schedule:
+                if steps < 1 or scale < 0:
+                    raise ValueError(f"option 'guidance_schedule' needs (steps >= 1, scale >= 0) segments, "
+                                     f"got {(steps, scale)!r}")
+
+    @classmethod
+    def from_dict(cls, options: dict[str, Any] | FlashUOptions | None) -> FlashUOptions:
+        """Build from ``torch.compile``'s ``options``: a preset, then overrides, strictly checked."""
+        if options is None:
+            return cls()
+        if isinstance(options, FlashUOptions):
+            return options
+        if not isinstance(options, dict):
+            raise ValueError(f"flashu options must be a dict, got {type(options).__name__}")
+        known = {f.name: f for f in fields(cls)}
+        unknown = sorted(set(options) - set(known))
+        if unknown:
+            raise ValueError(f"unknown flashu option(s) {unknown}; valid options: {sorted(known)}")
+        preset = options.get("preset", "off")
+        _choice("preset", preset, tuple(PRESETS))
+        values = dict(PRESETS[preset])
+        for key, value in options.items():
+            values[key] = _coerce(key, value, known[key])
+        return cls(**values)
+
+    def replace(self, **changes: Any) -> FlashUOptions:
+        return dataclasses.replace(self, **changes)
+
+
+def _choice(name: str, value: Any, valid: tuple[str, ...]) -> None:
+    if value not in valid:
+        raise ValueError(f"option {name!r} must be one of {list(valid)}, got {value!r}")
+
+
+_INT_FIELDS = {"prune_multiple", "hybrid_tau", "skip_interval", "cache_interval", "token_drop_layer"}
+_FLOAT_FIELDS = {"prune_ratio", "skip_ratio", "token_drop_ratio"}
+_STR_FIELDS = {"task", "lowering", "token_drop_order", "step_semantics", "preset"}
+
+
+def _coerce(key: str, value: Any, spec: dataclasses.Field) -> Any:
+    """Type-check one option (ints are accepted where floats are expected, never bools)."""
+    def wrong(expected: str) -> ValueError:
+        return ValueError(f"option {key!r} must be {expected}, got {type(value).__name__} {value!r}")
+
+    if key in _INT_FIELDS:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise wrong("an int")
+        return value
+    if key in _FLOAT_FIELDS:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise wrong("a float")
+        return float(value)
+    if key in _STR_FIELDS:
+        if not isinstance(value, str):
+            raise wrong("a str")
+        return value
+    if key == "strict":
+        if not isinstance(value, bool):
+            raise wrong("a bool")
+        return value
+    if key == "debug_dir":
+        if value is not None and not isinstance(value, str):
+            raise wrong("a str path or None")
+        return value
+    if key == "passes":
+        if isinstance(value, str) or not all(isinstance(v, str) for v in value):
+            raise wrong(f"a list of pass names from {list(PASSES)}")
+        return tuple(value)
+    if key == "guidance_schedule":
+        if value is None:
+            return None
+        try:
+            return tuple((int(s), float(g)) for s, g in value)
+        except (TypeError, ValueError):
+            raise wrong("a list of (steps, scale) pairs") from None
+    return value  # plan: validated when a pass loads it
+
+
+PRESETS: dict[str, dict[str, Any]] = {
+    # A plain, correct backend: everything later is measured against it.
+    "off": {"preset": "off"},
+    # The paper's defaults with the project's step rules (see README).
+    "paper": {"preset": "paper", "passes": PASSES, "guidance_schedule": ((24, 7.5), (11, 10.0))},
+    # The public FlashU code's exact step semantics.
+    "flashu-reference": {"preset": "flashu-reference", "passes": ("prune_channels", "layer_skip", "head_cache"),
+                         "guidance_schedule": ((24, 7.5), (11, 10.0)), "step_semantics": "flashu-reference"},
+}
+
+__all__ = ["LOWERINGS", "PASSES", "PRESETS", "TASKS", "FlashUOptions"]

@@ -1,0 +1,78 @@
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+
+from flashu_compile.backend import flashu_backend
+from flashu_compile.backends.tensorrt import tensorrt_unavailable_reason
+from tests.models.test_compile_friendly import t2i_inputs
+
+
+def test_registered_through_the_entry_point_without_importing_the_package():
+    script = textwrap.dedent("""
+        import sys, torch
+        m = torch.nn.Linear(3, 3)
+        x = torch.randn(2, 3)
+        out = torch.compile(m, backend="flashu", options={"lowering": "eager"})(x)
+        assert "flashu_compile" in sys.modules  # loaded by dynamo through the entry point
+        assert torch.equal(out, m(x))
+        import flashu_compile, flashu_compile.backend  # importing again must not break the registry
+        torch._dynamo.reset()
+        out = torch.compile(m, backend="flashu", options={"lowering": "eager"})(x)
+        assert torch.equal(out, m(x))
+        print("ok")
+    """)
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.strip().endswith("ok")
+
+
+def test_no_pass_eager_lowering_equals_eager(small_model, tokenizer):
+    torch._dynamo.reset()
+    inputs = t2i_inputs(small_model, tokenizer)
+    fast = torch.compile(small_model.denoise, backend="flashu", options={"lowering": "eager"}, fullgraph=True)
+    with torch.no_grad():
+        assert torch.equal(fast(*inputs), small_model.denoise(*inputs))
+
+
+def test_no_pass_inductor_lowering_matches_eager(small_model, tokenizer):
+    torch._dynamo.reset()
+    inputs = t2i_inputs(small_model, tokenizer)
+    fast = torch.compile(small_model, backend="flashu")
+    with torch.no_grad():
+        logits, v = fast(*inputs)
+        ref_logits, ref_v = small_model(*inputs)
+    torch.testing.assert_close(v, ref_v, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(logits, ref_logits, rtol=1e-5, atol=1e-5)
+
+
+def test_unavailable_pass_is_an_error_not_a_no_op():
+    torch._dynamo.reset()
+    m = torch.nn.Linear(3, 3)
+    with pytest.raises(Exception, match=r"flashu pass\(es\) \['layer_skip'\] are not available in this build"):
+        torch.compile(m, backend="flashu", options={"passes": ["layer_skip"], "lowering": "eager"})(torch.randn(1, 3))
+
+
+def test_bad_option_surfaces_from_torch_compile():
+    torch._dynamo.reset()
+    with pytest.raises(Exception, match=r"unknown flashu option\(s\) \['lowerng'\]"):
+        torch.compile(torch.nn.Linear(3, 3), backend="flashu", options={"lowerng": "eager"})(torch.randn(1, 3))
+
+
+@pytest.mark.skipif(tensorrt_unavailable_reason() is None, reason="TensorRT is available: error path not reachable")
+def test_tensorrt_lowering_explains_why_it_cannot_run():
+    gm = torch.fx.symbolic_trace(torch.nn.Linear(3, 3))
+    with pytest.raises(RuntimeError, match="lowering='tensorrt' cannot be used: "):
+        flashu_backend(gm, [torch.randn(1, 3)], {"lowering": "tensorrt"})
+
+
+@pytest.mark.skipif(tensorrt_unavailable_reason() is not None,
+                    reason=f"TensorRT lowering not runnable here: {tensorrt_unavailable_reason()}")
+def test_tensorrt_lowering_matches_eager():
+    m = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.GELU()).cuda().eval()
+    x = torch.randn(4, 8, device="cuda")
+    torch._dynamo.reset()
+    out = torch.compile(m, backend="flashu", options={"lowering": "tensorrt"})(x)
+    torch.testing.assert_close(out, m(x), rtol=1e-3, atol=1e-3)
