@@ -37,7 +37,7 @@ def evaluate(model: Showo2, n_prompts: int = 100, n_questions: int = 200, steps:
         answers.append(model.answer(image, question, max_new_tokens=4))
         qa.append((question, answer))
     return {"geneval": gen, "vqa_accuracy": vqa_accuracy(answers, qa), "prompts": len(prompts),
-            "questions": len(qa), "steps": steps, "guidance": guidance, "examples": list(zip(qa[:5], answers[:5]))}
+            "questions": len(qa), "steps": steps, "guidance": guidance, "examples": list(zip(qa[:5], answers[:5], strict=True))}
 
 
 def main(argv: list[str] | None = None) -> None:
