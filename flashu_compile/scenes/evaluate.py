@@ -36,8 +36,9 @@ def evaluate(model: Showo2, n_prompts: int = 100, n_questions: int = 200, steps:
         image = (to_tensor(s.render()) + 1) / 2
         answers.append(model.answer(image, question, max_new_tokens=4))
         qa.append((question, answer))
+    examples = list(zip(qa[:5], answers[:5], strict=True))
     return {"geneval": gen, "vqa_accuracy": vqa_accuracy(answers, qa), "prompts": len(prompts),
-            "questions": len(qa), "steps": steps, "guidance": guidance, "examples": list(zip(qa[:5], answers[:5], strict=True))}
+            "questions": len(qa), "steps": steps, "guidance": guidance, "examples": examples}
 
 
 def main(argv: list[str] | None = None) -> None:
