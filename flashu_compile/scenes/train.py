@@ -114,17 +114,21 @@ def plot_losses(log: dict, path: Path) -> None:
     plt.close(fig)
 
 
-def train(minutes: float, out: Path, batch: int = 32, lr: float = 2e-3, seed: int = 0, n_train: int = 20000) -> dict:
+def train(minutes: float, out: Path, batch: int = 32, lr: float = 2e-3, seed: int = 0, n_train: int = 20000,
+          init_from: Path | None = None) -> dict:
     torch.manual_seed(seed)
     rng = random.Random(seed)
-    model = Showo2.random(scenes_config(), seed=seed).train()
+    # Continuing from saved weights restarts the schedule (optimizer state is not saved).
+    model = Showo2.from_pretrained(str(init_from)) if init_from else Showo2.random(scenes_config(), seed=seed)
+    model.train()
     tok = SceneTokenizer()
     codec = PixelUnshuffleCodec(2)
     data = make_split("train", n_train, seed=seed)
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01, betas=(0.9, 0.98))
     budget = minutes * 60
     start = time.perf_counter()
-    log = {"flow": [], "ntp": [], "config": model.config.summary(), "batch": batch, "lr": lr, "seed": seed}
+    log = {"flow": [], "ntp": [], "config": model.config.summary(), "batch": batch, "lr": lr, "seed": seed,
+           "init_from": str(init_from) if init_from else None}
     step = 0
     bar = tqdm(total=int(budget), desc="training (s)", unit="s")
     while (elapsed := time.perf_counter() - start) < budget:
@@ -162,8 +166,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--lr", type=float, default=2e-3)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--init-from", type=Path, help="continue from a saved checkpoint folder")
     args = parser.parse_args(argv)
-    log = train(args.minutes, args.out, args.batch, args.lr, args.seed)
+    log = train(args.minutes, args.out, args.batch, args.lr, args.seed, init_from=args.init_from)
     print(f"{log['steps']} steps in {log['seconds']:.0f} s; final flow {sum(log['flow'][-50:]) / 50:.4f}, "
           f"ntp {sum(log['ntp'][-50:]) / 50:.4f} -> {args.out}")
 
