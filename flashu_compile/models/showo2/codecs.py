@@ -23,6 +23,10 @@ class PixelUnshuffleCodec:
     def channels(self) -> int:
         return 3 * self.factor * self.factor
 
+    @property
+    def spatial_factor(self) -> int:
+        return self.factor
+
     def encode(self, images: torch.Tensor) -> torch.Tensor:
         return F.pixel_unshuffle(images.float(), self.factor)
 
@@ -51,6 +55,8 @@ class WanVAECodec:
     @property
     def channels(self) -> int:
         return self.mean.shape[1]
+
+    spatial_factor = 8  # Wan2.1 downsamples images 8x in each direction
 
     @torch.no_grad()
     def encode(self, images: torch.Tensor) -> torch.Tensor:

@@ -326,8 +326,7 @@ class Showo2(nn.Module):
         if image.dim() != 3 or image.shape[0] != 3:
             raise ValueError(f"image must be RGB (3, H, W), got {tuple(image.shape)}")
         h, w = self.config.latent_size
-        scale = getattr(codec, "factor", 8)
-        size = (h * scale, w * scale)
+        size = (h * codec.spatial_factor, w * codec.spatial_factor)
         if tuple(image.shape[-2:]) != size:
             image = F.interpolate(image[None], size=size, mode="bilinear", antialias=True, align_corners=False)[0]
         return codec.encode(image[None] * 2 - 1)
