@@ -8,12 +8,14 @@ after dynamo loaded the entry point) cannot collide with the registry.
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable
 from typing import Any
 
 import torch
 
 from .backends import lower
+from .graph import build_index
 from .options import FlashUOptions
 from .passes.manager import Pass, PassManager
 
@@ -36,7 +38,15 @@ def flashu_backend(gm: torch.fx.GraphModule, example_inputs: list, options: Any 
     """Dynamo backend entry: ``options`` is the dict given to ``torch.compile``."""
     opts = FlashUOptions.from_dict(options)
     manager = PassManager(build_pass_list(opts), strict=opts.strict, dump_dir=opts.debug_dir)
-    gm = manager.run(gm, None, opts)
+    if manager.passes:
+        index = build_index(gm, example_inputs)
+        if index.applicable:
+            gm = manager.run(gm, index, opts)
+        elif opts.strict:
+            raise RuntimeError(f"flashu cannot rewrite this graph: {index.report()}")
+        else:
+            # A graph the index does not understand is lowered unchanged rather than guessed at.
+            warnings.warn(f"flashu passes skipped for this graph, {index.report()}", stacklevel=2)
     compiled = lower(gm, example_inputs, opts.lowering)
     flashu_backend.last_records = manager.records
     return compiled

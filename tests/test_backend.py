@@ -76,3 +76,20 @@ def test_tensorrt_lowering_matches_eager():
     torch._dynamo.reset()
     out = torch.compile(m, backend="flashu", options={"lowering": "tensorrt"})(x)
     torch.testing.assert_close(out, m(x), rtol=1e-3, atol=1e-3)
+
+
+def test_not_applicable_graph_is_lowered_unchanged_or_rejected_in_strict_mode(monkeypatch):
+    from flashu_compile import backend
+    from flashu_compile.passes.manager import PassResult
+
+    seen = []
+    monkeypatch.setitem(backend.AVAILABLE_PASSES, "layer_skip",
+                        lambda gm, index, opts: seen.append(index) or PassResult(False))
+    mlp = torch.nn.Sequential(torch.nn.Linear(3, 3), torch.nn.ReLU())
+    x = torch.randn(2, 3)
+    gm = torch.fx.symbolic_trace(mlp)
+    with pytest.warns(UserWarning, match="flashu passes skipped for this graph, not applicable: no decoder layer"):
+        out = flashu_backend(gm, [x], {"passes": ["layer_skip"], "lowering": "eager"})(x)
+    assert torch.equal(out, mlp(x)) and seen == []
+    with pytest.raises(RuntimeError, match="flashu cannot rewrite this graph: not applicable"):
+        flashu_backend(gm, [x], {"passes": ["layer_skip"], "lowering": "eager", "strict": True})
