@@ -93,3 +93,19 @@ def test_not_applicable_graph_is_lowered_unchanged_or_rejected_in_strict_mode(mo
     assert torch.equal(out, mlp(x)) and seen == []
     with pytest.raises(RuntimeError, match="flashu cannot rewrite this graph: not applicable"):
         flashu_backend(gm, [x], {"passes": ["layer_skip"], "lowering": "eager", "strict": True})
+
+
+def test_generation_does_not_recompile_across_steps_or_requests(small_model):
+    from torch._dynamo.utils import counters
+
+    torch._dynamo.reset()
+    counters.clear()
+    fast = torch.compile(small_model.denoise, backend="flashu", options={"lowering": "eager"}, fullgraph=True)
+    first = small_model.generate_images(["red circle"], steps=50, guidance=5.0, seed=0, progress=False, denoise=fast)
+    compiled_after_first = counters["stats"]["unique_graphs"]
+    for seed in (1, 2, 3):
+        small_model.generate_images(["blue square"], steps=50, guidance=5.0, seed=seed, progress=False, denoise=fast)
+    assert compiled_after_first == 1
+    assert counters["stats"]["unique_graphs"] == compiled_after_first  # 0 recompiles over 3 x 49 calls
+    reference = small_model.generate_images(["red circle"], steps=50, guidance=5.0, seed=0, progress=False)
+    assert torch.equal(first, reference)
