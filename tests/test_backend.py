@@ -109,3 +109,30 @@ def test_generation_does_not_recompile_across_steps_or_requests(small_model):
     assert counters["stats"]["unique_graphs"] == compiled_after_first  # 0 recompiles over 3 x 49 calls
     reference = small_model.generate_images(["red circle"], steps=50, guidance=5.0, seed=0, progress=False)
     assert torch.equal(first, reference)
+
+
+def test_answer_compiles_a_bounded_number_of_graphs(small_model, tokenizer, monkeypatch):
+    from torch._dynamo.utils import counters
+
+    from flashu_compile.models.showo2 import understanding
+
+    latents = torch.randn(1, 12, 8, 8, generator=torch.Generator().manual_seed(0))
+    reference = understanding.answer_tokens(small_model, tokenizer, latents, "what colour is the circle?",
+                                            max_new_tokens=32)
+    torch._dynamo.reset()
+    counters.clear()
+    options = {"lowering": "eager"}
+    monkeypatch.setattr(understanding, "prefill", torch.compile(understanding.prefill, backend="flashu",
+                                                                options=options))
+    monkeypatch.setattr(understanding, "decode_step", torch.compile(understanding.decode_step, backend="flashu",
+                                                                    options=options))
+    answers = []
+    for _ in range(4):
+        answers.append(understanding.answer_tokens(small_model, tokenizer, latents, "what colour is the circle?",
+                                                   max_new_tokens=32))
+        if len(answers) == 1:
+            graphs_after_first = counters["stats"]["unique_graphs"]
+    # prefill, the first decode step, then one decode graph with a dynamic cache length.
+    assert graphs_after_first <= 3
+    assert counters["stats"]["unique_graphs"] == graphs_after_first
+    assert all(a == reference for a in answers) and len(reference) == 32
