@@ -7,6 +7,8 @@ import torch
 
 from flashu_compile.backend import flashu_backend
 from flashu_compile.backends.tensorrt import tensorrt_unavailable_reason
+from flashu_compile.models.showo2 import Showo2
+from flashu_compile.models.showo2.understanding import answer_tokens
 from tests.models.test_compile_friendly import t2i_inputs
 
 
@@ -95,44 +97,27 @@ def test_not_applicable_graph_is_lowered_unchanged_or_rejected_in_strict_mode(mo
         flashu_backend(gm, [x], {"passes": ["layer_skip"], "lowering": "eager", "strict": True})
 
 
-def test_generation_does_not_recompile_across_steps_or_requests(small_model):
+def test_compiled_tasks_do_not_recompile_across_steps_or_requests(tokenizer):
     from torch._dynamo.utils import counters
 
-    torch._dynamo.reset()
-    counters.clear()
-    fast = torch.compile(small_model.denoise, backend="flashu", options={"lowering": "eager"}, fullgraph=True)
-    first = small_model.generate_images(["red circle"], steps=50, guidance=5.0, seed=0, progress=False, denoise=fast)
-    compiled_after_first = counters["stats"]["unique_graphs"]
-    for seed in (1, 2, 3):
-        small_model.generate_images(["blue square"], steps=50, guidance=5.0, seed=seed, progress=False, denoise=fast)
-    assert compiled_after_first == 1
-    assert counters["stats"]["unique_graphs"] == compiled_after_first  # 0 recompiles over 3 x 49 calls
-    reference = small_model.generate_images(["red circle"], steps=50, guidance=5.0, seed=0, progress=False)
-    assert torch.equal(first, reference)
+    from tests.conftest import small_config
 
-
-def test_answer_compiles_a_bounded_number_of_graphs(small_model, tokenizer, monkeypatch):
-    from torch._dynamo.utils import counters
-
-    from flashu_compile.models.showo2 import understanding
-
+    model = Showo2.random(small_config(), seed=1).attach(tokenizer=tokenizer)
     latents = torch.randn(1, 12, 8, 8, generator=torch.Generator().manual_seed(0))
-    reference = understanding.answer_tokens(small_model, tokenizer, latents, "what colour is the circle?",
-                                            max_new_tokens=32)
+    ref_image = model.generate_images(["red circle"], steps=50, guidance=5.0, seed=0, progress=False)
+    ref_answer = answer_tokens(model, tokenizer, latents, "what colour is the circle?", max_new_tokens=32)
     torch._dynamo.reset()
     counters.clear()
-    options = {"lowering": "eager"}
-    monkeypatch.setattr(understanding, "prefill", torch.compile(understanding.prefill, backend="flashu",
-                                                                options=options))
-    monkeypatch.setattr(understanding, "decode_step", torch.compile(understanding.decode_step, backend="flashu",
-                                                                    options=options))
-    answers = []
-    for _ in range(4):
-        answers.append(understanding.answer_tokens(small_model, tokenizer, latents, "what colour is the circle?",
-                                                   max_new_tokens=32))
-        if len(answers) == 1:
-            graphs_after_first = counters["stats"]["unique_graphs"]
+    model.compile_tasks(options={"lowering": "eager"})
+
+    image = model.generate_images(["red circle"], steps=50, guidance=5.0, seed=0, progress=False)
+    assert counters["stats"]["unique_graphs"] == 1  # one denoising graph for all 49 calls
+    answer = answer_tokens(model, tokenizer, latents, "what colour is the circle?", max_new_tokens=32)
     # prefill, the first decode step, then one decode graph with a dynamic cache length.
-    assert graphs_after_first <= 3
-    assert counters["stats"]["unique_graphs"] == graphs_after_first
-    assert all(a == reference for a in answers) and len(reference) == 32
+    graphs = counters["stats"]["unique_graphs"]
+    assert graphs <= 4
+    for seed in (1, 2, 3):
+        model.generate_images(["blue square"], steps=50, guidance=5.0, seed=seed, progress=False)
+        assert answer_tokens(model, tokenizer, latents, "what colour is the circle?", max_new_tokens=32) == answer
+    assert counters["stats"]["unique_graphs"] == graphs  # 0 recompiles over 3 further requests
+    assert torch.equal(image, ref_image) and answer == ref_answer and len(answer) == 32

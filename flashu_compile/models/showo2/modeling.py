@@ -74,6 +74,8 @@ class Showo2(nn.Module):
         # Set by attach(): what generate_images() / answer() need beyond the network.
         self.tokenizer = None
         self.codec = None
+        # Set by compile_tasks(): compiled denoise / prefill / decode entry points.
+        self.compiled: dict = {}
 
     # ----------------------------------------------------------------- construction helpers
     @classmethod
@@ -126,6 +128,22 @@ class Showo2(nn.Module):
             self.tokenizer = tokenizer
         if codec is not None:
             self.codec = codec
+        return self
+
+    def compile_tasks(self, backend: str = "flashu", options: dict | None = None) -> Showo2:
+        """Compile the three hot entry points the task methods use, in place; returns self.
+
+        ``torch.compile(model)`` compiles only ``forward``, and the returned wrapper's other
+        methods run uncompiled; this compiles what generate_images() and answer() actually call.
+        """
+        from . import understanding
+
+        kwargs = {"backend": backend, "options": options} if options else {"backend": backend}
+        self.compiled = {
+            "denoise": torch.compile(self.denoise, fullgraph=True, **kwargs),
+            "prefill": torch.compile(understanding.prefill, **kwargs),
+            "decode": torch.compile(understanding.decode_step, **kwargs),
+        }
         return self
 
     def save_pretrained(self, path: str, **kwargs) -> None:

@@ -85,4 +85,5 @@ def generate_latents(
         raise ValueError(f"noise must be {(len(prompts), c, h, w)}, got {tuple(noise.shape)}")
     rows = t2i_rows(tokenizer, prompts, cfg.num_image_tokens, max_text_len or cfg.max_text_len,
                     guidance=guidance > 0, dtype=model.dtype)
-    return euler_cfg(denoise or model.denoise, rows, noise, time_grid(steps, shift), guidance, progress)
+    denoise = denoise or model.compiled.get("denoise", model.denoise)
+    return euler_cfg(denoise, rows, noise, time_grid(steps, shift), guidance, progress)

@@ -47,10 +47,13 @@ def answer_tokens(
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
     rows, embeds = prepare(model, tokenizer, image_latents, question)
+    # Compiled entry points from Showo2.compile_tasks(), when present.
+    prefill_fn = model.compiled.get("prefill", prefill)
+    decode_fn = model.compiled.get("decode", decode_step)
     out: list[int] = []
     if use_cache:
         cache = DynamicCache(config=model.config.llm)
-        logits = prefill(model, embeds, rows.attention_mask, cache)
+        logits = prefill_fn(model, embeds, rows.attention_mask, cache)
     else:
         logits = model.showo.lm_head(model.llm_hidden(embeds, rows.attention_mask))[:, -1]
     for _ in range(max_new_tokens):
@@ -61,7 +64,7 @@ def answer_tokens(
         if len(out) == max_new_tokens:
             break
         if use_cache:
-            logits = decode_step(model, token, cache)
+            logits = decode_fn(model, token, cache)
         else:
             embeds = torch.cat([embeds, model.showo.model.embed_tokens(token.view(1, 1))], dim=1)
             mask = omni_attention_mask(rows.modality_positions, embeds.shape[1], dtype=embeds.dtype)
