@@ -47,9 +47,4 @@ def flashu_backend(gm: torch.fx.GraphModule, example_inputs: list, options: Any 
         else:
             # A graph the index does not understand is lowered unchanged rather than guessed at.
             warnings.warn(f"flashu passes skipped for this graph, {index.report()}", stacklevel=2)
-    compiled = lower(gm, example_inputs, opts.lowering)
-    flashu_backend.last_records = manager.records
-    return compiled
-
-
-flashu_backend.last_records = []
+    return lower(gm, example_inputs, opts.lowering)
