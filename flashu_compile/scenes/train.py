@@ -93,7 +93,10 @@ def save_weights(model: Showo2, out: Path, log: dict) -> None:
 
 
 def plot_losses(log: dict, path: Path) -> None:
-    import matplotlib
+    try:
+        import matplotlib
+    except ImportError as err:
+        raise ImportError("drawing the loss curves needs matplotlib: pip install 'flashu-compile[plot]'") from err
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
