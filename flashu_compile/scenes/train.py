@@ -147,8 +147,8 @@ def train(minutes: float, out: Path, batch: int = 32, lr: float = 2e-3, seed: in
         (lf + 0.5 * ln).backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
-        log["flow"].append(lf.item())
-        log["ntp"].append(ln.item())
+        log["flow"].append(lf.detach().item())
+        log["ntp"].append(ln.detach().item())
         step += 1
         bar.n = int(time.perf_counter() - start)
         bar.set_postfix(step=step, flow=f"{float(lf):.3f}", ntp=f"{float(ln):.3f}")
