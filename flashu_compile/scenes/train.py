@@ -151,7 +151,7 @@ def train(minutes: float, out: Path, batch: int = 32, lr: float = 2e-3, seed: in
         log["ntp"].append(ln.detach().item())
         step += 1
         bar.n = int(time.perf_counter() - start)
-        bar.set_postfix(step=step, flow=f"{float(lf):.3f}", ntp=f"{float(ln):.3f}")
+        bar.set_postfix(step=step, flow=f"{log['flow'][-1]:.3f}", ntp=f"{log['ntp'][-1]:.3f}")
     bar.close()
     log["steps"] = step
     log["seconds"] = time.perf_counter() - start
