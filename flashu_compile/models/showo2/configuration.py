@@ -191,22 +191,20 @@ def _unshuffle_factor(codec: str) -> int:
 
 # --- Sub-config presets for the official hub ids (no hub access: the dimensions are known) ---
 
+def _qwen2_5_instruct(**dims) -> Qwen2Config:
+    # What the Qwen2.5 Instruct sizes share; each size adds its own dimensions.
+    return Qwen2Config(num_hidden_layers=28, max_position_embeddings=32768, rms_norm_eps=1e-6,
+                       rope_theta=1000000.0, bos_token_id=151643, eos_token_id=151645, **dims)
+
+
 def qwen2_5_1_5b_instruct() -> Qwen2Config:
-    return Qwen2Config(
-        vocab_size=151936, hidden_size=1536, intermediate_size=8960, num_hidden_layers=28,
-        num_attention_heads=12, num_key_value_heads=2, max_position_embeddings=32768,
-        rms_norm_eps=1e-6, rope_theta=1000000.0, tie_word_embeddings=True, max_window_layers=21,
-        bos_token_id=151643, eos_token_id=151645,
-    )
+    return _qwen2_5_instruct(vocab_size=151936, hidden_size=1536, intermediate_size=8960, num_attention_heads=12,
+                             num_key_value_heads=2, tie_word_embeddings=True, max_window_layers=21)
 
 
 def qwen2_5_7b_instruct() -> Qwen2Config:
-    return Qwen2Config(
-        vocab_size=152064, hidden_size=3584, intermediate_size=18944, num_hidden_layers=28,
-        num_attention_heads=28, num_key_value_heads=4, max_position_embeddings=32768,
-        rms_norm_eps=1e-6, rope_theta=1000000.0, tie_word_embeddings=False, max_window_layers=28,
-        bos_token_id=151643, eos_token_id=151645,
-    )
+    return _qwen2_5_instruct(vocab_size=152064, hidden_size=3584, intermediate_size=18944, num_attention_heads=28,
+                             num_key_value_heads=4, tie_word_embeddings=False, max_window_layers=28)
 
 
 def siglip_so400m_patch14_384() -> SiglipVisionConfig:

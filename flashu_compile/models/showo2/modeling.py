@@ -25,14 +25,12 @@ from .modules import (
     llama3_inv_freq,
     rotary_cos_sin,
 )
+from .sequences import span_membership
 
 
 def image_span_mask(modality_positions: torch.Tensor, seq_len: int) -> torch.Tensor:
     """(B, S, 1) bool: positions inside any (offset, length) span of their row."""
-    pos = torch.arange(seq_len, device=modality_positions.device)
-    offset = modality_positions[..., 0:1]
-    inside = (pos >= offset) & (pos < offset + modality_positions[..., 1:2])
-    return inside.any(dim=1)[..., None]
+    return span_membership(modality_positions, seq_len).any(dim=1)[..., None]
 
 
 def unpatchify(x: torch.Tensor, grid_h: int, grid_w: int, patch: int, channels: int) -> torch.Tensor:

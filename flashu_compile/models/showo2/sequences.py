@@ -20,6 +20,13 @@ from .tokenizer import ASSISTANT_PREFIX, SYSTEM_PROMPT, USER_PREFIX, Showo2Token
 MASK_VALUE = float(torch.iinfo(torch.long).min)
 
 
+def span_membership(modality_positions: torch.Tensor, seq_len: int) -> torch.Tensor:
+    """(B, M, L) bool: whether each position lies in each (offset, length) span of its row."""
+    pos = torch.arange(seq_len, device=modality_positions.device)
+    offset = modality_positions[..., 0:1]
+    return (pos >= offset) & (pos < offset + modality_positions[..., 1:2])
+
+
 def omni_attention_mask(
     modality_positions: torch.Tensor, seq_len: int, dtype: torch.dtype = torch.float32
 ) -> torch.Tensor:
@@ -29,14 +36,12 @@ def omni_attention_mask(
     """
     if modality_positions.dim() != 3 or modality_positions.shape[-1] != 2:
         raise ValueError(f"modality_positions must be (batch, images, 2), got {tuple(modality_positions.shape)}")
-    pos = torch.arange(seq_len, device=modality_positions.device)
-    offset = modality_positions[..., 0:1]
-    length = modality_positions[..., 1:2]
-    inside = (pos >= offset) & (pos < offset + length)  # (B, M, L)
+    inside = span_membership(modality_positions, seq_len)
     same_span = (inside[..., :, None] & inside[..., None, :]).any(dim=1)  # (B, L, L)
-    causal = torch.ones(seq_len, seq_len, dtype=torch.bool, device=pos.device).tril()
+    device = modality_positions.device
+    causal = torch.ones(seq_len, seq_len, dtype=torch.bool, device=device).tril()
     allowed = causal | same_span
-    mask = torch.zeros(allowed.shape, dtype=dtype, device=pos.device)
+    mask = torch.zeros(allowed.shape, dtype=dtype, device=device)
     return mask.masked_fill(~allowed, MASK_VALUE)[:, None]
 
 
