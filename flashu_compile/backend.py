@@ -15,36 +15,89 @@ from typing import Any
 import torch
 
 from .backends import lower
+from .backends.segmented import LazyLowered
 from .graph import build_index
-from .options import FlashUOptions
-from .passes.manager import Pass, PassManager
+from .options import PASSES, FlashUOptions
+from .passes.head_cache import head_cache
+from .passes.layer_skip import layer_skip
+from .passes.manager import Pass, PassContext, PassManager
+from .passes.prune_channels import prune_channels
+from .runtime.guards import Controller, full_phase
+from .runtime.schedule import StepRules
 
 # Passes available in this build, by option name. A requested pass missing here is an error,
 # never a silent no-op.
-AVAILABLE_PASSES: dict[str, Pass] = {}
+AVAILABLE_PASSES: dict[str, Pass] = {
+    "prune_channels": prune_channels,
+    "layer_skip": layer_skip,
+    "head_cache": head_cache,
+}
+GENERATION_PASSES = ("prune_channels", "layer_skip", "head_cache")
+# The graphs each pass rewrites; a preset's other passes simply do not run on a graph of another task.
+PASS_TASKS = {"prune_channels": ("t2i", "mmu"), "layer_skip": ("t2i",), "head_cache": ("t2i",), "token_drop": ("mmu",)}
 
 
-def build_pass_list(options: FlashUOptions) -> list[tuple[str, Pass]]:
+def build_pass_list(options: FlashUOptions, task: str | None = None) -> list[tuple[str, Pass]]:
     missing = [name for name in options.passes if name not in AVAILABLE_PASSES]
     if missing:
         raise ValueError(
             f"flashu pass(es) {missing} are not available in this build; available: {sorted(AVAILABLE_PASSES)} "
             "(use preset 'off' or list only available passes)"
         )
-    return [(name, AVAILABLE_PASSES[name]) for name in options.passes]
+    # Canonical order: layer guards must exist before the head trunk that contains them is outlined.
+    names = sorted(options.passes, key=PASSES.index)
+    return [(name, AVAILABLE_PASSES[name]) for name in names if task is None or task in PASS_TASKS[name]]
+
+
+class PhasedProgram:
+    """The rewritten graph for most steps, the unrewritten one (if any) for the final full-network steps."""
+
+    def __init__(self, controller: Controller, rewritten: Callable, full: Callable | None) -> None:
+        self.controller = controller
+        self.rewritten = rewritten
+        self.full = full
+
+    def __call__(self, *args: Any) -> Any:
+        if self.full is not None and full_phase(self.controller.id):
+            return self.full(*args)
+        return self.rewritten(*args)
+
+
+def _copy_graph(gm: torch.fx.GraphModule) -> torch.fx.GraphModule:
+    graph = torch.fx.Graph()
+    graph.output(graph.graph_copy(gm.graph, {}))
+    return torch.fx.GraphModule(gm, graph)
+
+
+def _load_plan(plan: Any):
+    if plan is None:
+        return None
+    from .calibrate import Plan
+
+    return plan if isinstance(plan, Plan) else Plan.load(plan)
 
 
 def flashu_backend(gm: torch.fx.GraphModule, example_inputs: list, options: Any = None) -> Callable:
     """Dynamo backend entry: ``options`` is the dict given to ``torch.compile``."""
     opts = FlashUOptions.from_dict(options)
-    manager = PassManager(build_pass_list(opts), strict=opts.strict, dump_dir=opts.debug_dir)
-    if manager.passes:
-        index = build_index(gm, example_inputs)
-        if index.applicable:
-            gm = manager.run(gm, index, opts)
-        elif opts.strict:
+    if not build_pass_list(opts):
+        return lower(gm, example_inputs, opts.lowering)
+    index = build_index(gm, example_inputs)
+    if not index.applicable:
+        if opts.strict:
             raise RuntimeError(f"flashu cannot rewrite this graph: {index.report()}")
-        else:
-            # A graph the index does not understand is lowered unchanged rather than guessed at.
-            warnings.warn(f"flashu passes skipped for this graph, {index.report()}", stacklevel=2)
-    return lower(gm, example_inputs, opts.lowering)
+        # A graph the index does not understand is lowered unchanged rather than guessed at.
+        warnings.warn(f"flashu passes skipped for this graph, {index.report()}", stacklevel=2)
+        return lower(gm, example_inputs, opts.lowering)
+    task = opts.task if opts.task != "auto" else ("t2i" if index.head_blocks else "mmu")
+    passes = build_pass_list(opts, task)
+    phased = task == "t2i" and opts.hybrid_tau > 0 and any(name in GENERATION_PASSES for name, _ in passes)
+    controller = Controller(task, StepRules.from_options(opts),
+                            num_layers=len(index.layers) if any(name == "layer_skip" for name, _ in passes) else 0,
+                            skip_ratio=opts.skip_ratio, phased=phased)
+    full = _copy_graph(gm) if phased else None
+    manager = PassManager(passes, strict=opts.strict, dump_dir=opts.debug_dir)
+    gm = manager.run(gm, PassContext(index, task, controller, _load_plan(opts.plan)), opts)
+    compiled = lower(gm, example_inputs, opts.lowering)
+    # The program holds its controller: guard nodes only name it by id (a weak registry).
+    return PhasedProgram(controller, compiled, LazyLowered(full, opts.lowering) if full is not None else None)

@@ -143,7 +143,9 @@ PRESETS: dict[str, dict[str, Any]] = {
     # A plain, correct backend: everything later is measured against it.
     "off": {"preset": "off"},
     # The paper's defaults with the project's step rules (see README).
-    "paper": {"preset": "paper", "passes": PASSES, "guidance_schedule": ((24, 7.5), (11, 10.0))},
+    # token_drop joins once it exists; requesting an unavailable pass is an error.
+    "paper": {"preset": "paper", "passes": ("prune_channels", "layer_skip", "head_cache"),
+              "guidance_schedule": ((24, 7.5), (11, 10.0))},
     # The public FlashU code's exact step semantics.
     "flashu-reference": {"preset": "flashu-reference", "passes": ("prune_channels", "layer_skip", "head_cache"),
                          "guidance_schedule": ((24, 7.5), (11, 10.0)), "step_semantics": "flashu-reference"},

@@ -52,6 +52,7 @@ class LayerRef:
     mlp: dict[str, LinearRef]
     input: torch.fx.Node
     output: torch.fx.Node
+    nodes: list[torch.fx.Node] = field(default_factory=list)  # every call inside the block, in graph order
 
     @property
     def intermediate_size(self) -> int:
@@ -162,4 +163,4 @@ def _layer(kind, path, linears, nodes, dataflow, problems) -> LayerRef | None:
         problems.append(f"{path}: cannot identify the residual stream entering the block ({len(stream)} candidates)")
         return None
     match = PATTERNS[kind].match(path)
-    return LayerRef(kind, int(match.group("index")), path, attention, mlp, stream[0], output)
+    return LayerRef(kind, int(match.group("index")), path, attention, mlp, stream[0], output, list(nodes))

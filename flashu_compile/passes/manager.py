@@ -1,6 +1,6 @@
 """Runs rewrite passes over a dynamo FX graph in order, with provenance, timing and dumps.
 
-A pass is ``(gm, index, options) -> PassResult``. It tags every node it creates or replaces
+A pass is ``(gm, context, options) -> PassResult``. It tags every node it creates or replaces
 with ``node.meta["flashu_pass"]``; the manager checks the graph after each pass and records
 what changed and how long it took, so graph-diff and the benchmarks can report per pass.
 """
@@ -29,7 +29,17 @@ class PassNotApplicable(Exception):
     """A pass found nothing it can rewrite safely in this graph; the message says why."""
 
 
-Pass = Callable[[torch.fx.GraphModule, Any, Any], PassResult]
+@dataclass
+class PassContext:
+    """What a pass may read besides the graph: the structure index and this compilation's runtime hooks."""
+
+    index: Any  # graph.StructureIndex
+    task: str  # "t2i" or "mmu"
+    controller: Any = None  # runtime.guards.Controller the guard ops consult
+    plan: Any = None  # calibrate.Plan, when one was given
+
+
+Pass = Callable[[torch.fx.GraphModule, PassContext, Any], PassResult]
 
 
 @dataclass
@@ -62,12 +72,12 @@ class PassManager:
         self.dump_dir.mkdir(parents=True, exist_ok=True)
         (self.dump_dir / f"{step:02d}_{name}_{when}.txt").write_text(gm.print_readable(print_output=False))
 
-    def run(self, gm: torch.fx.GraphModule, index: Any, options: Any) -> torch.fx.GraphModule:
+    def run(self, gm: torch.fx.GraphModule, context: Any, options: Any) -> torch.fx.GraphModule:
         for step, (name, fn) in enumerate(self.passes):
             self._dump(gm, step, name, "before")
             start = time.perf_counter()
             try:
-                result = fn(gm, index, options)
+                result = fn(gm, context, options)
             except PassNotApplicable as why:
                 if self.strict:
                     raise RuntimeError(f"flashu pass {name!r} does not apply: {why}") from why

@@ -23,7 +23,6 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from flashu_compile.models.showo2 import Showo2, custom_config
-from flashu_compile.models.showo2.codecs import PixelUnshuffleCodec
 from flashu_compile.models.showo2.sequences import mmu_row, omni_attention_mask, t2i_rows
 from flashu_compile.models.showo2.tokenizer import SceneTokenizer
 
@@ -38,8 +37,11 @@ def scenes_config():
         vocab_size=len(SceneTokenizer()), hidden_size=128, num_layers=4, num_heads=4, num_kv_heads=2,
         intermediate_size=352, vision_hidden_size=96, vision_layers=3, vision_heads=4,
         vision_intermediate_size=256, grid=8, head_hidden_size=160, head_heads=4, head_kv_heads=2, head_dim=40,
-        head_intermediate_size=384, num_diffusion_layers=3, latent_channels=12, max_text_len=12,
-        latent_codec="pixel-unshuffle-2",
+        head_intermediate_size=384, num_diffusion_layers=3, latent_channels=48, max_text_len=12,
+        # Patch size 1 on a 4x pixel-unshuffle latent: output token k is exactly the 4x4 pixel block input token
+        # k covers. With 2x2 patches the official unpatchify sends token k to four pixels of one row elsewhere,
+        # and the model first has to learn that re-routing through attention before the flow loss falls.
+        patch_size=1, latent_codec="pixel-unshuffle-4",
     )
 
 
@@ -125,7 +127,7 @@ def train(minutes: float, out: Path, batch: int = 32, lr: float = 2e-3, seed: in
     model = Showo2.from_pretrained(str(init_from)) if init_from else Showo2.random(scenes_config(), seed=seed)
     model.train()
     tok = SceneTokenizer()
-    codec = PixelUnshuffleCodec(2)
+    codec = model.codec
     data = make_split("train", n_train, seed=seed)
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01, betas=(0.9, 0.98))
     budget = minutes * 60

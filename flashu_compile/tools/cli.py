@@ -78,6 +78,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--upscale", type=int, default=8, help="nearest-neighbour enlargement of saved images")
     demo.add_argument("--out", default="outputs/demo")
     demo.set_defaults(func=cmd_demo)
+    __import__("flashu_compile.calibrate.cli", fromlist=["add_parser"]).add_parser(sub)  # lazy import
     return parser
 
 

@@ -74,6 +74,7 @@ class Showo2(nn.Module):
         self.codec = None
         # Set by compile_tasks(): compiled denoise / prefill / decode entry points.
         self.compiled: dict = {}
+        self.flashu_options = None  # set by compile_tasks(backend="flashu")
 
     # ----------------------------------------------------------------- construction helpers
     @classmethod
@@ -137,6 +138,10 @@ class Showo2(nn.Module):
         from . import understanding
 
         kwargs = {"backend": backend, "options": options} if options else {"backend": backend}
+        from ...options import FlashUOptions
+
+        # The sampler reads the guidance schedule from here; the graphs read the rest.
+        self.flashu_options = FlashUOptions.from_dict(options) if backend == "flashu" else None
         self.compiled = {
             "denoise": torch.compile(self.denoise, fullgraph=True, **kwargs),
             "prefill": torch.compile(understanding.prefill, **kwargs),

@@ -12,6 +12,7 @@ from collections.abc import Callable
 import torch
 from tqdm.auto import tqdm
 
+from ...runtime import guidance_scales, request
 from .sequences import Rows, t2i_rows
 
 # (text_tokens, latents, t, attention_mask, modality_positions) -> velocity
@@ -33,27 +34,39 @@ def euler_cfg(
     rows: Rows,
     noise: torch.Tensor,
     grid: torch.Tensor,
-    guidance: float,
+    guidance: float | list[float],
     progress: bool = True,
 ) -> torch.Tensor:
     """Integrate from ``noise`` over ``grid``; rows hold cond rows first, then uncond rows if guided.
 
+    ``guidance`` is one scale or one per model call. A call with scale 0 runs the cond rows
+    only (the official sampler's unguided branch), so the batch halves on those steps. The
+    calls run inside a ``runtime.request`` so compiled graphs know which step they serve.
     The latent stays fp32 between steps whatever the model dtype, like the official sampler.
     """
     x = noise.float()
-    guided = rows.text_tokens.shape[0] == 2 * x.shape[0]
-    if not guided and rows.text_tokens.shape[0] != x.shape[0]:
-        raise ValueError(f"{rows.text_tokens.shape[0]} rows for {x.shape[0]} latents")
-    calls = range(len(grid) - 1)
-    for i in tqdm(calls, desc="denoising", disable=not progress, leave=False):
-        t = grid[i]
-        model_x = torch.cat([x, x]) if guided else x
-        v = denoise(rows.text_tokens, model_x, t.expand(model_x.shape[0]), rows.attention_mask,
-                    rows.modality_positions).float()
-        if guided:
-            v_cond, v_uncond = v.chunk(2)
-            v = v_uncond + guidance * (v_cond - v_uncond)
-        x = x + (grid[i + 1] - t) * v
+    calls = len(grid) - 1
+    scales = [float(guidance)] * calls if isinstance(guidance, (int, float)) else [float(s) for s in guidance]
+    if len(scales) != calls:
+        raise ValueError(f"{len(scales)} guidance scales for {calls} model calls")
+    b = x.shape[0]
+    guided = rows.text_tokens.shape[0] == 2 * b
+    if not guided and rows.text_tokens.shape[0] != b:
+        raise ValueError(f"{rows.text_tokens.shape[0]} rows for {b} latents")
+    if not guided and any(s > 0 for s in scales):
+        raise ValueError("guidance > 0 needs rows with unconditional rows (t2i_rows(..., guidance=True))")
+    with request("t2i", calls) as req:
+        for i in tqdm(range(calls), desc="denoising", disable=not progress, leave=False):
+            req.advance()
+            t, scale = grid[i], scales[i]
+            n = 2 * b if scale > 0 else b
+            model_x = torch.cat([x, x]) if n > b else x
+            v = denoise(rows.text_tokens[:n], model_x, t.expand(n), rows.attention_mask[:n],
+                        rows.modality_positions[:n]).float()
+            if n > b:
+                v_cond, v_uncond = v.chunk(2)
+                v = v_uncond + scale * (v_cond - v_uncond)
+            x = x + (grid[i + 1] - t) * v
     return x
 
 
@@ -70,8 +83,14 @@ def generate_latents(
     max_text_len: int | None = None,
     denoise: DenoiseFn | None = None,
     progress: bool = True,
+    options=None,
 ) -> torch.Tensor:
-    """Latents (B, c, H, W) for ``prompts`` at the model's default resolution."""
+    """Latents (B, c, H, W) for ``prompts`` at the model's default resolution.
+
+    ``options`` (a FlashUOptions; default: the ones the model was compiled with) supply the
+    guidance schedule s(t), which overrides the constant ``guidance`` per step.
+    """
+    options = options if options is not None else getattr(model, "flashu_options", None)
     if isinstance(prompts, str):
         prompts = [prompts]
     if guidance < 0:
@@ -83,7 +102,9 @@ def generate_latents(
         noise = torch.randn(len(prompts), c, h, w, generator=gen)
     elif noise.shape != (len(prompts), c, h, w):
         raise ValueError(f"noise must be {(len(prompts), c, h, w)}, got {tuple(noise.shape)}")
+    scales = guidance_scales(options.guidance_schedule, steps - 1, guidance, options.step_semantics) \
+        if options is not None else [guidance] * (steps - 1)
     rows = t2i_rows(tokenizer, prompts, cfg.num_image_tokens, max_text_len or cfg.max_text_len,
-                    guidance=guidance > 0, dtype=model.dtype)
+                    guidance=any(s > 0 for s in scales), dtype=model.dtype)
     denoise = denoise or model.compiled.get("denoise", model.denoise)
-    return euler_cfg(denoise, rows, noise, time_grid(steps, shift), guidance, progress)
+    return euler_cfg(denoise, rows, noise, time_grid(steps, shift), scales, progress)

@@ -1,0 +1,102 @@
+"""prune_channels: task-specific FFN pruning with physically smaller matmuls and no extra weights.
+
+Each SwiGLU's neurons are permuted once, in place, as
+``[generation-only | shared | understanding-only | neither]`` (the same permutation on gate/up
+rows and down columns, so the function is unchanged). Each task's kept set is then one
+contiguous range, and the graph reads ``narrow`` views of the original parameters: the pruned
+FFNs of both tasks and the full FFN (the hybrid phase uses the unrewritten graph) share one
+weight set. A model compiled with a plan therefore has its FFN neurons reordered; its eager
+outputs are unchanged up to the summation order in ``down_proj``.
+"""
+
+from __future__ import annotations
+
+import weakref
+
+import torch
+
+from .manager import PassContext, PassNotApplicable, PassResult, tag
+
+NAME = "prune_channels"
+
+# The order each FFN weight tensor has been permuted into, so a second graph of the same model
+# (prefill after denoise) does not permute again. Keyed by tensor identity.
+_LAYOUTS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def ffn_layout(size: int, keep: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, tuple[int, int]]]:
+    """Neuron order and each task's contiguous range; tasks beyond t2i/mmu are not supported."""
+    gen = _mask(size, keep.get("t2i"))
+    und = _mask(size, keep.get("mmu"))
+    groups = [gen & ~und, gen & und, und & ~gen, ~gen & ~und]
+    order = torch.cat([torch.nonzero(g).flatten() for g in groups])
+    n = [int(g.sum()) for g in groups]
+    ranges = {"full": (0, size)}
+    if "t2i" in keep:
+        ranges["t2i"] = (0, n[0] + n[1])
+    if "mmu" in keep:
+        ranges["mmu"] = (n[0], n[0] + n[1] + n[2])
+    return order, ranges
+
+
+def _mask(size: int, indices: torch.Tensor | None) -> torch.Tensor:
+    mask = torch.zeros(size, dtype=torch.bool)
+    if indices is not None:
+        mask[indices] = True
+    return mask
+
+
+@torch.no_grad()
+def apply_layout(gate: torch.Tensor, up: torch.Tensor, down: torch.Tensor, order: torch.Tensor) -> None:
+    """Permute one FFN's neurons in place (idempotent for the same order)."""
+    key = tuple(order.tolist())
+    done = [_LAYOUTS.get(w) for w in (gate, up, down)]
+    if all(d == key for d in done):
+        return
+    if any(d is not None for d in done):
+        raise ValueError("these FFN weights were already reordered for a different plan; reload the model "
+                         "before compiling it with another plan")
+    gate.copy_(gate[order])
+    up.copy_(up[order])
+    down.copy_(down[:, order])
+    for w in (gate, up, down):
+        _LAYOUTS[w] = key
+
+
+def prune_channels(gm, ctx: PassContext, options) -> PassResult:
+    plan = ctx.plan
+    if plan is None:
+        raise PassNotApplicable("no calibration plan was given (options={'plan': ...})")
+    if ctx.task not in plan.tasks:
+        raise PassNotApplicable(f"the plan has no {ctx.task!r} keep sets (it has {sorted(plan.tasks)})")
+    layers = ctx.index.layers
+    if [layer.path for layer in layers] != list(plan.layer_paths):
+        raise ValueError(f"plan layers {plan.layer_paths[:2]}... do not match the graph's decoder layers "
+                         f"{[layer.path for layer in layers][:2]}... ({len(layers)} vs {len(plan.layer_paths)})")
+    before = after = 0
+    for i, layer in enumerate(layers):
+        gate, up, down = (layer.mlp[p] for p in ("gate_proj", "up_proj", "down_proj"))
+        weights = [ref.weight_value for ref in (gate, up, down)]
+        if any(w is None for w in weights):
+            raise PassNotApplicable(f"{layer.path}.mlp weights are not graph inputs with known values")
+        plan.verify_layer(i, *weights)
+        order, ranges = ffn_layout(layer.intermediate_size, {t: plan.keep[t][i] for t in plan.tasks})
+        apply_layout(*weights, order)
+        start, stop = ranges[ctx.task]
+        for ref, dim in ((gate, 0), (up, 0), (down, 1)):
+            with gm.graph.inserting_before(ref.node):
+                view = gm.graph.call_function(torch.narrow, (ref.weight, dim, start, stop - start))
+            tag(view, NAME, replaces=ref.weight.name)
+            view.meta["flashu_shape"] = tuple(stop - start if d == dim else s for d, s in enumerate(
+                ref.weight_value.shape))
+            ref.node.update_arg(1, view)
+            tag(ref.node, NAME, replaces=ref.node.name)
+            if dim == 0 and ref.bias is not None:
+                with gm.graph.inserting_before(ref.node):
+                    bias = gm.graph.call_function(torch.narrow, (ref.bias, 0, start, stop - start))
+                tag(bias, NAME, replaces=ref.bias.name)
+                ref.node.update_arg(2, bias)
+        before += layer.intermediate_size
+        after += stop - start
+    return PassResult(True, {"layers": len(layers), "task": ctx.task, "ffn_neurons_before": before,
+                             "ffn_neurons_after": after})

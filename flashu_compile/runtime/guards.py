@@ -1,0 +1,135 @@
+"""Guard ops: the explicit nodes through which a compiled graph reads the request's step state.
+
+Passes outline a region of the graph (a decoder layer, the flow-head trunk) into a submodule
+and replace it by a call to one of these functions. They run in Python between compiled
+segments, so what they decide (skip the layer, reuse the head) changes per step without any
+recompilation. Each compilation owns a :class:`Controller`; guard nodes name it by id, which
+keeps the graph printable and the decision logic in one place.
+"""
+
+from __future__ import annotations
+
+import itertools
+import weakref
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from .request import current_request
+from .schedule import REFERENCE, StepRules
+
+_IDS = itertools.count(1)
+_CONTROLLERS: weakref.WeakValueDictionary[int, Controller] = weakref.WeakValueDictionary()
+
+
+@dataclass
+class StepState:
+    """What one compiled graph remembers across the steps of one request."""
+
+    step: int = 0
+    full: bool = False
+    recalc_due: bool = False  # measure layer importance the next time the decoder runs
+    skip: frozenset[int] = frozenset()
+    importance: dict[int, float] = field(default_factory=dict)
+    memo: dict[str, Any] = field(default_factory=dict)
+    history: list[tuple[int, str]] = field(default_factory=list)  # (step, what ran): for tests and graph-diff
+
+
+class Controller:
+    """Step-dependent decisions of one compiled graph, from the options and the current request."""
+
+    def __init__(self, task: str, rules: StepRules, num_layers: int = 0, skip_ratio: float = 0.0,
+                 phased: bool = True) -> None:
+        self.id = next(_IDS)
+        self.task = task
+        self.rules = rules
+        self.num_layers = num_layers
+        self.num_skipped = int(num_layers * skip_ratio)
+        self.phased = phased  # whether this graph has a full phase at the end of a request
+        # Graphs compiled with the same settings (e.g. one per batch size when guidance switches
+        # off) serve the same request together: they share its skip set, importance and cache.
+        self.family = (task, rules, num_layers, self.num_skipped, phased)
+        _CONTROLLERS[self.id] = self
+
+    def state(self) -> StepState | None:
+        """The state for the current step, or None outside a request of this graph's task."""
+        req = current_request()
+        if req is None or req.task != self.task or req.step == 0:
+            return None
+        st = req.scratch.get(self.family)
+        if st is None:
+            st = req.scratch[self.family] = StepState()
+        if st.step != req.step:
+            self._begin_step(st, req.step, req.calls)
+        return st
+
+    def _begin_step(self, st: StepState, step: int, calls: int) -> None:
+        if st.recalc_due and len(st.importance) == self.num_layers and self.num_layers:
+            # The previous step measured every layer: the least important ones are skipped from now on.
+            order = sorted(st.importance, key=lambda i: (st.importance[i], i))
+            st.skip = frozenset(order[: self.num_skipped])
+            st.recalc_due = False
+        st.step = step
+        full = self.phased and self.rules.full_phase(step, calls)
+        if full != st.full:
+            st.memo.clear()  # the head cache belongs to one phase
+            st.full = full
+        if self.num_layers and self.rules.recalculate(step):
+            st.recalc_due = True
+        if st.recalc_due:
+            st.importance = {}
+
+    @property
+    def measuring_on_reuse(self) -> bool:
+        # The public code runs the LLM on head-cache reuse steps; its importance is measured there.
+        return self.rules.semantics == REFERENCE
+
+
+def controller(cid: int) -> Controller:
+    return _CONTROLLERS[cid]
+
+
+def full_phase(cid: int) -> bool:
+    st = controller(cid).state()
+    return st is not None and st.full
+
+
+def layer_guard(cid: int, block, index: int, stream_pos: int, *inputs: Any) -> Any:
+    """A decoder layer: skipped (identity on the residual stream) when the step's skip set says so."""
+    st = controller(cid).state()
+    if st is None or st.full:
+        return block(*inputs)
+    if st.recalc_due:
+        out = block(*inputs)
+        hidden = inputs[stream_pos]
+        cos = torch.nn.functional.cosine_similarity(hidden.float(), out.float(), dim=-1)
+        st.importance[index] = float(1.0 - cos.mean())
+        return out
+    if index in st.skip:
+        return inputs[stream_pos]
+    return block(*inputs)
+
+
+def memo_guard(cid: int, region, key: str, *inputs: Any) -> Any:
+    """A memoized region (the flow-head trunk): computed, stored or reused as the step rules say."""
+    ctl = controller(cid)
+    st = ctl.state()
+    if st is None or st.full:
+        return region(*inputs)
+    shapes = tuple(tuple(v.shape) for v in inputs if isinstance(v, torch.Tensor))
+    cached = st.memo.get(key)
+    have = cached is not None and cached[0] == shapes  # a batch change (guidance off) invalidates it
+    action = ctl.rules.head_action(st.step, have)
+    st.history.append((st.step, action))
+    if action == "reuse":
+        if st.recalc_due and ctl.measuring_on_reuse:
+            region(*inputs)  # run the decoder for its importance only; the output is the cached one
+        return cached[1]
+    out = region(*inputs)
+    if action == "store":
+        st.memo[key] = (shapes, out)
+    return out
+
+
+GUARDS = (layer_guard, memo_guard)

@@ -1,0 +1,127 @@
+"""Eager reference semantics of the generation passes, written independently of the compiler.
+
+It patches the eager model the way the public FlashU code does (wrapped decoder layers, a
+forward hook on the last flow-head block) and re-derives every step rule from the method
+description, so the compiled program is checked against a second implementation.
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import torch
+import torch.nn.functional as F
+
+from flashu_compile.models.showo2.sampling import time_grid
+from flashu_compile.models.showo2.sequences import t2i_rows
+
+
+def reference_scales(schedule, calls, default, semantics):
+    if not schedule:
+        return [default] * calls
+    if semantics == "flashu-reference":
+        out = []
+        for step in range(1, calls + 1):
+            bound, scale = 0, default
+            for n, s in schedule:
+                bound += n
+                if step <= bound:
+                    scale = s
+                    break
+            out.append(scale)
+        return out
+    total = sum(n for n, _ in schedule)
+    cum, out = 0, []
+    for n, s in schedule:
+        cum += n
+        while len(out) < round(cum / total * calls):
+            out.append(s)
+    return out
+
+
+@contextlib.contextmanager
+def patched_layers(model, decide):
+    """decide(index, hidden, run) -> output, for every decoder layer."""
+    layers = model.showo.model.layers
+    originals = [layer.forward for layer in layers]
+    for i, layer in enumerate(layers):
+        def forward(hidden_states, *args, _i=i, _orig=originals[i], **kwargs):
+            return decide(_i, hidden_states, lambda: _orig(hidden_states, *args, **kwargs))
+        layer.forward = forward
+    try:
+        yield
+    finally:
+        for layer in layers:
+            del layer.forward
+
+
+@torch.no_grad()
+def reference_generate(model, prompts, steps, guidance, noise, *, layer_skip=False, head_cache=False, phased=None,
+                       semantics="project", tau=11, skip_interval=10, skip_ratio=0.2, cache_interval=5,
+                       schedule=None):
+    cfg = model.config
+    calls = steps - 1
+    scales = reference_scales(schedule, calls, guidance, semantics)
+    rows = t2i_rows(model.tokenizer, prompts, cfg.num_image_tokens, cfg.max_text_len,
+                    guidance=any(s > 0 for s in scales))
+    grid = time_grid(steps)
+    phased = (layer_skip or head_cache) if phased is None else phased
+    L = len(model.showo.model.layers)
+    skip, due, importance, cache, was_full = set(), False, {}, None, False
+    x = noise.float()
+    b = x.shape[0]
+    for k in range(1, calls + 1):
+        total = calls + 1 if semantics == "flashu-reference" else calls
+        full = phased and tau > 0 and k > total - tau
+        if full != was_full:
+            cache, was_full = None, full
+        if layer_skip and (k - 1) % skip_interval == 0:
+            due, importance = True, {}
+        elif due:
+            importance = {}
+        n = 2 * b if scales[k - 1] > 0 else b
+        key = n
+        have = cache is not None and cache[0] == key
+        if full or not head_cache:
+            action = "compute"
+        elif semantics == "flashu-reference":
+            action = "store" if k % cache_interval == 0 else ("reuse" if have else "compute")
+        else:
+            action = "store" if (k - 1) % cache_interval == 0 or not have else "reuse"
+        llm_runs = action != "reuse" or (semantics == "flashu-reference" and due)
+        measuring = layer_skip and due and not full and llm_runs
+
+        def decide(i, hidden, run):
+            if full or not layer_skip:
+                return run()
+            if measuring:
+                out = run()
+                importance[i] = float(1 - F.cosine_similarity(hidden.float(), out.float(), dim=-1).mean())
+                return out
+            return hidden if i in skip else run()
+
+        captured = {}
+
+        def head_hook(module, args, output):
+            captured["out"] = output
+            return cache[1] if action == "reuse" else output
+
+        handle = model.diffusion_head_a[-1].register_forward_hook(head_hook)
+        try:
+            with patched_layers(model, decide):
+                t = grid[k - 1]
+                model_x = torch.cat([x, x]) if n > b else x
+                v = model.denoise(rows.text_tokens[:n], model_x, t.expand(n), rows.attention_mask[:n],
+                                  rows.modality_positions[:n]).float()
+        finally:
+            handle.remove()
+        if action == "store":
+            cache = (key, captured["out"])
+        if measuring and len(importance) == L:
+            order = sorted(importance, key=lambda i: (importance[i], i))
+            skip, due = set(order[: int(L * skip_ratio)]), False
+        if n > b:
+            vc, vu = v.chunk(2)
+            v = vu + scales[k - 1] * (vc - vu)
+        x = x + (grid[k] - t) * v
+    return x
