@@ -87,7 +87,7 @@ def _exact_sums(items: list[tuple[torch.Tensor, str]]) -> list[float]:
     Each float64 value is split into an integer mantissa and a binary exponent; mantissas are summed
     per (item, exponent) bucket in int64 (integer addition is associative, so order cannot matter)
     and the buckets are combined exactly with Python integers. The 53-bit mantissa is cut into two
-    halves so that billions of values fit a bucket. Many tensors are processed in a few large
+    halves so that a pass's bucket sums stay far from int64 overflow. Many tensors are processed in a few large
     vectorised passes rather than one small pass each, which matters when threads are contended.
     """
     totals = [Fraction(0)] * len(items)
@@ -99,9 +99,11 @@ def _exact_sums(items: list[tuple[torch.Tensor, str]]) -> list[float]:
         nonlocal pending, count
         if not pending:
             return
-        x = torch.cat([_TRANSFORMS[items[i][1]](piece.to(torch.float64)) for i, piece in pending])
+        # On the CPU: exactness needs int64 and float64, which not every accelerator has.
+        x = torch.cat([_TRANSFORMS[items[i][1]](piece.to(device="cpu", dtype=torch.float64)) for i, piece in pending])
         ids = sorted({i for i, _ in pending})  # the items in this pass; slot = position in ids
-        slot = torch.repeat_interleave(torch.tensor([ids.index(i) for i, _ in pending]),
+        slot_of = {i: k for k, i in enumerate(ids)}
+        slot = torch.repeat_interleave(torch.tensor([slot_of[i] for i, _ in pending]),
                                        torch.tensor([piece.numel() for _, piece in pending]))
         pending, count = [], 0
         finite = torch.isfinite(x)
@@ -137,7 +139,7 @@ def _exact_sums(items: list[tuple[torch.Tensor, str]]) -> list[float]:
     out = [float(t) for t in totals]
     for i in special:
         tensor, how = items[i]
-        out[i] = float(_TRANSFORMS[how](tensor.detach().to(torch.float64)).sum())
+        out[i] = float(_TRANSFORMS[how](tensor.detach().to(device="cpu", dtype=torch.float64)).sum())
     return out
 
 
@@ -473,8 +475,8 @@ def _sha256(file: Path) -> str:
 
 
 def _is_plan_dir(folder: Path) -> bool:
-    return folder.is_dir() and (folder / META_FILE).is_file() and all(
-        p.name in (META_FILE, TENSORS_FILE) for p in folder.iterdir())
+    """A directory holding nothing but plan files (or nothing): safe to replace."""
+    return folder.is_dir() and all(p.name in (META_FILE, TENSORS_FILE) and p.is_file() for p in folder.iterdir())
 
 
 def _fsync_dir(folder: Path) -> None:

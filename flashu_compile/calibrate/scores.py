@@ -31,7 +31,8 @@ def wanda_scores(input_sq_sums: torch.Tensor, down_weight: torch.Tensor) -> torc
     if down_weight.dim() != 2 or input_sq_sums.shape != (down_weight.shape[1],):
         raise ValueError(f"{tuple(input_sq_sums.shape)} input norms do not fit a down_proj weight of shape "
                          f"{tuple(down_weight.shape)}")
-    return input_sq_sums.to(torch.float64).sqrt() * down_weight.detach().to(torch.float64).abs().sum(dim=0)
+    weight = down_weight.detach().to(device="cpu", dtype=torch.float64)
+    return input_sq_sums.to(device="cpu", dtype=torch.float64).sqrt() * weight.abs().sum(dim=0)
 
 
 def select_keep(scores: torch.Tensor, count: int) -> torch.Tensor:
@@ -80,19 +81,20 @@ class DownProjInputs:
         self._handles.clear()
 
 
+def _is_latent(image) -> bool:
+    return isinstance(image, torch.Tensor) and image.dim() == 4
+
+
 def _image_to_latent(model, image) -> torch.Tensor:
     """A latent (1, c, h, w) from a latent tensor, a (3, H, W) tensor in [0, 1], a PIL image or a
     uint8 (H, W, 3) array (a scene render)."""
-    if isinstance(image, torch.Tensor) and image.dim() == 4:
-        return image  # already a latent
+    if _is_latent(image):
+        return image
     if isinstance(image, np.ndarray):
         if image.ndim != 3 or image.shape[-1] != 3:
             raise ValueError(f"image arrays must be (H, W, 3), got {image.shape}")
         scale = 255.0 if image.dtype == np.uint8 else 1.0
         image = torch.from_numpy(np.ascontiguousarray(image)).float().div(scale).permute(2, 0, 1)
-    if model.codec is None:
-        raise ValueError("understanding calibration needs the model's codec to encode images (attach(codec=...)), "
-                         "or pass image latents of shape (1, c, h, w)")
     return model.encode_image(image)
 
 
@@ -163,7 +165,7 @@ def calibrate(
         raise ValueError("images and questions go in pairs: pass both or neither")
     if images is not None and len(images) != len(questions):
         raise ValueError(f"{len(images)} images for {len(questions)} questions")
-    if prompts is not None and isinstance(prompts, str):
+    if isinstance(prompts, str):
         prompts = [prompts]
     defaults = {"prompts": prompts is None and "t2i" in tasks, "images": images is None and "mmu" in tasks}
     if defaults["prompts"] or defaults["images"]:
@@ -175,14 +177,23 @@ def calibrate(
         raise ValueError("t2i calibration needs at least one prompt")
     if "mmu" in tasks and not images:
         raise ValueError("mmu calibration needs at least one image and question")
+    if "mmu" in tasks and model.codec is None and not all(_is_latent(image) for image in images):
+        raise ValueError("understanding calibration needs the model's codec to encode images (attach(codec=...)), "
+                         "or pass image latents of shape (1, c, h, w)")
 
     from flashu_compile.models.showo2 import understanding
     from flashu_compile.models.showo2.sampling import generate_latents
 
     named = decoder_layers(model)
     layers = [layer for _, layer in named]
+    device = next(model.parameters()).device
     was_training = model.training
     model.eval()
+    # generate_latents follows the guidance schedule a flashu compilation attached to the model;
+    # calibration scores the unmodified sampler (cond + uncond rows at every step), so hide it.
+    schedule_options = getattr(model, "flashu_options", None)
+    if schedule_options is not None:
+        model.flashu_options = None
     t2i_batches = [list(prompts[i:i + batch_size]) for i in range(0, len(prompts), batch_size)] \
         if "t2i" in tasks else []
     mmu_pairs = list(zip(images, questions, strict=True)) if "mmu" in tasks else []
@@ -201,7 +212,7 @@ def calibrate(
                 else:
                     for k, (image, question) in enumerate(mmu_pairs):
                         bar.set_postfix_str(f"mmu pair {k + 1}/{len(mmu_pairs)}")
-                        latent = _image_to_latent(model, image).to(model.dtype)
+                        latent = _image_to_latent(model, image).to(device=device, dtype=model.dtype)
                         rows, embeds = understanding.prepare(model, model.tokenizer, latent, question)
                         model.llm_hidden(embeds, rows.attention_mask)
                         bar.update()
@@ -209,15 +220,17 @@ def calibrate(
     finally:
         bar.close()
         model.train(was_training)
+        if schedule_options is not None:
+            model.flashu_options = schedule_options
 
-    keep: dict[str, list[torch.Tensor]] = {}
-    scores: dict[str, list[torch.Tensor]] = {}
     sizes = [layer.mlp.down_proj.in_features for layer in layers]
-    for task, rec in recorded.items():
-        scores[task] = [wanda_scores(sq, layer.mlp.down_proj.weight) for sq, layer in zip(rec.sq_sums, layers,
-                                                                                             strict=True)]
-        keep[task] = [select_keep(s, keep_count(size, prune_ratio, multiple)) for s, size in zip(scores[task], sizes,
-                                                                                                 strict=True)]
+    counts = [keep_count(size, prune_ratio, multiple) for size in sizes]
+    scores = {task: [wanda_scores(sq, layer.mlp.down_proj.weight)
+                     for sq, layer in zip(rec.sq_sums, layers, strict=True)]
+              for task, rec in recorded.items()}
+    keep = {task: [select_keep(s, n) for s, n in zip(per_layer, counts, strict=True)]
+            for task, per_layer in scores.items()}
+    samples_used = {"t2i": len(prompts) if "t2i" in tasks else 0, "mmu": len(mmu_pairs)}
     settings = {
         "tasks": tasks,
         "prune_ratio": float(prune_ratio),
@@ -225,12 +238,11 @@ def calibrate(
         "steps": int(steps),
         "guidance": float(guidance),
         "seed": int(seed),
-        "samples": {"t2i": len(prompts) if "t2i" in tasks else 0, "mmu": len(mmu_pairs)},
+        "samples": {task: samples_used[task] for task in tasks},
         "tokens": {task: rec.tokens[0] for task, rec in recorded.items()},
         "dtype": str(model.dtype).removeprefix("torch."),
         "dataset_defaults": defaults,  # whether the scenes training split supplied the data
     }
-    settings["samples"] = {t: settings["samples"][t] for t in tasks}
     return Plan(
         layer_paths=[path for path, _ in named],
         intermediate_sizes=sizes,

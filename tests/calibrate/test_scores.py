@@ -185,3 +185,29 @@ def test_calibrate_needs_a_tokenizer(model):
     bare.tokenizer = None
     with pytest.raises(ValueError, match="no tokenizer"):
         calibrate(bare, progress=False)
+
+
+def test_calibrate_needs_a_codec_for_images_but_not_for_latents(model):
+    bare = copy.copy(model)
+    bare.codec = None
+    with pytest.raises(ValueError, match="codec"):
+        calibrate(bare, tasks=["mmu"], multiple=8, progress=False)
+    latent = torch.zeros(1, model.config.image_latent_dim, *model.config.latent_size)
+    plan = calibrate(bare, tasks=["mmu"], images=[latent], questions=["what shape is the red object?"], multiple=8,
+                     progress=False)
+    assert plan.tasks == ["mmu"] and plan.settings["tokens"]["mmu"] > model.config.num_image_tokens
+
+
+def test_calibrate_ignores_a_compiled_guidance_schedule(model, plan):
+    class Untouchable:
+        def __getattr__(self, name):
+            raise AssertionError(f"calibration read flashu_options.{name}")
+
+    options = Untouchable()
+    model.flashu_options = options
+    try:
+        again = calibrate(model, prune_ratio=0.2, multiple=8, steps=3, samples=3, progress=False)
+        assert model.flashu_options is options  # restored afterwards
+    finally:
+        model.flashu_options = None
+    assert again == plan  # the full cond + uncond batch at every step, as without options
