@@ -91,7 +91,8 @@ def reference_generate(model, prompts, steps, guidance, noise, *, layer_skip=Fal
         llm_runs = action != "reuse" or (semantics == "flashu-reference" and due)
         measuring = layer_skip and due and not full and llm_runs
 
-        def decide(i, hidden, run):
+        # Defaults bind this step's state: the closures live for one step only.
+        def decide(i, hidden, run, full=full, measuring=measuring, importance=importance, skip=skip):
             if full or not layer_skip:
                 return run()
             if measuring:
@@ -102,7 +103,7 @@ def reference_generate(model, prompts, steps, guidance, noise, *, layer_skip=Fal
 
         captured = {}
 
-        def head_hook(module, args, output):
+        def head_hook(module, args, output, captured=captured, cache=cache, action=action):
             captured["out"] = output
             return cache[1] if action == "reuse" else output
 
