@@ -53,8 +53,8 @@ def test_no_pass_inductor_lowering_matches_eager(small_model, tokenizer):
 def test_unavailable_pass_is_an_error_not_a_no_op():
     torch._dynamo.reset()
     m = torch.nn.Linear(3, 3)
-    with pytest.raises(Exception, match=r"flashu pass\(es\) \['layer_skip'\] are not available in this build"):
-        torch.compile(m, backend="flashu", options={"passes": ["layer_skip"], "lowering": "eager"})(torch.randn(1, 3))
+    with pytest.raises(Exception, match=r"flashu pass\(es\) \['token_drop'\] are not available in this build"):
+        torch.compile(m, backend="flashu", options={"passes": ["token_drop"], "lowering": "eager"})(torch.randn(1, 3))
 
 
 def test_bad_option_surfaces_from_torch_compile():
