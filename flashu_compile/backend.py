@@ -22,6 +22,7 @@ from .passes.head_cache import head_cache
 from .passes.layer_skip import layer_skip
 from .passes.manager import Pass, PassContext, PassManager
 from .passes.prune_channels import prune_channels
+from .runtime.flops import active_tally
 from .runtime.guards import Controller, full_phase
 from .runtime.schedule import StepRules
 
@@ -58,9 +59,9 @@ class PhasedProgram:
         self.full = full
 
     def __call__(self, *args: Any) -> Any:
-        if self.full is not None and full_phase(self.controller.id):
-            return self.full(*args)
-        return self.rewritten(*args)
+        run = self.full if self.full is not None and full_phase(self.controller.id) else self.rewritten
+        tally = active_tally()
+        return tally.record(run, *args) if tally is not None else run(*args)
 
 
 def _copy_graph(gm: torch.fx.GraphModule) -> torch.fx.GraphModule:

@@ -38,7 +38,8 @@ class LinearRef:
 
     @property
     def out_features(self) -> int:
-        return int(self.node.args[1].meta["example_value"].shape[0])
+        # The index's own record, not the node: a pass may have rewired the weight argument.
+        return int(self.weight.meta["example_value"].shape[0])
 
 
 @dataclass

@@ -11,17 +11,16 @@ outputs are unchanged up to the summation order in ``down_proj``.
 
 from __future__ import annotations
 
-import weakref
-
 import torch
+from torch.utils.weak import WeakIdKeyDictionary
 
 from .manager import PassContext, PassNotApplicable, PassResult, tag
 
 NAME = "prune_channels"
 
 # The order each FFN weight tensor has been permuted into, so a second graph of the same model
-# (prefill after denoise) does not permute again. Keyed by tensor identity.
-_LAYOUTS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+# (prefill after denoise) does not permute again. Keyed by tensor identity (tensors compare by value).
+_LAYOUTS: WeakIdKeyDictionary = WeakIdKeyDictionary()
 
 
 def ffn_layout(size: int, keep: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, tuple[int, int]]]:

@@ -8,6 +8,7 @@ description, so the compiled program is checked against a second implementation.
 from __future__ import annotations
 
 import contextlib
+import copy
 
 import torch
 import torch.nn.functional as F
@@ -56,16 +57,35 @@ def patched_layers(model, decide):
 
 
 @torch.no_grad()
+def zeroed_copy(model, keep):
+    """A copy of ``model`` whose FFN neurons outside ``keep[l]`` (original numbering) are zero in
+    gate/up rows and down columns: pruning by masking, the definition the pruned graph must meet."""
+    out = copy.deepcopy(model)
+    for layer, kept in zip(out.showo.model.layers, keep, strict=True):
+        mlp = layer.mlp
+        drop = torch.ones(mlp.gate_proj.out_features, dtype=torch.bool)
+        drop[kept] = False
+        mlp.gate_proj.weight[drop] = 0
+        mlp.up_proj.weight[drop] = 0
+        mlp.down_proj.weight[:, drop] = 0
+    return out
+
+
+@torch.no_grad()
 def reference_generate(model, prompts, steps, guidance, noise, *, layer_skip=False, head_cache=False, phased=None,
                        semantics="project", tau=11, skip_interval=10, skip_ratio=0.2, cache_interval=5,
-                       schedule=None):
+                       schedule=None, pruned=None):
+    """Guided Euler sampling with the generation passes' step rules applied by hand.
+
+    ``pruned`` (a :func:`zeroed_copy`) runs every step outside the final full-network phase.
+    """
     cfg = model.config
     calls = steps - 1
     scales = reference_scales(schedule, calls, guidance, semantics)
     rows = t2i_rows(model.tokenizer, prompts, cfg.num_image_tokens, cfg.max_text_len,
                     guidance=any(s > 0 for s in scales))
     grid = time_grid(steps)
-    phased = (layer_skip or head_cache) if phased is None else phased
+    phased = (layer_skip or head_cache or pruned is not None) if phased is None else phased
     L = len(model.showo.model.layers)
     skip, due, importance, cache, was_full = set(), False, {}, None, False
     x = noise.float()
@@ -107,12 +127,13 @@ def reference_generate(model, prompts, steps, guidance, noise, *, layer_skip=Fal
             captured["out"] = output
             return cache[1] if action == "reuse" else output
 
-        handle = model.diffusion_head_a[-1].register_forward_hook(head_hook)
+        net = pruned if pruned is not None and not full else model
+        handle = net.diffusion_head_a[-1].register_forward_hook(head_hook)
         try:
-            with patched_layers(model, decide):
+            with patched_layers(net, decide):
                 t = grid[k - 1]
                 model_x = torch.cat([x, x]) if n > b else x
-                v = model.denoise(rows.text_tokens[:n], model_x, t.expand(n), rows.attention_mask[:n],
+                v = net.denoise(rows.text_tokens[:n], model_x, t.expand(n), rows.attention_mask[:n],
                                   rows.modality_positions[:n]).float()
         finally:
             handle.remove()
