@@ -22,7 +22,7 @@ from .passes.head_cache import head_cache
 from .passes.layer_skip import layer_skip
 from .passes.manager import Pass, PassContext, PassManager
 from .passes.prune_channels import prune_channels
-from .runtime.flops import active_tally
+from .runtime.flops import call_counted, counted
 from .runtime.guards import Controller, full_phase
 from .runtime.schedule import StepRules
 
@@ -60,8 +60,7 @@ class PhasedProgram:
 
     def __call__(self, *args: Any) -> Any:
         run = self.full if self.full is not None and full_phase(self.controller.id) else self.rewritten
-        tally = active_tally()
-        return tally.record(run, *args) if tally is not None else run(*args)
+        return call_counted(run, *args)
 
 
 def _copy_graph(gm: torch.fx.GraphModule) -> torch.fx.GraphModule:
@@ -82,14 +81,14 @@ def flashu_backend(gm: torch.fx.GraphModule, example_inputs: list, options: Any 
     """Dynamo backend entry: ``options`` is the dict given to ``torch.compile``."""
     opts = FlashUOptions.from_dict(options)
     if not build_pass_list(opts):
-        return lower(gm, example_inputs, opts.lowering)
+        return counted(lower(gm, example_inputs, opts.lowering))
     index = build_index(gm, example_inputs)
     if not index.applicable:
         if opts.strict:
             raise RuntimeError(f"flashu cannot rewrite this graph: {index.report()}")
         # A graph the index does not understand is lowered unchanged rather than guessed at.
         warnings.warn(f"flashu passes skipped for this graph, {index.report()}", stacklevel=2)
-        return lower(gm, example_inputs, opts.lowering)
+        return counted(lower(gm, example_inputs, opts.lowering))
     task = opts.task if opts.task != "auto" else ("t2i" if index.head_blocks else "mmu")
     passes = build_pass_list(opts, task)
     phased = task == "t2i" and opts.hybrid_tau > 0 and any(name in GENERATION_PASSES for name, _ in passes)

@@ -79,11 +79,13 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--out", default="outputs/demo")
     demo.set_defaults(func=cmd_demo)
     __import__("flashu_compile.calibrate.cli", fromlist=["add_parser"]).add_parser(sub)  # lazy import
+    __import__("flashu_compile.tools.bench", fromlist=["add_parser"]).add_parser(sub)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)[1:]  # for reports that quote their command
     try:
         return args.func(args)
     except (ValueError, RuntimeError, FileNotFoundError) as err:

@@ -1,0 +1,368 @@
+"""``flashu-compile bench``: speed, FLOPs, memory and fidelity of each way of running a model, side by side.
+
+Every configuration serves the same requests (the same prompts and noise for text-to-image, the
+same image and question for understanding). Warm runs are interleaved, one run of every
+configuration per round, so drift in the machine's speed hits all of them alike.
+
+Per configuration: median and spread (min-max) of warm wall-clock, cold time of the first
+request (compilation included), FLOPs per request counted on the eager lowering of the same
+rewritten graphs (:mod:`flashu_compile.runtime.flops`), peak resident memory sampled during its
+runs, graphs compiled and graphs added during warm runs (recompiles), and fidelity to the eager
+baseline (relative error of the final latent; token agreement of the answer) plus the scenes
+scorers' task scores when the model is the scenes model.
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+import threading
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from ..models.showo2 import understanding
+from ..models.showo2.sampling import generate_latents
+from ..runtime.flops import FlopTally, counted
+
+
+@dataclass
+class Config:
+    name: str
+    task: str  # "t2i" or "mmu"
+    backend: str  # "eager", "inductor" or "flashu"
+    steps: int = 50
+    options: dict | None = None
+
+
+@dataclass
+class Result:
+    name: str
+    task: str
+    runs_s: list[float] = field(default_factory=list)
+    cold_s: float = 0.0
+    flops: int = 0
+    peak_rss_mb: float = 0.0
+    graphs: int = 0
+    recompiles: int = 0
+    fidelity: float | None = None  # t2i: relative error of the final latent; mmu: token agreement
+    scores: dict = field(default_factory=dict)
+
+    @property
+    def median_s(self) -> float:
+        return statistics.median(self.runs_s)
+
+
+def default_configs(plan) -> list[Config]:
+    paper = {"preset": "paper", "plan": plan}
+    return [
+        Config("eager 50", "t2i", "eager"),
+        Config("inductor 50", "t2i", "inductor"),
+        Config("flashu paper 50", "t2i", "flashu", 50, paper),
+        Config("flashu paper 35", "t2i", "flashu", 35, paper),
+        Config("flashu-reference 35", "t2i", "flashu", 35, {"preset": "flashu-reference", "plan": plan}),
+        Config("eager+kv answer", "mmu", "eager"),
+        Config("inductor answer", "mmu", "inductor"),
+        Config("flashu paper answer", "mmu", "flashu", options=paper),
+    ]
+
+
+def _rss_mb() -> float:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * 4096 / 2**20
+
+
+class PeakRss:
+    """Highest resident set size seen while active, sampled every 5 ms by a thread."""
+
+    def __init__(self) -> None:
+        self.peak = 0.0
+        self._stop = threading.Event()
+
+    def _run(self) -> None:
+        while not self._stop.wait(0.005):
+            self.peak = max(self.peak, _rss_mb())
+
+    def __enter__(self) -> PeakRss:
+        self.peak = _rss_mb()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+        self.peak = max(self.peak, _rss_mb())
+
+
+def _graphs() -> int:
+    return int(torch._dynamo.utils.counters["stats"]["unique_graphs"])
+
+
+class Bench:
+    """Holds the model and, per configuration, its compiled entry points."""
+
+    def __init__(self, model, configs: list[Config], prompts: list[str], image: torch.Tensor, question: str,
+                 max_new_tokens: int = 32, seed: int = 0, scenes: list | None = None,
+                 expected_answer: str | None = None) -> None:
+        """``image`` is a latent (1, c, h, w); ``scenes`` (one per prompt) and ``expected_answer``
+        switch on the scenes scorers."""
+        self.model, self.configs = model, configs
+        self.prompts, self.image, self.question = prompts, image, question
+        self.scenes, self.expected_answer = scenes, expected_answer
+        self.max_new_tokens = max_new_tokens
+        c, (h, w) = model.config.image_latent_dim, model.config.latent_size
+        self.noise = torch.randn(len(prompts), c, h, w, generator=torch.Generator().manual_seed(seed))
+        self.programs: dict[str, tuple[dict, object]] = {}
+
+    def _use(self, config: Config, lowering: str | None = None) -> None:
+        """Install ``config``'s compiled entry points on the model (compiling them on first use)."""
+        key = config.name + (f"/{lowering}" if lowering else "")
+        if key not in self.programs:
+            model = self.model
+            if config.backend == "eager":
+                # Wrapped so a FlopTally counts exactly the model calls, as it does for compiled programs.
+                compiled = {"denoise": counted(model.denoise), "prefill": counted(understanding.prefill),
+                            "decode": counted(understanding.decode_step)}
+                self.programs[key] = (compiled, None)
+            else:
+                options = dict(config.options or {})
+                if lowering:
+                    options["lowering"] = lowering
+                model.compile_tasks(config.backend, options or None)
+                self.programs[key] = (model.compiled, model.flashu_options)
+        self.model.compiled, self.model.flashu_options = self.programs[key]
+
+    @torch.no_grad()
+    def request(self, config: Config):
+        if config.task == "t2i":
+            return generate_latents(self.model, self.model.tokenizer, self.prompts, steps=config.steps,
+                                    noise=self.noise, progress=False)
+        return understanding.answer_tokens(self.model, self.model.tokenizer, self.image, self.question,
+                                           max_new_tokens=self.max_new_tokens)
+
+    def run(self, runs: int = 5, progress: bool = True) -> list[Result]:
+        results = {c.name: Result(c.name, c.task) for c in self.configs}
+        outputs = {}
+        bar = tqdm(total=len(self.configs) * (runs + 2), desc="bench", disable=not progress)
+        for config in self.configs:  # cold: first request, compile included
+            r = results[config.name]
+            before = _graphs()
+            with PeakRss() as rss:
+                t0 = time.perf_counter()
+                self._use(config)
+                outputs[config.name] = self.request(config)
+                r.cold_s = time.perf_counter() - t0
+            r.graphs, r.peak_rss_mb = _graphs() - before, rss.peak
+            bar.update()
+        for _ in range(runs):  # warm, interleaved
+            for config in self.configs:
+                r = results[config.name]
+                self._use(config)
+                before = _graphs()
+                with PeakRss() as rss:
+                    t0 = time.perf_counter()
+                    self.request(config)
+                    r.runs_s.append(time.perf_counter() - t0)
+                r.recompiles += _graphs() - before
+                r.peak_rss_mb = max(r.peak_rss_mb, rss.peak)
+                bar.update()
+        for config in self.configs:  # FLOPs on the eager lowering of the same graphs
+            if config.backend == "flashu":
+                self._use(config, lowering="eager")
+            else:  # eager and Inductor run the unrewritten graph
+                self._use(Config("eager", config.task, "eager"))
+            with FlopTally() as tally:
+                self.request(config)
+            results[config.name].flops = tally.total
+            bar.update()
+        bar.close()
+        self._fidelity(results, outputs)
+        self.model.compiled, self.model.flashu_options = {}, None
+        return list(results.values())
+
+    def _fidelity(self, results: dict[str, Result], outputs: dict) -> None:
+        baselines = {c.task: c.name for c in reversed(self.configs) if c.backend == "eager"}
+        for config in self.configs:
+            out, base = outputs[config.name], outputs.get(baselines.get(config.task))
+            r = results[config.name]
+            if base is None:
+                continue
+            if config.task == "t2i":
+                r.fidelity = float((out - base).norm() / base.norm().clamp_min(1e-12))
+            else:
+                n = max(len(out), len(base), 1)
+                r.fidelity = sum(a == b for a, b in zip(out, base, strict=False)) / n
+            r.scores = self.score(config, out)
+
+    def score(self, config: Config, out) -> dict:
+        """Scenes scorers on this configuration's output, when prompts/question come from scenes."""
+        from ..scenes.scoring import geneval_score, normalise_answer
+
+        if config.task == "t2i":
+            if not self.scenes or self.model.codec is None:
+                return {}
+            summary = geneval_score(self.model.codec.decode(out), self.scenes)
+            return {"geneval": summary["correct"], "colour": summary["colour"]}
+        if self.expected_answer is None:
+            return {}
+        answer = self.model.tokenizer.decode(out)
+        return {"answer": answer, "correct": normalise_answer(answer) == normalise_answer(self.expected_answer)}
+
+
+def speedups(results: list[Result]) -> dict[str, dict[str, float]]:
+    """Per result: measured and FLOP-predicted speedup over its task's eager and Inductor baselines."""
+    base = {}
+    for r in results:
+        kind = "eager" if r.name.startswith("eager") else "inductor" if r.name.startswith("inductor") else None
+        if kind:
+            base.setdefault((r.task, kind), r)
+    out = {}
+    for r in results:
+        row = {}
+        for kind in ("eager", "inductor"):
+            b = base.get((r.task, kind))
+            if b is not None:
+                row[f"vs_{kind}"] = b.median_s / r.median_s
+                row[f"flop_ratio_vs_{kind}"] = b.flops / r.flops if r.flops else float("nan")
+        out[r.name] = row
+    return out
+
+
+def _num(value: float | None) -> str:
+    return "-" if value is None or value != value else f"{value:.2f}"
+
+
+def markdown(results: list[Result], machine: str, command: str) -> str:
+    ups = speedups(results)
+    lines = [f"Machine: {machine}. Command: `{command}`.", "",
+             "| configuration | warm median (s) | spread (s) | × eager | × inductor | FLOPs (G) | FLOP-predicted × "
+             "inductor | reached | cold (s) | peak RSS (MB) | graphs | recompiles | fidelity | task score |",
+             "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- | --- |"]
+    for r in results:
+        u = ups[r.name]
+        ideal = u.get("flop_ratio_vs_inductor", float("nan"))
+        reached = (u["vs_inductor"] - 1) / (ideal - 1) if ideal and ideal > 1.001 else float("nan")
+        fidelity = ("-" if r.fidelity is None else
+                    f"rel. err {r.fidelity:.3g}" if r.task == "t2i" else f"tokens {r.fidelity:.0%}")
+        score = ", ".join(f"{k} {v:.2f}" if isinstance(v, float) else f"{k} {v}" for k, v in r.scores.items()) or "-"
+        lines.append(
+            f"| {r.name} | {r.median_s:.3f} | {min(r.runs_s):.3f}-{max(r.runs_s):.3f} | {_num(u.get('vs_eager'))} | "
+            f"{_num(u.get('vs_inductor'))} | {r.flops / 1e9:.2f} | {_num(ideal)} | "
+            f"{'-' if reached != reached else f'{reached:.0%}'} | {r.cold_s:.1f} | {r.peak_rss_mb:.0f} | "
+            f"{r.graphs} | {r.recompiles} | {fidelity} | {score} |")
+    lines += ["", "`reached`: the share of the FLOP-predicted gain over Inductor that the measured time realises, "
+              "(measured − 1) / (predicted − 1)."]
+    return "\n".join(lines)
+
+
+def draw(results: list[Result], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
+    for ax, task, title in ((axes[0], "t2i", "text-to-image request"), (axes[1], "mmu", "answer request")):
+        rows = [r for r in results if r.task == task]
+        if not rows:
+            ax.set_visible(False)
+            continue
+        names = [r.name for r in rows]
+        med = [r.median_s for r in rows]
+        err = [[m - min(r.runs_s) for m, r in zip(med, rows, strict=True)],
+               [max(r.runs_s) - m for m, r in zip(med, rows, strict=True)]]
+        ax.barh(names, med, xerr=err, color="#4c78a8")
+        ax.invert_yaxis()
+        ax.set_xlabel("warm wall-clock, median and min-max (s)")
+        ax.set_title(title)
+        for y, r in enumerate(rows):
+            ax.text(r.median_s, y, f" {r.flops / 1e9:.1f} GFLOP", va="center", fontsize=8)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def write(results: list[Result], out: Path, machine: str, command: str) -> str:
+    out.mkdir(parents=True, exist_ok=True)
+    table = markdown(results, machine, command)
+    (out / "bench.md").write_text(table + "\n")
+    payload = {"machine": machine, "command": command, "speedups": speedups(results),
+               "results": [asdict(r) | {"median_s": r.median_s} for r in results]}
+    (out / "bench.json").write_text(json.dumps(payload, indent=2) + "\n")
+    try:
+        draw(results, out / "bench.png")
+    except ImportError as err:  # the table and JSON are the product; the chart needs matplotlib
+        print(f"note: no chart ({err})")
+    return table
+
+
+def select(configs: list[Config], only: list[str] | None) -> list[Config]:
+    if not only:
+        return configs
+    names = [c.name for c in configs]
+    unknown = [n for n in only if n not in names]
+    if unknown:
+        raise ValueError(f"unknown bench configuration(s) {unknown}; choose from {names}")
+    return [c for c in configs if c.name in only]
+
+
+def machine_line() -> str:
+    import os
+    import platform
+
+    return f"{platform.machine()} {platform.processor() or 'CPU'}, {os.cpu_count()} cores, torch {torch.__version__}"
+
+
+
+def cmd_bench(args) -> int:
+    from ..calibrate import Plan, calibrate
+    from ..scenes.dataset import make_split, to_tensor
+    from .cli import _load
+
+    if args.runs < 1 or args.prompts < 1:
+        raise ValueError(f"--runs and --prompts must be at least 1, got {args.runs} and {args.prompts}")
+    # Eight configurations compile the same entry points with different backends and options.
+    torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
+    model = _load(args)
+    print(f"model: {args.model} ({sum(p.numel() for p in model.parameters()) / 1e6:.2f} M parameters)")
+    if args.plan:
+        plan = Plan.load(args.plan, model)
+    else:
+        t0 = time.perf_counter()
+        plan = calibrate(model, progress=not args.no_progress)
+        print(f"calibrated a plan in {time.perf_counter() - t0:.1f} s ({plan.summary()})")
+    scenes = make_split("test", args.prompts + 1, seed=args.seed)
+    prompts, (question, expected) = [s.caption for s in scenes[:-1]], scenes[-1].qa[0]
+    image = model.encode_image((to_tensor(scenes[-1].render()) + 1) / 2)
+    configs = select(default_configs(plan), args.only)
+    bench = Bench(model, configs, prompts, image, question, max_new_tokens=args.max_new_tokens, seed=args.seed,
+                  scenes=scenes[:-1], expected_answer=expected)
+    results = bench.run(args.runs, progress=not args.no_progress)
+    command = "flashu-compile bench " + " ".join(args.argv)
+    print(write(results, Path(args.out), machine_line(), command.strip()))
+    print(f"-> {args.out}/bench.md, bench.json, bench.png")
+    return 0
+
+
+def add_parser(sub) -> None:
+    """Register the ``bench`` subcommand on the ``flashu-compile`` subparsers ``sub``."""
+    p = sub.add_parser("bench", help="speed, FLOPs, memory and fidelity of eager, Inductor and flashu side by side",
+                       description=__doc__.split("\n\n")[0])
+    p.add_argument("--model", default="default",
+                   help="'default' (embedded scenes model), a preset name or a checkpoint folder")
+    p.add_argument("--tokenizer", help="local Qwen2.5 tokenizer folder (real checkpoints)")
+    p.add_argument("--vae", help="local diffusers Wan2.1 VAE folder (real checkpoints)")
+    p.add_argument("--plan", help="a saved calibration plan (default: calibrate the model first)")
+    p.add_argument("--runs", type=int, default=5, help="warm runs per configuration (at least 1)")
+    p.add_argument("--prompts", type=int, default=4, help="prompts per text-to-image request (test scenes)")
+    p.add_argument("--max-new-tokens", type=int, default=32)
+    p.add_argument("--only", nargs="+", metavar="NAME", help="run only these configurations (by name)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--out", default="outputs/bench")
+    p.set_defaults(func=cmd_bench)
