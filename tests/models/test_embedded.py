@@ -13,7 +13,7 @@ def test_default_is_the_shipped_checksummed_model():
         warnings.simplefilter("error")  # no fallback warning: the trained weights are there
         model = Showo2.default()
     assert model.tokenizer is not None and model.codec is not None
-    assert model.config.latent_codec == "pixel-unshuffle-2" and model.config.num_image_tokens == 64
+    assert model.config.latent_codec == "pixel-unshuffle-4" and model.config.num_image_tokens == 64
 
 
 def test_default_answers_colour_questions_about_held_out_scenes():
