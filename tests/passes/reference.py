@@ -17,6 +17,12 @@ from flashu_compile.models.showo2.sampling import time_grid
 from flashu_compile.models.showo2.sequences import t2i_rows
 
 
+def assert_close_rel(a, b, rel=1e-5):
+    """Max-abs difference relative to the reference's largest magnitude."""
+    scale = b.abs().max().clamp_min(1e-6)
+    assert float((a - b).abs().max() / scale) <= rel, float((a - b).abs().max() / scale)
+
+
 def reference_scales(schedule, calls, default, semantics):
     if not schedule:
         return [default] * calls

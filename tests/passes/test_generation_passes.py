@@ -9,6 +9,7 @@ from flashu_compile.models.showo2 import Showo2
 from flashu_compile.models.showo2.sampling import generate_latents
 from flashu_compile.options import FlashUOptions
 from tests.conftest import small_config
+from tests.passes.reference import assert_close_rel as _close
 from tests.passes.reference import reference_generate
 
 PROMPTS = ["a red circle", "two blue squares"]
@@ -33,11 +34,6 @@ def _compiled(model, options, steps, guidance, noise):
                                 progress=False)
     finally:
         model.compiled, model.flashu_options = {}, None
-
-
-def _close(a, b, rel=1e-5):
-    scale = b.abs().max().clamp_min(1e-6)
-    assert float((a - b).abs().max() / scale) <= rel, float((a - b).abs().max() / scale)
 
 
 @settings(max_examples=12, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])

@@ -18,6 +18,7 @@ from flashu_compile.passes.prune_channels import ffn_layout
 from flashu_compile.runtime import FlopTally
 from flashu_compile.runtime.request import request
 from tests.conftest import small_config
+from tests.passes.reference import assert_close_rel as _close
 from tests.passes.reference import reference_generate, zeroed_copy
 
 PROMPTS = ["a red circle", "two blue squares"]
@@ -33,11 +34,6 @@ def _plan(model, keep):
                 layer_signatures(model))
     plan.validate()
     return plan
-
-
-def _close(a, b, rel=1e-5):
-    scale = b.abs().max().clamp_min(1e-6)
-    assert float((a - b).abs().max() / scale) <= rel, float((a - b).abs().max() / scale)
 
 
 def _latents(model, n, seed):
