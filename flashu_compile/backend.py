@@ -22,16 +22,17 @@ from .passes.head_cache import head_cache
 from .passes.layer_skip import layer_skip
 from .passes.manager import Pass, PassContext, PassManager
 from .passes.prune_channels import prune_channels
+from .passes.token_drop import token_drop
 from .runtime.flops import call_counted, counted
 from .runtime.guards import Controller, full_phase
 from .runtime.schedule import StepRules
 
-# Passes available in this build, by option name. A requested pass missing here is an error,
-# never a silent no-op.
+# Every pass, by option name (options.PASSES lists the same names in their canonical order).
 AVAILABLE_PASSES: dict[str, Pass] = {
     "prune_channels": prune_channels,
     "layer_skip": layer_skip,
     "head_cache": head_cache,
+    "token_drop": token_drop,
 }
 GENERATION_PASSES = ("prune_channels", "layer_skip", "head_cache")
 # The graphs each pass rewrites; a preset's other passes simply do not run on a graph of another task.
@@ -39,12 +40,6 @@ PASS_TASKS = {"prune_channels": ("t2i", "mmu"), "layer_skip": ("t2i",), "head_ca
 
 
 def build_pass_list(options: FlashUOptions, task: str | None = None) -> list[tuple[str, Pass]]:
-    missing = [name for name in options.passes if name not in AVAILABLE_PASSES]
-    if missing:
-        raise ValueError(
-            f"flashu pass(es) {missing} are not available in this build; available: {sorted(AVAILABLE_PASSES)} "
-            "(use preset 'off' or list only available passes)"
-        )
     # Canonical order: layer guards must exist before the head trunk that contains them is outlined.
     names = sorted(options.passes, key=PASSES.index)
     return [(name, AVAILABLE_PASSES[name]) for name in names if task is None or task in PASS_TASKS[name]]

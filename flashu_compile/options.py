@@ -143,10 +143,9 @@ PRESETS: dict[str, dict[str, Any]] = {
     # A plain, correct backend: everything later is measured against it.
     "off": {"preset": "off"},
     # The paper's defaults with the project's step rules (see README).
-    # token_drop joins once it exists; requesting an unavailable pass is an error.
-    "paper": {"preset": "paper", "passes": ("prune_channels", "layer_skip", "head_cache"),
+    "paper": {"preset": "paper", "passes": ("prune_channels", "layer_skip", "head_cache", "token_drop"),
               "guidance_schedule": ((24, 7.5), (11, 10.0))},
-    # The public FlashU code's exact step semantics.
+    # The public FlashU code's exact step semantics (it has no understanding-side technique).
     "flashu-reference": {"preset": "flashu-reference", "passes": ("prune_channels", "layer_skip", "head_cache"),
                          "guidance_schedule": ((24, 7.5), (11, 10.0)), "step_semantics": "flashu-reference"},
 }

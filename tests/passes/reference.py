@@ -153,3 +153,34 @@ def reference_generate(model, prompts, steps, guidance, noise, *, layer_skip=Fal
             v = vu + scales[k - 1] * (vc - vu)
         x = x + (grid[k] - t) * v
     return x
+
+
+@torch.no_grad()
+def reference_token_drop_prefill(model, embeds, mask, image_positions, cache, layer, ratio, highest=True):
+    """The prefill with V-Norm token dropping done by hand on the eager decoder layers.
+
+    Layer ``layer`` and those before it see every token; its value vectors (L2 over head_dim,
+    mean over KV heads) rank the image tokens, the int(ratio * N) highest (or lowest) are removed,
+    and later layers run on the survivors with their original rotary positions and mask entries.
+    Every layer writes its own tokens into ``cache``. Returns the last position's logits.
+    """
+    lm = model.showo.model
+    seq = embeds.shape[1]
+    positions = torch.arange(seq)[None]
+    cos, sin = lm.rotary_emb(embeds, positions)
+    hidden, keep = embeds, torch.arange(seq)
+    for i, block in enumerate(lm.layers):
+        values = block.self_attn.v_proj(block.input_layernorm(hidden))
+        out = block(hidden, attention_mask=mask, position_embeddings=(cos, sin), position_ids=positions,
+                    past_key_values=cache, use_cache=True)
+        if i == layer:
+            heads = lm.config.num_key_value_heads
+            norms = values.view(1, seq, heads, -1).float().norm(dim=-1).mean(-1)[0]
+            image = image_positions[0]
+            n_drop = int(image.numel() * ratio)
+            dropped = image[norms[image].topk(n_drop, largest=highest).indices]
+            keep = torch.tensor([p for p in range(seq) if p not in set(dropped.tolist())])
+            out, cos, sin = out[:, keep], cos[:, keep], sin[:, keep]
+            mask, positions = mask[:, :, keep][:, :, :, keep], positions[:, keep]
+        hidden = out
+    return model.showo.lm_head(lm.norm(hidden)[:, -1])

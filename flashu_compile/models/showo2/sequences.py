@@ -58,6 +58,11 @@ class Rows:
     def seq_len(self) -> int:
         return self.text_tokens.shape[1]
 
+    def image_positions(self) -> torch.Tensor:
+        """(B, N) long: where each row's image tokens sit (right after its time token)."""
+        n = int(self.modality_positions[0, 0, 1]) - 1  # every row's span is the time token + N image tokens
+        return self.time_positions[:, None] + 1 + torch.arange(n)
+
 
 def t2i_rows(
     tokenizer: Showo2Tokenizer,

@@ -11,6 +11,7 @@ from __future__ import annotations
 import torch
 from transformers import DynamicCache
 
+from ...runtime.markers import mark_visual
 from .sequences import Rows, mmu_row, omni_attention_mask
 
 
@@ -26,8 +27,17 @@ def prepare(model, tokenizer, image_latents: torch.Tensor, question: str) -> tup
     return rows, embeds
 
 
-def prefill(model, embeds: torch.Tensor, attention_mask: torch.Tensor, cache: DynamicCache) -> torch.Tensor:
-    """Run the prompt through the LLM, filling ``cache``; returns the last position's logits."""
+def prefill(
+    model, embeds: torch.Tensor, attention_mask: torch.Tensor, cache: DynamicCache,
+    image_positions: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Run the prompt through the LLM, filling ``cache``; returns the last position's logits.
+
+    ``image_positions`` (B, N) marks the image tokens in the traced graph, for passes that treat
+    them differently (``token_drop``); it does not change the result.
+    """
+    if image_positions is not None:
+        embeds = mark_visual(embeds, image_positions)
     hidden = model.llm_hidden(embeds, attention_mask, past_key_values=cache, use_cache=True)
     return model.showo.lm_head(hidden[:, -1:])[:, -1]
 
@@ -53,7 +63,7 @@ def answer_tokens(
     out: list[int] = []
     if use_cache:
         cache = DynamicCache(config=model.config.llm)
-        logits = prefill_fn(model, embeds, rows.attention_mask, cache)
+        logits = prefill_fn(model, embeds, rows.attention_mask, cache, rows.image_positions())
     else:
         logits = model.showo.lm_head(model.llm_hidden(embeds, rows.attention_mask))[:, -1]
     for _ in range(max_new_tokens):

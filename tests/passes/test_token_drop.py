@@ -1,0 +1,121 @@
+"""token_drop against a hand-written eager prefill that drops the same tokens."""
+
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from transformers import DynamicCache
+
+from flashu_compile.models.showo2 import Showo2
+from flashu_compile.models.showo2.understanding import answer_tokens, decode_step, prefill, prepare
+from flashu_compile.runtime import FlopTally
+from tests.conftest import small_config
+from tests.passes.reference import assert_close_rel, reference_token_drop_prefill
+
+QUESTION = "what colour is the circle?"
+
+
+def _image(model, seed):
+    c, (h, w) = model.config.image_latent_dim, model.config.latent_size
+    return torch.randn(1, c, h, w, generator=torch.Generator().manual_seed(seed))
+
+
+def _reference_answer(model, tokenizer, image, layer, ratio, highest, max_new_tokens):
+    """Greedy tokens after the hand-written prefill, decoded eagerly from the cache it filled."""
+    rows, embeds = prepare(model, tokenizer, image, QUESTION)
+    cache = DynamicCache(config=model.config.llm)
+    logits = reference_token_drop_prefill(model, embeds, rows.attention_mask, rows.image_positions(), cache,
+                                          layer, ratio, highest)
+    first, tokens = logits, []
+    while len(tokens) < max_new_tokens and int(logits.argmax(-1)) != tokenizer.eos_id:
+        tokens.append(int(logits.argmax(-1)))
+        logits = decode_step(model, logits.argmax(-1), cache)
+    return first, tokens, cache
+
+
+@settings(max_examples=6, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(num_layers=st.integers(2, 4), data=st.data(), ratio=st.sampled_from([0.0, 0.25, 0.5, 0.9]),
+       highest=st.booleans(), seed=st.integers(0, 3))
+def test_compiled_prefill_and_answer_equal_the_reference(tokenizer, num_layers, data, ratio, highest, seed):
+    layer = data.draw(st.integers(0, num_layers - 2))
+    model = Showo2.random(small_config(num_layers=num_layers), seed=seed).attach(tokenizer=tokenizer)
+    image = _image(model, seed)
+    options = {"passes": ["token_drop"], "lowering": "eager", "strict": True, "token_drop_layer": layer,
+               "token_drop_ratio": ratio, "token_drop_order": "highest" if highest else "lowest"}
+    want_logits, want_tokens, want_cache = _reference_answer(model, tokenizer, image, layer, ratio, highest, 16)
+
+    torch._dynamo.reset()
+    model.compile_tasks("flashu", options)
+    with torch.no_grad():
+        rows, embeds = prepare(model, tokenizer, image, QUESTION)
+        cache = DynamicCache(config=model.config.llm)
+        logits = model.compiled["prefill"](model, embeds, rows.attention_mask, cache, rows.image_positions())
+        assert_close_rel(logits, want_logits)
+        n_image = rows.image_positions().shape[1]
+        kept = rows.seq_len - int(n_image * ratio)
+        assert [lay.keys.shape[2] for lay in cache.layers] == \
+            [rows.seq_len] * (layer + 1) + [kept] * (num_layers - 1 - layer)
+        got_tokens = answer_tokens(model, tokenizer, image, QUESTION, max_new_tokens=16)
+    assert got_tokens == want_tokens
+    # Decoding appends to every layer: a new token's position is layer 0's length (every prompt token).
+    n = len(want_tokens)
+    assert [lay.keys.shape[2] for lay in want_cache.layers] == \
+        [rows.seq_len + n] * (layer + 1) + [kept + n] * (num_layers - 1 - layer)
+
+
+def test_dropping_changes_the_prefill_it_is_not_a_no_op(small_model, tokenizer):
+    image = _image(small_model, 0)
+    rows, embeds = prepare(small_model, tokenizer, image, QUESTION)
+    torch._dynamo.reset()
+    fast = torch.compile(prefill, backend="flashu", options={"passes": ["token_drop"], "lowering": "eager",
+                                                             "token_drop_layer": 0})
+    with torch.no_grad():
+        dropped = fast(small_model, embeds, rows.attention_mask, DynamicCache(config=small_model.config.llm),
+                       rows.image_positions())
+        full = prefill(small_model, embeds, rows.attention_mask, DynamicCache(config=small_model.config.llm),
+                       rows.image_positions())
+    assert float((dropped - full).abs().max()) > 1e-4
+
+
+def test_decoder_flops_fall_by_a_third_with_729_image_tokens(tokenizer):
+    """Show-o2's depth (28 layers, K = 2) and image size (27 x 27 tokens) at a toy width."""
+    model = Showo2.random(small_config(num_layers=28, grid=27, patch_size=1, latent_channels=12), seed=0)
+    model.attach(tokenizer=tokenizer)
+    image = _image(model, 0)
+    rows, embeds = prepare(model, tokenizer, image, QUESTION)
+    assert rows.image_positions().shape[1] == 729
+    flops = {}
+    for name, passes in (("full", []), ("dropped", ["token_drop"])):
+        torch._dynamo.reset()
+        fast = torch.compile(prefill, backend="flashu", options={"passes": passes, "lowering": "eager"})
+        with torch.no_grad(), FlopTally() as tally:
+            fast(model, embeds, rows.attention_mask, DynamicCache(config=model.config.llm), rows.image_positions())
+        flops[name] = tally.total
+    print(f"prefill FLOPs: {flops['full'] / 1e6:.1f} M -> {flops['dropped'] / 1e6:.1f} M")
+    assert flops["dropped"] <= 0.65 * flops["full"], flops
+
+
+def test_bad_settings_are_clear_errors(small_model, tokenizer):
+    rows, embeds = prepare(small_model, tokenizer, _image(small_model, 0), QUESTION)
+    torch._dynamo.reset()
+    depth = small_model.config.llm.num_hidden_layers
+    fast = torch.compile(prefill, backend="flashu", options={"passes": ["token_drop"], "lowering": "eager",
+                                                             "token_drop_layer": depth - 1})
+    with pytest.raises(Exception, match=rf"'token_drop_layer' is {depth - 1}.*after layers 0\.\.{depth - 2}"):
+        fast(small_model, embeds, rows.attention_mask, DynamicCache(config=small_model.config.llm),
+             rows.image_positions())
+    with pytest.raises(Exception, match=r"token_drop_ratio.*\[0, 1\)"):
+        torch.compile(prefill, backend="flashu", options={"token_drop_ratio": 1.0})(
+            small_model, embeds, rows.attention_mask, DynamicCache(config=small_model.config.llm))
+
+
+def test_image_free_prompt_is_left_alone(small_model, tokenizer):
+    """No marked image tokens (a text-only prefill): the documented no-op, same logits as eager."""
+    rows, embeds = prepare(small_model, tokenizer, _image(small_model, 0), QUESTION)
+    torch._dynamo.reset()
+    fast = torch.compile(prefill, backend="flashu", options={"passes": ["token_drop"], "lowering": "eager",
+                                                             "strict": True})
+    with torch.no_grad():
+        got = fast(small_model, embeds, rows.attention_mask, DynamicCache(config=small_model.config.llm))
+        want = prefill(small_model, embeds, rows.attention_mask, DynamicCache(config=small_model.config.llm))
+    assert torch.equal(got, want)
