@@ -432,8 +432,19 @@ def machine_line() -> str:
     return f"{platform.machine()} {platform.processor() or 'CPU'}, {os.cpu_count()} cores, torch {torch.__version__}"
 
 
-def cmd_bench(args) -> int:
+def load_plan(args, model):
+    """The plan saved at ``args.plan``, or one calibrated now on ``model``."""
     from ..calibrate import Plan, calibrate
+
+    if args.plan:
+        return Plan.load(args.plan, model)
+    t0 = time.perf_counter()
+    plan = calibrate(model, progress=not args.no_progress)
+    print(f"calibrated a plan in {time.perf_counter() - t0:.1f} s ({plan.summary()})")
+    return plan
+
+
+def cmd_bench(args) -> int:
     from ..scenes.dataset import make_split, to_tensor
     from .cli import _load
 
@@ -443,12 +454,7 @@ def cmd_bench(args) -> int:
     torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
     model = _load(args)
     print(f"model: {args.model} ({sum(p.numel() for p in model.parameters()) / 1e6:.2f} M parameters)")
-    if args.plan:
-        plan = Plan.load(args.plan, model)
-    else:
-        t0 = time.perf_counter()
-        plan = calibrate(model, progress=not args.no_progress)
-        print(f"calibrated a plan in {time.perf_counter() - t0:.1f} s ({plan.summary()})")
+    plan = load_plan(args, model)
     scenes = make_split("test", args.prompts + 1, seed=args.seed)
     prompts, (question, expected) = [s.caption for s in scenes[:-1]], scenes[-1].qa[0]
     image = model.encode_image((to_tensor(scenes[-1].render()) + 1) / 2)
