@@ -37,7 +37,12 @@ def _tensor_digest(t: torch.Tensor) -> str:
 
 
 def _is_weight(node: torch.fx.Node, value: Any) -> bool:
-    """Weights (parameters and module buffers) are hashed by value; activations by shape and dtype only."""
+    """Weights (parameters and module buffers) are hashed by value; activations by shape and dtype only.
+
+    Buffers are recognised by dynamo's record of a placeholder's source, present while dynamo
+    calls the backend; a segment lowered later receives them as plain tensors, keyed by shape
+    and dtype only (in Show-o2 these are rotary frequency tables, fixed by the configuration).
+    """
     if isinstance(value, torch.nn.Parameter):
         return True
     # dynamo records where each placeholder came from; module attributes are weights or buffers.
