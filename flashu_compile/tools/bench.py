@@ -4,8 +4,9 @@ Every configuration serves the same requests (the same prompts and noise for tex
 same image and question for understanding). Warm runs are interleaved, one run of every
 configuration per round, so drift in the machine's speed hits all of them alike.
 
-Per configuration: median and spread (min-max) of warm wall-clock, cold time of the first
-request (compilation included), FLOPs per request counted on the eager lowering of the same
+Per configuration: median and spread (min-max) of warm wall-clock, the time of the first
+request (compilation included) with empty Inductor caches and again after ``torch._dynamo.reset()``
+with its on-disk caches warm, FLOPs per request counted on the eager lowering of the same
 rewritten graphs (:mod:`flashu_compile.runtime.flops`), peak resident memory sampled during its
 runs, graphs compiled and graphs added during warm runs (recompiles), and fidelity to the eager
 baseline (relative error of the final latent; token agreement of the answer) plus the scenes
@@ -14,10 +15,14 @@ scorers' task scores when the model is the scenes model.
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
 import statistics
+import tempfile
 import threading
 import time
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -43,7 +48,8 @@ class Result:
     name: str
     task: str
     runs_s: list[float] = field(default_factory=list)
-    cold_s: float = 0.0
+    compile_cold_s: float = 0.0  # first request, compilation included, Inductor caches empty
+    compile_warm_s: float | None = None  # the same after torch._dynamo.reset(), on-disk caches warm
     flops: int = 0
     peak_rss_mb: float = 0.0
     graphs: int = 0
@@ -56,18 +62,35 @@ class Result:
         return statistics.median(self.runs_s)
 
 
-def default_configs(plan) -> list[Config]:
+# The per-technique rows (``--split``): what each generation technique saves on its own, at the
+# paper preset's settings. The pass rows drop the guidance schedule so that each row changes one thing.
+SPLIT = {"flashu prune 50": "prune_channels", "flashu skip 50": "layer_skip", "flashu cache 50": "head_cache",
+         "flashu guidance 50": "guidance schedule", "flashu paper 50": "all of the paper preset"}
+
+
+def default_configs(plan, split: bool = False) -> list[Config]:
+    """The default comparison, plus the per-technique rows when ``split``."""
     paper = {"preset": "paper", "plan": plan}
-    return [
+    configs = [
         Config("eager 50", "t2i", "eager"),
         Config("inductor 50", "t2i", "inductor"),
+        # No pass enabled: must run as fast as Inductor (issue #3's 5% bound).
+        Config("flashu off 50", "t2i", "flashu", 50, {"preset": "off"}),
         Config("flashu paper 50", "t2i", "flashu", 50, paper),
         Config("flashu paper 35", "t2i", "flashu", 35, paper),
         Config("flashu-reference 35", "t2i", "flashu", 35, {"preset": "flashu-reference", "plan": plan}),
         Config("eager+kv answer", "mmu", "eager"),
         Config("inductor answer", "mmu", "inductor"),
+        Config("flashu off answer", "mmu", "flashu", options={"preset": "off"}),
         Config("flashu paper answer", "mmu", "flashu", options=paper),
     ]
+    if split:
+        one = {"prune": "prune_channels", "skip": "layer_skip", "cache": "head_cache"}
+        configs += [Config(f"flashu {short} 50", "t2i", "flashu", 50,
+                           paper | {"passes": [name], "guidance_schedule": None}) for short, name in one.items()]
+        # No pass: the graphs are lowered as by preset "off"; only the sampler's guidance scales change.
+        configs.append(Config("flashu guidance 50", "t2i", "flashu", 50, paper | {"passes": []}))
+    return configs
 
 
 def _rss_mb() -> float:
@@ -100,6 +123,25 @@ class PeakRss:
 
 def _graphs() -> int:
     return int(torch._dynamo.utils.counters["stats"]["unique_graphs"])
+
+
+@contextlib.contextmanager
+def inductor_caches(path: Path) -> Iterator[None]:
+    """Inductor (and Triton) caches on disk in ``path``, the in-process ones emptied first, as in a
+    new process; the previous cache folders are restored on exit."""
+    from torch._inductor.utils import clear_caches
+
+    saved = {k: os.environ.get(k) for k in ("TORCHINDUCTOR_CACHE_DIR", "TRITON_CACHE_DIR")}
+    os.environ["TORCHINDUCTOR_CACHE_DIR"], os.environ["TRITON_CACHE_DIR"] = str(path), str(path / "triton")
+    clear_caches()
+    try:
+        yield
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
 
 
 class Bench:
@@ -145,17 +187,21 @@ class Bench:
                                            max_new_tokens=self.max_new_tokens)
 
     def run(self, runs: int = 5, progress: bool = True) -> list[Result]:
+        with tempfile.TemporaryDirectory(prefix="flashu-bench-") as caches:
+            return self._run(runs, progress, Path(caches))
+
+    def _run(self, runs: int, progress: bool, caches: Path) -> list[Result]:
         results = {c.name: Result(c.name, c.task) for c in self.configs}
         outputs = {}
-        bar = tqdm(total=len(self.configs) * (runs + 2), desc="bench", disable=not progress)
-        for config in self.configs:  # cold: first request, compile included
+        bar = tqdm(total=len(self.configs) * (runs + 3), desc="bench", disable=not progress)
+        for i, config in enumerate(self.configs):  # cold: first request, compile included, empty caches
             r = results[config.name]
             before = _graphs()
-            with PeakRss() as rss:
+            with PeakRss() as rss, inductor_caches(caches / str(i)):
                 t0 = time.perf_counter()
                 self._use(config)
                 outputs[config.name] = self.request(config)
-                r.cold_s = time.perf_counter() - t0
+                r.compile_cold_s = time.perf_counter() - t0
             r.graphs, r.peak_rss_mb = _graphs() - before, rss.peak
             bar.update()
         for _ in range(runs):  # warm, interleaved
@@ -179,10 +225,29 @@ class Bench:
                 self.request(config)
             results[config.name].flops = tally.total
             bar.update()
+        self._compile_warm(results, caches, bar)
         bar.close()
         self._fidelity(results, outputs)
         self.model.compiled, self.model.flashu_options = {}, None
         return list(results.values())
+
+    def _compile_warm(self, results: dict[str, Result], caches: Path, bar: tqdm) -> None:
+        """First request again, after a dynamo reset, on the on-disk caches the cold request filled.
+
+        Last, because the reset drops every configuration's compiled code. A configuration that
+        compiled nothing cold (it reused another's programs, or runs eagerly) is left out.
+        """
+        for i, config in enumerate(self.configs):
+            r = results[config.name]
+            if r.graphs:
+                torch._dynamo.reset()
+                self.programs.pop(config.name)
+                with inductor_caches(caches / str(i)):
+                    t0 = time.perf_counter()
+                    self._use(config)
+                    self.request(config)
+                    r.compile_warm_s = time.perf_counter() - t0
+            bar.update()
 
     def _fidelity(self, results: dict[str, Result], outputs: dict) -> None:
         baselines = {c.task: c.name for c in reversed(self.configs) if c.backend == "eager"}
@@ -213,13 +278,19 @@ class Bench:
         return {"answer": answer, "correct": normalise_answer(answer) == normalise_answer(self.expected_answer)}
 
 
-def speedups(results: list[Result]) -> dict[str, dict[str, float]]:
-    """Per result: measured and FLOP-predicted speedup over its task's eager and Inductor baselines."""
+def _baselines(results: list[Result]) -> dict[tuple[str, str], Result]:
+    """The first eager and the first Inductor result of each task, by (task, "eager" | "inductor")."""
     base = {}
     for r in results:
         kind = "eager" if r.name.startswith("eager") else "inductor" if r.name.startswith("inductor") else None
         if kind:
             base.setdefault((r.task, kind), r)
+    return base
+
+
+def speedups(results: list[Result]) -> dict[str, dict[str, float]]:
+    """Per result: measured and FLOP-predicted speedup over its task's eager and Inductor baselines."""
+    base = _baselines(results)
     out = {}
     for r in results:
         row = {}
@@ -232,30 +303,72 @@ def speedups(results: list[Result]) -> dict[str, dict[str, float]]:
     return out
 
 
+def off_vs_inductor(results: list[Result]) -> dict[str, float]:
+    """Warm median of each ``flashu off`` row over its task's Inductor baseline (issue #3: at most 1.05)."""
+    base = _baselines(results)
+    return {r.name: r.median_s / base[(r.task, "inductor")].median_s for r in results
+            if r.name.startswith("flashu off") and (r.task, "inductor") in base}
+
+
+def technique_savings(results: list[Result]) -> dict[str, dict]:
+    """Per-technique row (``SPLIT``): its technique and the share of the Inductor baseline's FLOPs it removes."""
+    base = _baselines(results).get(("t2i", "inductor"))
+    if base is None or not base.flops:
+        return {}
+    return {r.name: {"technique": SPLIT[r.name], "baseline": base.name, "flops_saved": 1 - r.flops / base.flops}
+            for r in results if r.name in SPLIT}
+
+
 def _num(value: float | None) -> str:
     return "-" if value is None or value != value else f"{value:.2f}"
+
+
+def _fidelity(r: Result) -> str:
+    if r.fidelity is None:
+        return "-"
+    return f"rel. err {r.fidelity:.3g}" if r.task == "t2i" else f"tokens {r.fidelity:.0%}"
 
 
 def markdown(results: list[Result], machine: str, command: str) -> str:
     ups = speedups(results)
     lines = [f"Machine: {machine}. Command: `{command}`.", "",
              "| configuration | warm median (s) | spread (s) | × eager | × inductor | FLOPs (G) | FLOP-predicted × "
-             "inductor | reached | cold (s) | peak RSS (MB) | graphs | recompiles | fidelity | task score |",
-             "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- | --- |"]
+             "inductor | reached | compile cold (s) | compile warm (s) | peak RSS (MB) | graphs | recompiles | "
+             "fidelity | task score |",
+             "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- | --- |"]
     for r in results:
         u = ups[r.name]
         ideal = u.get("flop_ratio_vs_inductor", float("nan"))
         reached = (u["vs_inductor"] - 1) / (ideal - 1) if ideal and ideal > 1.001 else float("nan")
-        fidelity = ("-" if r.fidelity is None else
-                    f"rel. err {r.fidelity:.3g}" if r.task == "t2i" else f"tokens {r.fidelity:.0%}")
         score = ", ".join(f"{k} {v:.2f}" if isinstance(v, float) else f"{k} {v}" for k, v in r.scores.items()) or "-"
+        warm = "-" if r.compile_warm_s is None else f"{r.compile_warm_s:.1f}"
         lines.append(
             f"| {r.name} | {r.median_s:.3f} | {min(r.runs_s):.3f}-{max(r.runs_s):.3f} | {_num(u.get('vs_eager'))} | "
             f"{_num(u.get('vs_inductor'))} | {r.flops / 1e9:.2f} | {_num(ideal)} | "
-            f"{'-' if reached != reached else f'{reached:.0%}'} | {r.cold_s:.1f} | {r.peak_rss_mb:.0f} | "
-            f"{r.graphs} | {r.recompiles} | {fidelity} | {score} |")
+            f"{'-' if reached != reached else f'{reached:.0%}'} | {r.compile_cold_s:.1f} | {warm} | "
+            f"{r.peak_rss_mb:.0f} | {r.graphs} | {r.recompiles} | {_fidelity(r)} | {score} |")
     lines += ["", "`reached`: the share of the FLOP-predicted gain over Inductor that the measured time realises, "
-              "(measured − 1) / (predicted − 1)."]
+              "(measured − 1) / (predicted − 1). `compile cold`: the first request, compilation included, with "
+              "empty Inductor caches (the first compiled configuration also pays Inductor's one-time imports); "
+              "`compile warm`: the first request again after `torch._dynamo.reset()`, with the on-disk caches the "
+              "cold request filled, as a restarted process would see it; `-` where nothing was compiled."]
+    off = off_vs_inductor(results)
+    if off:
+        base = _baselines(results)
+        ratios = "; ".join(f"{r.name} / {base[(r.task, 'inductor')].name}: {off[r.name]:.3f} "
+                           f"({'within' if off[r.name] <= 1.05 else 'over'} 5%)" for r in results if r.name in off)
+        lines += ["", f"No pass enabled, warm median over Inductor's (goal at most 1.05): {ratios}."]
+    saved = technique_savings(results)
+    if saved:
+        by_name = {r.name: r for r in results}
+        baseline = next(iter(saved.values()))["baseline"]
+        lines += ["", f"Savings by technique, each at the paper preset's settings on its own, against {baseline}:", "",
+                  f"| technique | configuration | FLOPs (G) | FLOPs saved vs {baseline} | × inductor | fidelity |",
+                  "| --- | --- | ---: | ---: | ---: | --- |"]
+        for name, row in saved.items():
+            r = by_name[name]
+            lines.append(f"| {row['technique']} | {name} | {r.flops / 1e9:.2f} | {row['flops_saved']:.1%} | "
+                         f"{_num(ups[name].get('vs_inductor'))} | {_fidelity(r)} |")
     return "\n".join(lines)
 
 
@@ -292,6 +405,7 @@ def write(results: list[Result], out: Path, machine: str, command: str) -> str:
     table = markdown(results, machine, command)
     (out / "bench.md").write_text(table + "\n")
     payload = {"machine": machine, "command": command, "speedups": speedups(results),
+               "flashu_off_vs_inductor": off_vs_inductor(results), "savings_by_technique": technique_savings(results),
                "results": [asdict(r) | {"median_s": r.median_s} for r in results]}
     (out / "bench.json").write_text(json.dumps(payload, indent=2) + "\n")
     try:
@@ -318,28 +432,34 @@ def machine_line() -> str:
     return f"{platform.machine()} {platform.processor() or 'CPU'}, {os.cpu_count()} cores, torch {torch.__version__}"
 
 
+def load_plan(args, model):
+    """The plan saved at ``args.plan``, or one calibrated now on ``model``."""
+    from ..calibrate import Plan, calibrate
+
+    if args.plan:
+        return Plan.load(args.plan, model)
+    t0 = time.perf_counter()
+    plan = calibrate(model, progress=not args.no_progress)
+    print(f"calibrated a plan in {time.perf_counter() - t0:.1f} s ({plan.summary()})")
+    return plan
+
 
 def cmd_bench(args) -> int:
-    from ..calibrate import Plan, calibrate
     from ..scenes.dataset import make_split, to_tensor
     from .cli import _load
 
     if args.runs < 1 or args.prompts < 1:
         raise ValueError(f"--runs and --prompts must be at least 1, got {args.runs} and {args.prompts}")
-    # Eight configurations compile the same entry points with different backends and options.
+    # Up to fourteen configurations compile the same entry points with different backends and options.
     torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
     model = _load(args)
     print(f"model: {args.model} ({sum(p.numel() for p in model.parameters()) / 1e6:.2f} M parameters)")
-    if args.plan:
-        plan = Plan.load(args.plan, model)
-    else:
-        t0 = time.perf_counter()
-        plan = calibrate(model, progress=not args.no_progress)
-        print(f"calibrated a plan in {time.perf_counter() - t0:.1f} s ({plan.summary()})")
+    plan = load_plan(args, model)
     scenes = make_split("test", args.prompts + 1, seed=args.seed)
     prompts, (question, expected) = [s.caption for s in scenes[:-1]], scenes[-1].qa[0]
     image = model.encode_image((to_tensor(scenes[-1].render()) + 1) / 2)
-    configs = select(default_configs(plan), args.only)
+    # --only picks from every row, --split included; without --only, --split adds the per-technique rows.
+    configs = select(default_configs(plan, split=args.split or bool(args.only)), args.only)
     bench = Bench(model, configs, prompts, image, question, max_new_tokens=args.max_new_tokens, seed=args.seed,
                   scenes=scenes[:-1], expected_answer=expected)
     results = bench.run(args.runs, progress=not args.no_progress)
@@ -361,7 +481,11 @@ def add_parser(sub) -> None:
     p.add_argument("--runs", type=int, default=5, help="warm runs per configuration (at least 1)")
     p.add_argument("--prompts", type=int, default=4, help="prompts per text-to-image request (test scenes)")
     p.add_argument("--max-new-tokens", type=int, default=32)
-    p.add_argument("--only", nargs="+", metavar="NAME", help="run only these configurations (by name)")
+    p.add_argument("--split", action="store_true",
+                   help="add one row per generation technique (prune, skip, cache, guidance at 50 steps) and the "
+                        "FLOPs each saves")
+    p.add_argument("--only", nargs="+", metavar="NAME",
+                   help="run only these configurations (by name, from the default and --split rows)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no-progress", action="store_true")
     p.add_argument("--out", default="outputs/bench")

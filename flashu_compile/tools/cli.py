@@ -80,6 +80,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.set_defaults(func=cmd_demo)
     __import__("flashu_compile.calibrate.cli", fromlist=["add_parser"]).add_parser(sub)  # lazy import
     __import__("flashu_compile.tools.bench", fromlist=["add_parser"]).add_parser(sub)
+    __import__("flashu_compile.tools.build_trt", fromlist=["add_parser"]).add_parser(sub)
     return parser
 
 

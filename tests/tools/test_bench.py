@@ -1,12 +1,27 @@
 """The bench on a small model with eager lowerings (Inductor timing is what the command itself reports)."""
 
 import json
+import os
 
 import pytest
 import torch
 
 from flashu_compile.models.showo2 import Showo2
-from flashu_compile.tools.bench import Bench, Config, select, speedups, write
+from flashu_compile.options import PRESETS, FlashUOptions
+from flashu_compile.tools.bench import (
+    SPLIT,
+    Bench,
+    Config,
+    Result,
+    default_configs,
+    inductor_caches,
+    markdown,
+    off_vs_inductor,
+    select,
+    speedups,
+    technique_savings,
+    write,
+)
 from tests.conftest import small_config
 
 
@@ -16,7 +31,10 @@ def results(tokenizer):
     c, (h, w) = model.config.image_latent_dim, model.config.latent_size
     image = torch.randn(1, c, h, w, generator=torch.Generator().manual_seed(1))
     skip = {"passes": ["layer_skip"], "lowering": "eager", "skip_ratio": 0.5, "skip_interval": 4, "hybrid_tau": 0}
+    # Unguided on the last 3 of 5 calls: those calls run the conditional half of the batch only.
+    guidance = {"lowering": "eager", "guidance_schedule": [[2, 7.5], [3, 0.0]]}
     configs = [Config("eager 6", "t2i", "eager", 6), Config("skip 6", "t2i", "flashu", 6, skip),
+               Config("guidance 6", "t2i", "flashu", 6, guidance),
                Config("eager answer", "mmu", "eager"),
                Config("plain answer", "mmu", "flashu", options={"lowering": "eager"})]
     torch._dynamo.reset()
@@ -27,7 +45,7 @@ def results(tokenizer):
 
 def test_every_configuration_is_measured(results):
     by_name = {r.name: r for r in results}
-    assert list(by_name) == ["eager 6", "skip 6", "eager answer", "plain answer"]
+    assert list(by_name) == ["eager 6", "skip 6", "guidance 6", "eager answer", "plain answer"]
     assert all(len(r.runs_s) == 2 and r.median_s > 0 and r.peak_rss_mb > 0 for r in results)
     assert all(r.recompiles == 0 for r in results)
     assert by_name["skip 6"].graphs >= 1 and by_name["eager 6"].graphs == 0
@@ -36,6 +54,69 @@ def test_every_configuration_is_measured(results):
     assert by_name["plain answer"].flops == by_name["eager answer"].flops > 0
     assert by_name["eager 6"].fidelity == 0.0 and by_name["skip 6"].fidelity > 0
     assert by_name["plain answer"].fidelity == 1.0  # same tokens
+
+
+def test_guidance_schedule_without_passes_runs_through_the_sampler(results):
+    by_name = {r.name: r for r in results}
+    # 2 guided calls on 2 rows per prompt and 3 unguided on 1, against 5 guided ones: 7/10 of the FLOPs.
+    assert by_name["guidance 6"].flops / by_name["eager 6"].flops == pytest.approx(0.7, rel=1e-3)
+    assert by_name["guidance 6"].fidelity > 0
+
+
+def test_compile_times(results):
+    by_name = {r.name: r for r in results}
+    assert all(r.compile_cold_s > 0 for r in results)
+    # Only configurations that compiled graphs are compiled again on warm caches.
+    assert by_name["eager 6"].compile_warm_s is None and by_name["eager answer"].compile_warm_s is None
+    assert by_name["skip 6"].compile_warm_s > 0 and by_name["plain answer"].compile_warm_s > 0
+
+
+def test_inductor_caches_are_swapped_and_restored(tmp_path, monkeypatch):
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "outer"))
+    monkeypatch.delenv("TRITON_CACHE_DIR", raising=False)
+    torch._dynamo.reset()
+    with inductor_caches(tmp_path / "inner"):
+        assert os.environ["TRITON_CACHE_DIR"] == str(tmp_path / "inner" / "triton")
+        torch.compile(lambda x: x * 2 + 1, backend="inductor")(torch.randn(8))
+    assert os.environ["TORCHINDUCTOR_CACHE_DIR"] == str(tmp_path / "outer")
+    assert "TRITON_CACHE_DIR" not in os.environ
+    assert any((tmp_path / "inner").iterdir()) and not (tmp_path / "outer").exists()
+
+
+def test_default_and_split_rows():
+    names = [c.name for c in default_configs("plan")]
+    assert {"flashu off 50", "flashu off answer"} <= set(names) and not set(SPLIT) - {"flashu paper 50"} & set(names)
+    split = {c.name: c for c in default_configs("plan", split=True)}
+    assert set(SPLIT) <= set(split)
+    for name, passes in (("flashu prune 50", ("prune_channels",)), ("flashu skip 50", ("layer_skip",)),
+                         ("flashu cache 50", ("head_cache",)), ("flashu guidance 50", ())):
+        config = split[name]
+        options = FlashUOptions.from_dict(config.options)
+        assert (config.task, config.backend, config.steps, options.passes) == ("t2i", "flashu", 50, passes)
+        assert options.plan == "plan" and options.prune_ratio == 0.2 and options.skip_interval == 10
+        paper_guidance = PRESETS["paper"]["guidance_schedule"]
+        assert options.guidance_schedule == (paper_guidance if name == "flashu guidance 50" else None)
+
+
+def _result(name: str, task: str, median: float, flops: int) -> Result:
+    return Result(name, task, runs_s=[median], flops=flops, compile_cold_s=30.0)
+
+
+def test_off_ratio_and_savings_by_technique_are_reported():
+    results = [_result("inductor 50", "t2i", 2.0, 400), _result("flashu off 50", "t2i", 2.2, 400),
+               _result("flashu prune 50", "t2i", 1.5, 300), _result("flashu guidance 50", "t2i", 2.0, 400),
+               _result("inductor answer", "mmu", 0.10, 8), _result("flashu off answer", "mmu", 0.102, 8)]
+    assert off_vs_inductor(results) == pytest.approx({"flashu off 50": 1.1, "flashu off answer": 1.02})
+    saved = technique_savings(results)
+    assert saved["flashu prune 50"] == {"technique": "prune_channels", "baseline": "inductor 50", "flops_saved": 0.25}
+    assert saved["flashu guidance 50"]["flops_saved"] == 0
+    table = markdown(results, "m", "c")
+    assert "flashu off 50 / inductor 50: 1.100 (over 5%)" in table
+    assert "flashu off answer / inductor answer: 1.020 (within 5%)" in table
+    assert "| prune_channels | flashu prune 50 | 0.00 | 25.0% | 1.33 | - |" in table
+    results[1].compile_warm_s = 4.0
+    assert "| flashu off 50 | 2.200 |" in table and "| 30.0 | - |" in table  # compile cold, compile warm
+    assert "| 30.0 | 4.0 |" in markdown(results, "m", "c")
 
 
 def test_reports(results, tmp_path):
