@@ -48,6 +48,7 @@ class Result:
     name: str
     task: str
     runs_s: list[float] = field(default_factory=list)
+    prefill_s: list[float] = field(default_factory=list)  # mmu: the prefill's share of each warm run
     compile_cold_s: float = 0.0  # first request, compilation included, Inductor caches empty
     compile_warm_s: float | None = None  # the same after torch._dynamo.reset(), on-disk caches warm
     flops: int = 0
@@ -91,6 +92,24 @@ def default_configs(plan, split: bool = False) -> list[Config]:
         # No pass: the graphs are lowered as by preset "off"; only the sampler's guidance scales change.
         configs.append(Config("flashu guidance 50", "t2i", "flashu", 50, paper | {"passes": []}))
     return configs
+
+
+@contextlib.contextmanager
+def timed_prefill(model, seconds: list[float]) -> Iterator[None]:
+    """Append the wall-clock of each prefill the model's answer path makes inside the block."""
+    run = model.compiled.get("prefill", understanding.prefill)
+
+    def prefill(*args):
+        t0 = time.perf_counter()
+        out = run(*args)
+        seconds.append(time.perf_counter() - t0)
+        return out
+
+    model.compiled["prefill"] = prefill
+    try:
+        yield
+    finally:
+        model.compiled["prefill"] = run
 
 
 def _rss_mb() -> float:
@@ -209,7 +228,7 @@ class Bench:
                 r = results[config.name]
                 self._use(config)
                 before = _graphs()
-                with PeakRss() as rss:
+                with PeakRss() as rss, timed_prefill(self.model, r.prefill_s):
                     t0 = time.perf_counter()
                     self.request(config)
                     r.runs_s.append(time.perf_counter() - t0)
@@ -352,6 +371,10 @@ def markdown(results: list[Result], machine: str, command: str) -> str:
               "empty Inductor caches (the first compiled configuration also pays Inductor's one-time imports); "
               "`compile warm`: the first request again after `torch._dynamo.reset()`, with the on-disk caches the "
               "cold request filled, as a restarted process would see it; `-` where nothing was compiled."]
+    answers = [r for r in results if r.prefill_s]
+    if answers:
+        lines += ["", "Prefill (image + question into the KV cache) within each answer, warm median: " + "; ".join(
+            f"{r.name} {statistics.median(r.prefill_s):.4f} s" for r in answers) + "."]
     off = off_vs_inductor(results)
     if off:
         base = _baselines(results)

@@ -54,6 +54,11 @@ def test_every_configuration_is_measured(results):
     assert by_name["plain answer"].flops == by_name["eager answer"].flops > 0
     assert by_name["eager 6"].fidelity == 0.0 and by_name["skip 6"].fidelity > 0
     assert by_name["plain answer"].fidelity == 1.0  # same tokens
+    # One prefill per warm answer, timed inside it; generation rows have none.
+    for name in ("eager answer", "plain answer"):
+        r = by_name[name]
+        assert len(r.prefill_s) == 2 and all(0 < p < t for p, t in zip(r.prefill_s, r.runs_s, strict=True))
+    assert by_name["eager 6"].prefill_s == []
 
 
 def test_guidance_schedule_without_passes_runs_through_the_sampler(results):

@@ -249,6 +249,23 @@ def _tiny() -> Showo2Config:
     )
 
 
+def _bench() -> Showo2Config:
+    # Show-o2 1.5B's depth and sequence at 1/16 of its width, for benchmarks on a CPU: 28 decoder
+    # layers (12 heads, 2 KV heads, FFN 5.8x hidden), a 10-block flow head wider than the LLM
+    # (4 heads per KV head), a 26-layer SigLIP path, and 729 image tokens from 108x108 RGB images
+    # (27x27 tokens of 2x2 patches of 12-channel pixel-unshuffled latents). The text budget is 64
+    # tokens instead of 290, which keeps the rows image-dominated as they are for real prompts.
+    from .tokenizer import SceneTokenizer
+
+    return custom_config(
+        vocab_size=len(SceneTokenizer()), hidden_size=96, num_layers=28, num_heads=12, num_kv_heads=2,
+        intermediate_size=560, vision_hidden_size=72, vision_layers=27, vision_heads=6,
+        vision_intermediate_size=270, grid=27, head_hidden_size=128, head_heads=8, head_kv_heads=2,
+        head_dim=16, head_intermediate_size=512, num_diffusion_layers=10, latent_channels=12,
+        max_text_len=64, latent_codec="pixel-unshuffle-2",
+    )
+
+
 def custom_config(
     *,
     vocab_size: int,
@@ -308,6 +325,7 @@ PRESETS = {
     "showo2-1.5b": _showo2_1_5b,
     "showo2-7b": _showo2_7b,
     "tiny": _tiny,
+    "bench": _bench,
 }
 
 
