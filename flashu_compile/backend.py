@@ -36,11 +36,13 @@ AVAILABLE_PASSES: dict[str, Pass] = {
 }
 GENERATION_PASSES = ("prune_channels", "layer_skip", "head_cache")
 # The graphs each pass rewrites; a preset's other passes simply do not run on a graph of another task.
-PASS_TASKS = {"prune_channels": ("t2i", "mmu"), "layer_skip": ("t2i",), "head_cache": ("t2i",), "token_drop": ("mmu",)}
+PASS_TASKS = {"prune_channels": ("t2i", "mmu"), "layer_skip": ("t2i", "mmu"), "head_cache": ("t2i",),
+              "token_drop": ("mmu",)}
 
 
 def build_pass_list(options: FlashUOptions, task: str | None = None) -> list[tuple[str, Pass]]:
-    # Canonical order: layer guards must exist before the head trunk that contains them is outlined.
+    # Canonical order: tokens are dropped before layers are outlined (it rewrites inside them), and
+    # layer guards must exist before the head trunk that contains them is outlined.
     names = sorted(options.passes, key=PASSES.index)
     return [(name, AVAILABLE_PASSES[name]) for name in names if task is None or task in PASS_TASKS[name]]
 

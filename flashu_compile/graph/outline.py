@@ -1,12 +1,14 @@
 """Outline a region of an FX graph into a submodule called through a guard op.
 
 The region's nodes move into a child GraphModule (parameters stay placeholders, so no weight is
-copied); in their place the parent gets ``guard(controller_id, <submodule>, *consts, *inputs)``.
+copied); in their place the parent gets ``guard(controller_id, <submodule>, *consts, *inputs)``
+(and a getitem per output when the region has several, e.g. a decoder layer that writes a KV cache).
 Lowerings compile the child on its own and run the guard in Python between compiled segments.
 """
 
 from __future__ import annotations
 
+import operator
 from collections.abc import Callable, Iterable
 
 import torch.fx
@@ -23,16 +25,18 @@ def outline(
     consts: tuple,
     pass_name: str,
     first_input: torch.fx.Node | None = None,
-) -> torch.fx.Node:
-    """Replace ``nodes`` (one output) by a guard call; ``first_input`` is moved to the front of the inputs.
+    carry: dict[torch.fx.Node, torch.fx.Node | None] | None = None,
+) -> dict[torch.fx.Node, torch.fx.Node]:
+    """Replace ``nodes`` by a guard call; returns each former output of the region -> the node now standing for it.
 
-    ``consts`` starts with the controller id; the rest are passed between the submodule and the inputs.
+    ``consts`` starts with the controller id; the rest are passed between the submodule and the
+    inputs. ``first_input`` is moved to the front of the inputs. ``carry`` (for regions a guard may
+    skip) maps each output to the input it equals when skipped, or None if it has none; the guard
+    then gets one more constant, the input position per output (-1 for none).
     """
     region = topo_sort(list(dict.fromkeys(nodes)))
     sub, inputs, outputs = fuse_as_graphmodule(gm, region, name)
-    if len(outputs) != 1:
-        raise ValueError(f"region {name} has {len(outputs)} outputs; only single-output regions can be guarded")
-    inputs = list(inputs)
+    inputs, outputs = list(inputs), list(outputs)
     if first_input is not None:
         if first_input not in inputs:
             raise ValueError(f"region {name} does not read {first_input.name}")
@@ -43,20 +47,33 @@ def outline(
             placeholders[0].prepend(placeholders[position])
             sub.recompile()
         inputs.insert(0, inputs.pop(position))
+    if carry is not None:
+        consts = (*consts, tuple(inputs.index(carry[o]) if carry.get(o) in inputs else -1 for o in outputs))
     gm.add_submodule(name, sub)
-    (output,) = outputs
-    with gm.graph.inserting_after(output):
+    last = max(outputs, key=list(gm.graph.nodes).index)
+    with gm.graph.inserting_after(last):
         attr = gm.graph.get_attr(name)
     with gm.graph.inserting_after(attr):
         # guard(controller_id, submodule, *other constants, *region inputs)
         call = gm.graph.call_function(guard, (consts[0], attr, *consts[1:], *inputs))
     tag(attr, pass_name)
-    tag(call, pass_name, replaces=output.name)
-    call.meta["example_value"] = output.meta.get("example_value")
+    tag(call, pass_name, replaces=last.name)
     call.meta["flashu_region"] = {"name": name, "nodes": len(region), "guard": guard.__name__}
-    output.replace_all_uses_with(call)
+    replacements = {}
+    if len(outputs) == 1:
+        call.meta["example_value"] = outputs[0].meta.get("example_value")
+        replacements[outputs[0]] = call
+    else:
+        # The child returns a tuple: one getitem per former output.
+        with gm.graph.inserting_after(call):
+            for i, output in reversed(list(enumerate(outputs))):
+                item = tag(gm.graph.call_function(operator.getitem, (call, i)), pass_name, replaces=output.name)
+                item.meta["example_value"] = output.meta.get("example_value")
+                replacements[output] = item
+    for output, node in replacements.items():
+        output.replace_all_uses_with(node)
     for node in reversed(region):
         gm.graph.erase_node(node)
     gm.graph.lint()
     gm.recompile()
-    return call
+    return replacements

@@ -1,13 +1,20 @@
 """layer_skip: put a guard around every decoder layer so a step can skip it (identity on the stream).
 
 Each layer is outlined into a submodule called through ``runtime.guards.layer_guard``. The
-guard measures importance 1 - cos(h_in, h_out) (mean over batch and tokens) on recalculation
-steps and skips the int(L * r_LS) least important layers on the others; the skip set lives in
-the request, so changing it never recompiles. A layer whose block leaks more than the residual
-stream (a KV cache write, in prefill and decode graphs) cannot be skipped this way.
+guard measures importance 1 - cos(h_in, h_out) on recalculation steps (generation: mean over
+batch and tokens; an answer: the last token) and skips the int(L * r_LS) least important layers
+on the others; the skip set lives in the request, so changing it never recompiles.
+
+In prefill and decode graphs a layer also writes its keys and values: those outputs are
+``cat(past, new)``, and a skipped layer returns ``past`` unchanged, appending nothing. An answer
+fixes its skip set in the prefill (see ``runtime.guards``), so a skipped layer's cache is never
+read again. A prefill has no past to carry, so its layers always run (they are measured there).
 """
 
 from __future__ import annotations
+
+import torch
+import torch.fx
 
 from ..graph.outline import outline
 from ..runtime.guards import layer_guard
@@ -16,21 +23,33 @@ from .manager import PassContext, PassNotApplicable, PassResult
 NAME = "layer_skip"
 
 
+def _past(node: torch.fx.Node, inside: set[torch.fx.Node]) -> torch.fx.Node | None:
+    """For a KV-cache write ``cat([past, new], dim)``: ``past``, when it comes from outside the layer."""
+    if node.target is torch.cat and isinstance(node.args[0], (list, tuple)) and len(node.args[0]) == 2:
+        past = node.args[0][0]
+        return past if isinstance(past, torch.fx.Node) and past not in inside else None
+    return None
+
+
 def layer_skip(gm, ctx: PassContext, options) -> PassResult:
     layers = ctx.index.layers
     if not layers:
         raise PassNotApplicable("no decoder layers in this graph")
-    if ctx.task != "t2i":
-        raise PassNotApplicable("layer skipping is implemented for denoising graphs; this graph writes a KV cache")
+    carries = []
     for layer in layers:
-        escaping = [n for n in layer.nodes if n is not layer.output and any(u not in layer.nodes for u in n.users)]
-        if escaping:
-            raise PassNotApplicable(f"{layer.path} produces more than its residual output "
-                                    f"({', '.join(n.name for n in escaping[:3])})")
-    replaced = {}  # a layer's output node -> the guard call now standing for it (the next layer's input)
-    for layer in layers:
+        inside = set(layer.nodes)
+        carry = {layer.output: layer.input}
+        for node in layer.nodes:
+            if node is not layer.output and any(u not in inside for u in node.users):
+                if ctx.task == "t2i":
+                    raise PassNotApplicable(f"{layer.path} produces more than its residual output ({node.name})")
+                carry[node] = _past(node, inside)
+        carries.append(carry)
+    replaced = {}  # a layer's output node -> the node now standing for it (the next layer's input)
+    for layer, carry in zip(layers, carries, strict=True):
         stream = replaced.get(layer.input, layer.input)
-        replaced[layer.output] = outline(gm, layer.nodes, f"flashu_layer_{layer.index}", layer_guard,
-                                         (ctx.controller.id, layer.index, 0), NAME, first_input=stream)
+        carry[layer.output] = stream
+        replaced.update(outline(gm, layer.nodes, f"flashu_layer_{layer.index}", layer_guard,
+                                (ctx.controller.id, layer.index), NAME, first_input=stream, carry=carry))
     return PassResult(True, {"guarded_layers": len(layers), "skipped_per_step": ctx.controller.num_skipped,
-                             "recalculate_every": options.skip_interval})
+                             "recalculate_every": options.skip_interval if ctx.task == "t2i" else "prefill"})

@@ -61,14 +61,15 @@ def token_drop(gm: torch.fx.GraphModule, ctx: PassContext, options) -> PassResul
     if batch != 1:
         raise PassNotApplicable(f"one prompt per prefill is supported, this graph has {batch}")
     n_drop = int(n_visual * options.token_drop_ratio)
-    plan = _Plan(gm, layers[k], layers[k + 1:], seq, seq - n_drop)  # checks everything before the graph changes
+    later = layers[k + 1:]
+    plan = _Plan(gm, layers[k], later, seq, seq - n_drop)  # checks everything before the graph changes
 
     marker.replace_all_uses_with(embeds)
     gm.graph.erase_node(marker)
     if n_drop == 0:
         return PassResult(True, {"after_layer": k, "visual_tokens": n_visual, "dropped": 0})
     keep = _keep_positions(gm, plan, positions, n_drop, options.token_drop_order == "highest")
-    plan.apply(keep)
+    later[0].input = plan.apply(keep)  # keep the index current for the passes that follow
     _propagate_shapes(gm)
     return PassResult(True, {"after_layer": k, "visual_tokens": n_visual, "dropped": n_drop,
                              "layers_on_survivors": len(layers) - 1 - k, "sequence": f"{seq} -> {seq - n_drop}"})
@@ -141,14 +142,16 @@ class _Plan:
         raise PassNotApplicable(f"{node.name} {tuple(value.shape)} is read after layer {self.layer.index} and its "
                                 "sequence axis is not one this pass can narrow")
 
-    def apply(self, keep: torch.fx.Node) -> None:
+    def apply(self, keep: torch.fx.Node) -> torch.fx.Node:
+        """Rewire the later layers to the survivors; returns the narrowed residual stream."""
         graph = self.gm.graph
         stream = self.layer.output
         with _tagged(graph), graph.inserting_before(keep.next):
             survivors = graph.call_method("select", (keep, 0, 0))  # (S',): one prompt per prefill
             index = graph.call_method("expand", (graph.call_method("unsqueeze", (keep, -1)), 1, self.kept,
                                                  _value(stream).shape[-1]))
-            self._replace(stream, graph.call_function(torch.gather, (stream, 1, index)))
+            new_stream = graph.call_function(torch.gather, (stream, 1, index))
+            self._replace(stream, new_stream)
         order = {n: i for i, n in enumerate(graph.nodes)}
         for value, kind in self.gathers.items():
             with _tagged(graph), graph.inserting_before(max(survivors, value, key=order.get).next):
@@ -160,6 +163,7 @@ class _Plan:
             node.args = torch.fx.node.map_aggregate(node.args, lambda a: self.kept if type(a) is int and
                                                     a == self.seq else a)
             tag(node, NAME, replaces=node.name)
+        return new_stream
 
     def _replace(self, value: torch.fx.Node, narrowed: torch.fx.Node) -> None:
         """Later layers read ``narrowed`` where they read ``value``; layers up to K keep reading ``value``."""

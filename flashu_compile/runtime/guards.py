@@ -67,7 +67,9 @@ class Controller:
     def _begin_step(self, st: StepState, step: int, calls: int) -> None:
         if st.recalc_due and len(st.importance) == self.num_layers and self.num_layers:
             # The previous step measured every layer: the least important ones are skipped from now on.
-            order = sorted(st.importance, key=lambda i: (st.importance[i], i))
+            # In an answer, layer 0 always runs: its KV cache length is where the next token's position comes from.
+            candidates = [i for i in st.importance if self.task == "t2i" or i != 0]
+            order = sorted(candidates, key=lambda i: (st.importance[i], i))
             st.skip = frozenset(order[: self.num_skipped])
             st.recalc_due = False
         st.step = step
@@ -75,7 +77,9 @@ class Controller:
         if full != st.full:
             st.memo.clear()  # the head cache belongs to one phase
             st.full = full
-        if self.num_layers and self.rules.recalculate(step):
+        # An answer measures once, in the prefill, and keeps that skip set for every token: a layer
+        # skipped for a token writes no KV entry, so it could not attend to that token later.
+        if self.num_layers and (self.rules.recalculate(step) if self.task == "t2i" else step == 1):
             st.recalc_due = True
         if st.recalc_due:
             st.importance = {}
@@ -95,19 +99,26 @@ def full_phase(cid: int) -> bool:
     return st is not None and st.full
 
 
-def layer_guard(cid: int, block, index: int, stream_pos: int, *inputs: Any) -> Any:
-    """A decoder layer: skipped (identity on the residual stream) when the step's skip set says so."""
-    st = controller(cid).state()
+def layer_guard(cid: int, block, index: int, carry: tuple[int, ...], *inputs: Any) -> Any:
+    """A decoder layer: skipped when the step's skip set says so.
+
+    The residual stream is input 0. ``carry`` gives, per output of the block, the input it equals
+    when the layer is skipped: the stream for the stream, the past K/V for a KV-cache write (a
+    skipped layer appends nothing). -1 means the output has no such input, so the layer runs.
+    """
+    ctl = controller(cid)
+    st = ctl.state()
     if st is None or st.full:
         return block(*inputs)
     if st.recalc_due:
         out = block(*inputs)
-        hidden = inputs[stream_pos]
-        cos = torch.nn.functional.cosine_similarity(hidden.float(), out.float(), dim=-1)
-        st.importance[index] = float(1.0 - cos.mean())
+        hidden, after = inputs[0], out if len(carry) == 1 else out[carry.index(0)]
+        cos = torch.nn.functional.cosine_similarity(hidden.float(), after.float(), dim=-1)
+        # Generation averages over every token (FlashU); an answer asks about the last one.
+        st.importance[index] = float(1.0 - (cos[..., -1] if ctl.task == "mmu" else cos).mean())
         return out
-    if index in st.skip:
-        return inputs[stream_pos]
+    if index in st.skip and -1 not in carry:
+        return inputs[0] if len(carry) == 1 else tuple(inputs[p] for p in carry)
     return block(*inputs)
 
 

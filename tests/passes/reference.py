@@ -184,3 +184,42 @@ def reference_token_drop_prefill(model, embeds, mask, image_positions, cache, la
             mask, positions = mask[:, :, keep][:, :, :, keep], positions[:, keep]
         hidden = out
     return model.showo.lm_head(lm.norm(hidden)[:, -1])
+
+
+@torch.no_grad()
+def reference_answer(model, tokenizer, image, question, max_new_tokens, *, skip_ratio=0.0, drop=None):
+    """Greedy answer with understanding layer skipping (and token dropping) done by hand.
+
+    The prefill runs every layer and scores each by 1 - cos of its input and output at the last
+    position; the int(L * skip_ratio) lowest-scoring layers other than layer 0 are then skipped
+    (no call, so no KV entry) for every decoded token. ``drop`` = (layer, ratio, highest) runs
+    :func:`reference_token_drop_prefill`. Returns (prefill logits, tokens, cache, skipped layers).
+    """
+    from transformers import DynamicCache
+
+    from flashu_compile.models.showo2.understanding import decode_step, prefill, prepare
+
+    rows, embeds = prepare(model, tokenizer, image, question)
+    cache = DynamicCache(config=model.config.llm)
+    importance = {}
+
+    def measure(i, hidden, run):
+        out = run()
+        importance[i] = float(1 - F.cosine_similarity(hidden[:, -1].float(), out[:, -1].float(), dim=-1).mean())
+        return out
+
+    with patched_layers(model, measure):
+        if drop is None:
+            logits = prefill(model, embeds, rows.attention_mask, cache)
+        else:
+            logits = reference_token_drop_prefill(model, embeds, rows.attention_mask, rows.image_positions(), cache,
+                                                  *drop)
+    n_skip = int(len(model.showo.model.layers) * skip_ratio)
+    skip = set(sorted((i for i in importance if i != 0), key=lambda i: (importance[i], i))[:n_skip])
+    first, tokens = logits, []
+    with patched_layers(model, lambda i, hidden, run: hidden if i in skip else run()):
+        while len(tokens) < max_new_tokens and int(logits.argmax(-1)) != tokenizer.eos_id:
+            tokens.append(int(logits.argmax(-1)))
+            if len(tokens) < max_new_tokens:
+                logits = decode_step(model, logits.argmax(-1), cache)
+    return first, tokens, cache, skip

@@ -7,10 +7,10 @@ from hypothesis import strategies as st
 from transformers import DynamicCache
 
 from flashu_compile.models.showo2 import Showo2
-from flashu_compile.models.showo2.understanding import answer_tokens, decode_step, prefill, prepare
+from flashu_compile.models.showo2.understanding import answer_tokens, prefill, prepare
 from flashu_compile.runtime import FlopTally
 from tests.conftest import small_config
-from tests.passes.reference import assert_close_rel, reference_token_drop_prefill
+from tests.passes.reference import assert_close_rel, reference_answer
 
 QUESTION = "what colour is the circle?"
 
@@ -18,19 +18,6 @@ QUESTION = "what colour is the circle?"
 def _image(model, seed):
     c, (h, w) = model.config.image_latent_dim, model.config.latent_size
     return torch.randn(1, c, h, w, generator=torch.Generator().manual_seed(seed))
-
-
-def _reference_answer(model, tokenizer, image, layer, ratio, highest, max_new_tokens):
-    """Greedy tokens after the hand-written prefill, decoded eagerly from the cache it filled."""
-    rows, embeds = prepare(model, tokenizer, image, QUESTION)
-    cache = DynamicCache(config=model.config.llm)
-    logits = reference_token_drop_prefill(model, embeds, rows.attention_mask, rows.image_positions(), cache,
-                                          layer, ratio, highest)
-    first, tokens = logits, []
-    while len(tokens) < max_new_tokens and int(logits.argmax(-1)) != tokenizer.eos_id:
-        tokens.append(int(logits.argmax(-1)))
-        logits = decode_step(model, logits.argmax(-1), cache)
-    return first, tokens, cache
 
 
 @settings(max_examples=6, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
@@ -42,7 +29,8 @@ def test_compiled_prefill_and_answer_equal_the_reference(tokenizer, num_layers, 
     image = _image(model, seed)
     options = {"passes": ["token_drop"], "lowering": "eager", "strict": True, "token_drop_layer": layer,
                "token_drop_ratio": ratio, "token_drop_order": "highest" if highest else "lowest"}
-    want_logits, want_tokens, want_cache = _reference_answer(model, tokenizer, image, layer, ratio, highest, 16)
+    want_logits, want_tokens, want_cache, _ = reference_answer(model, tokenizer, image, QUESTION, 16,
+                                                               drop=(layer, ratio, highest))
 
     torch._dynamo.reset()
     model.compile_tasks("flashu", options)
@@ -58,7 +46,7 @@ def test_compiled_prefill_and_answer_equal_the_reference(tokenizer, num_layers, 
         got_tokens = answer_tokens(model, tokenizer, image, QUESTION, max_new_tokens=16)
     assert got_tokens == want_tokens
     # Decoding appends to every layer: a new token's position is layer 0's length (every prompt token).
-    n = len(want_tokens)
+    n = len(want_tokens) - (len(want_tokens) == 16)  # no decode step after the last allowed token
     assert [lay.keys.shape[2] for lay in want_cache.layers] == \
         [rows.seq_len + n] * (layer + 1) + [kept + n] * (num_layers - 1 - layer)
 

@@ -12,6 +12,7 @@ import torch
 from transformers import DynamicCache
 
 from ...runtime.markers import mark_visual
+from ...runtime.request import request
 from .sequences import Rows, mmu_row, omni_attention_mask
 
 
@@ -61,22 +62,26 @@ def answer_tokens(
     prefill_fn = model.compiled.get("prefill", prefill)
     decode_fn = model.compiled.get("decode", decode_step)
     out: list[int] = []
-    if use_cache:
-        cache = DynamicCache(config=model.config.llm)
-        logits = prefill_fn(model, embeds, rows.attention_mask, cache, rows.image_positions())
-    else:
-        logits = model.showo.lm_head(model.llm_hidden(embeds, rows.attention_mask))[:, -1]
-    for _ in range(max_new_tokens):
-        token = logits.argmax(dim=-1)
-        if int(token) == tokenizer.eos_id:
-            break
-        out.append(int(token))
-        if len(out) == max_new_tokens:
-            break
+    # One request per answer: the prefill is its first model call, each decoded token one more.
+    with request("mmu", max_new_tokens) as req:
+        req.advance()
         if use_cache:
-            logits = decode_fn(model, token, cache)
+            cache = DynamicCache(config=model.config.llm)
+            logits = prefill_fn(model, embeds, rows.attention_mask, cache, rows.image_positions())
         else:
-            embeds = torch.cat([embeds, model.showo.model.embed_tokens(token.view(1, 1))], dim=1)
-            mask = omni_attention_mask(rows.modality_positions, embeds.shape[1], dtype=embeds.dtype)
-            logits = model.showo.lm_head(model.llm_hidden(embeds, mask))[:, -1]
+            logits = model.showo.lm_head(model.llm_hidden(embeds, rows.attention_mask))[:, -1]
+        for _ in range(max_new_tokens):
+            token = logits.argmax(dim=-1)
+            if int(token) == tokenizer.eos_id:
+                break
+            out.append(int(token))
+            if len(out) == max_new_tokens:
+                break
+            req.advance()
+            if use_cache:
+                logits = decode_fn(model, token, cache)
+            else:
+                embeds = torch.cat([embeds, model.showo.model.embed_tokens(token.view(1, 1))], dim=1)
+                mask = omni_attention_mask(rows.modality_positions, embeds.shape[1], dtype=embeds.dtype)
+                logits = model.showo.lm_head(model.llm_hidden(embeds, mask))[:, -1]
     return out

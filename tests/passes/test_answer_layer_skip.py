@@ -1,0 +1,70 @@
+"""Understanding layer skipping against a hand-written eager answer with the same skip set."""
+
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from transformers import DynamicCache
+
+from flashu_compile.models.showo2 import Showo2
+from flashu_compile.models.showo2.understanding import answer_tokens, prefill, prepare
+from flashu_compile.runtime.request import request
+from tests.conftest import small_config
+from tests.passes.reference import assert_close_rel, reference_answer
+
+QUESTION = "what colour is the circle?"
+
+
+def _image(model, seed):
+    c, (h, w) = model.config.image_latent_dim, model.config.latent_size
+    return torch.randn(1, c, h, w, generator=torch.Generator().manual_seed(seed))
+
+
+@settings(max_examples=6, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(num_layers=st.integers(2, 5), skip_ratio=st.sampled_from([0.2, 0.5, 0.75]), seed=st.integers(0, 3),
+       with_drop=st.booleans())
+def test_answer_equals_the_reference(tokenizer, num_layers, skip_ratio, seed, with_drop):
+    model = Showo2.random(small_config(num_layers=num_layers), seed=seed).attach(tokenizer=tokenizer)
+    image = _image(model, seed)
+    drop = (0, 0.5, True) if with_drop else None
+    want_logits, want_tokens, want_cache, skipped = reference_answer(model, tokenizer, image, QUESTION, 12,
+                                                                     skip_ratio=skip_ratio, drop=drop)
+    passes = ["layer_skip"] + (["token_drop"] if with_drop else [])
+    options = {"passes": passes, "lowering": "eager", "strict": True, "skip_ratio": skip_ratio,
+               "token_drop_layer": 0}
+    torch._dynamo.reset()
+    model.compile_tasks("flashu", options)
+    with torch.no_grad():
+        rows, embeds = prepare(model, tokenizer, image, QUESTION)
+        with request("mmu", 1) as req:
+            req.advance()
+            logits = model.compiled["prefill"](model, embeds, rows.attention_mask,
+                                               DynamicCache(config=model.config.llm), rows.image_positions())
+        assert_close_rel(logits, want_logits)
+        assert answer_tokens(model, tokenizer, image, QUESTION, max_new_tokens=12) == want_tokens
+    assert 0 not in skipped and len(skipped) == int(num_layers * skip_ratio)
+
+
+def test_skipped_layers_write_no_kv_entries(tokenizer):
+    """A 4-layer answer skipping half its layers: their caches keep the prompt's length."""
+    model = Showo2.random(small_config(num_layers=4), seed=0).attach(tokenizer=tokenizer)
+    image = _image(model, 0)
+    _, _, _, skipped = reference_answer(model, tokenizer, image, QUESTION, 6, skip_ratio=0.5)
+    assert len(skipped) == 2
+    torch._dynamo.reset()
+    model.compile_tasks("flashu", {"passes": ["layer_skip"], "lowering": "eager", "skip_ratio": 0.5})
+    with torch.no_grad():
+        rows, embeds = prepare(model, tokenizer, image, QUESTION)
+        cache = DynamicCache(config=model.config.llm)
+        with request("mmu", 4) as req:
+            req.advance()
+            logits = model.compiled["prefill"](model, embeds, rows.attention_mask, cache, rows.image_positions())
+            for _ in range(3):
+                req.advance()
+                logits = model.compiled["decode"](model, logits.argmax(-1), cache)
+    assert [lay.keys.shape[2] for lay in cache.layers] == \
+        [rows.seq_len + (0 if i in skipped else 3) for i in range(4)]
+    # Outside an answer's request the guards run every layer: the plain prefill.
+    with torch.no_grad():
+        got = model.compiled["prefill"](model, embeds, rows.attention_mask, DynamicCache(config=model.config.llm))
+        want = prefill(model, embeds, rows.attention_mask, DynamicCache(config=model.config.llm))
+    assert torch.equal(got, want)
