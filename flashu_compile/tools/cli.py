@@ -79,6 +79,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--out", default="outputs/demo")
     demo.set_defaults(func=cmd_demo)
     __import__("flashu_compile.calibrate.cli", fromlist=["add_parser"]).add_parser(sub)  # lazy import
+    __import__("flashu_compile.tools.graph_diff", fromlist=["add_parser"]).add_parser(sub)
     __import__("flashu_compile.tools.bench", fromlist=["add_parser"]).add_parser(sub)
     return parser
 
