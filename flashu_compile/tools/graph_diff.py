@@ -23,14 +23,14 @@ import sys
 import time
 from collections import Counter
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
 import torch
 import torch.fx
 
-from ..backend import flashu_backend
+from ..backend import build_pass_list, flashu_backend
 from ..graph.structure import module_path
 from ..options import FlashUOptions
 from ..passes.manager import PROVENANCE_KEY, PassContext, PassRecord, observe_passes
@@ -579,8 +579,8 @@ def graph_diff(fn: Callable, example_inputs: Sequence, options: dict[str, Any] |
     recompiles = len(captures) - first
 
     graphs = [_graph_report(i, c, step, run_calls, calls, tolerance) for i, c in enumerate(captures[:first])]
-    shown = {k: v for k, v in asdict(opts).items() if k != "plan"}
-    shown["plan"] = None if opts.plan is None else (opts.plan if isinstance(opts.plan, str) else "given")
+    shown = {f.name: getattr(opts, f.name) for f in fields(opts) if f.name != "plan"}
+    shown["plan"] = None if opts.plan is None else (str(opts.plan) if isinstance(opts.plan, (str, Path)) else "given")
     return GraphDiff(shown, step, calls, tolerance, graphs, recompiles, compile_seconds)
 
 
@@ -649,7 +649,8 @@ def cmd_graph_diff(args: argparse.Namespace) -> int:
     if args.passes is not None:
         options["passes"] = args.passes
     options.update(_parse_option(o) for o in args.option)
-    opts = FlashUOptions.from_dict(options)  # bad options fail here, before the model loads
+    opts = FlashUOptions.from_dict(options)  # bad options and passes fail here, before the model loads
+    build_pass_list(opts)
     torch.manual_seed(args.seed)
     model = _load(args)
     log = sys.stderr
