@@ -628,7 +628,12 @@ def sample_call(model, task: str, prompt: str, question: str, seed: int) -> tupl
                                rows.modality_positions)
     image = torch.randn(1, cfg.image_latent_dim, *cfg.latent_size, generator=generator)
     rows, embeds = understanding.prepare(model, model.tokenizer, image, question)
-    return understanding.prefill, (model, embeds, rows.attention_mask, DynamicCache(config=cfg.llm))
+
+    def prefill(embeds: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        # A new cache per call: graph-diff calls the function more than once with the same inputs.
+        return understanding.prefill(model, embeds, attention_mask, DynamicCache(config=cfg.llm))
+
+    return prefill, (embeds, rows.attention_mask)
 
 
 def _parse_option(text: str) -> tuple[str, Any]:
