@@ -571,11 +571,10 @@ def graph_diff(fn: Callable, example_inputs: Sequence, options: dict[str, Any] |
     task = next((c.task for c in captures if c.task), None)
     # The guards read the request outside the graph: serving steps must not compile anything new.
     run_calls = max(calls, step + opts.hybrid_tau + 1)  # long enough that ``step`` is before the full phase
-    if task is not None:
-        with request(task, run_calls) as req, torch.no_grad():
-            for _ in range(step):
-                req.advance()
-                compiled(*example_inputs)
+    with torch.no_grad(), request(task or "t2i", run_calls) as req:
+        for _ in range(step):
+            req.advance()
+            compiled(*example_inputs)
     recompiles = len(captures) - first
 
     graphs = [_graph_report(i, c, step, run_calls, calls, tolerance) for i, c in enumerate(captures[:first])]

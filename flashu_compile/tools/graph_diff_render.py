@@ -43,8 +43,13 @@ def _shape(shape: list[int]) -> str:
 
 
 def _fit(text: str, width: int) -> str:
-    """Shorten from the left, where module paths repeat their prefix."""
+    """Shorten a module path from the left, where paths repeat their prefix."""
     return text if len(text) <= width else "…" + text[len(text) - width + 1:]
+
+
+def _cut(text: str, width: int) -> str:
+    """Shorten a node description from the right: its op comes first."""
+    return text if len(text) <= width else text[: width - 1] + "…"
 
 
 def _first_line(diverged) -> str:
@@ -108,7 +113,7 @@ def _term_pass(t: _Term, p: PassDiff) -> None:
         t.wrap("stats", " ".join(f"{k}={v}" for k, v in p.stats.items()), 2)
     structural = [m for m in p.modules if m.added or m.removed or m.replaced or m.reshaped or m.params]
     if structural:
-        t.add(t.c(f"  {'module':<{_PATH}} {'nodes':<8} {'params':<20} FLOPs", "dim"))
+        t.add(t.c(f"  {'module':<{_PATH}} {'nodes':<8} {'params':<22} FLOPs", "dim"))
     for m in structural:
         _term_module(t, m)
     flops_only = [m for m in p.modules if m not in structural]
@@ -136,16 +141,16 @@ def _term_module(t: _Term, m: ModuleChange) -> None:
     params = _arrow(_bytes(size_b), _bytes(size_a)) if m.params else ""
     flops = _arrow(_flops(m.flops_before), _flops(m.flops_after)) if m.flops_before != m.flops_after else ""
     path = _fit(m.path, _PATH)
-    t.add(f"  {t.c(path, 'bold')}{' ' * (_PATH - len(path))} {counts:<8} {params:<20} {flops}".rstrip())
+    t.add(f"  {t.c(path, 'bold')}{' ' * (_PATH - len(path))} {counts:<8} {params:<22} {flops}".rstrip())
     for x in m.params:
         t.add(f"      {x.name.rsplit('.', 1)[-1]} {_shape(x.shape_before)} → {_shape(x.shape_after)}")
     changes = [(t.c("+", "green"), c.after, None) for c in m.added] + [
         (t.c("-", "red"), c.before, None) for c in m.removed] + [
         (t.c("~", "yellow"), c.before, c.after) for c in m.replaced + m.reshaped]
     for sign, text, new in changes[:DETAIL_LINES]:
-        t.add(f"      {sign} {_fit(text, WIDTH - 8)}")
+        t.add(f"      {sign} {_cut(text, WIDTH - 8)}")
         if new is not None:
-            t.add(f"      {t.c('⇒', 'yellow')} {_fit(new, WIDTH - 8)}")
+            t.add(f"      {t.c('⇒', 'yellow')} {_cut(new, WIDTH - 8)}")
     if len(changes) > DETAIL_LINES:
         t.add(t.c(f"      … {len(changes) - DETAIL_LINES} more (JSON / HTML have them all)", "dim"))
 
