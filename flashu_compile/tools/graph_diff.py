@@ -108,6 +108,7 @@ class Divergence:
     shape_changed: int
     diverging: int
     first: NodeDivergence | None  # the first diverging node in the unrewritten graph's order
+    first_new: NodeDivergence | None = None  # the first that was within tolerance after the previous pass
     nodes: list[NodeDivergence] = field(default_factory=list)
 
 
@@ -344,8 +345,9 @@ def _cosine(a: torch.Tensor, b: torch.Tensor) -> float:
     return float(torch.nn.functional.cosine_similarity(a, b, dim=0))
 
 
-def _divergence(original: list[_Node], ref: _Run, view: list[_Node], got: _Run, step: int,
-                tolerance: float) -> Divergence:
+def _divergence(original: list[_Node], ref: _Run, view: list[_Node], got: _Run, step: int, tolerance: float,
+                earlier: set[str]) -> Divergence:
+    """Matched nodes of ``view`` against the unrewritten graph; ``earlier`` diverged after the previous pass."""
     order = {node.key: i for i, node in enumerate(original)}
     modules = {node.key: node.module for node in original}
     pairs = []
@@ -371,6 +373,8 @@ def _divergence(original: list[_Node], ref: _Run, view: list[_Node], got: _Run, 
             if entry.diverges:
                 result.diverging += 1
                 result.first = result.first or entry
+                if ref_key not in earlier:
+                    result.first_new = result.first_new or entry
         result.nodes.append(entry)
     return result
 
@@ -402,9 +406,10 @@ def _describe_guard(node: _Node, task: str, calls: int, moved: dict[str, int]) -
         measure = [s for s in range(1, calls + 1) if rules.recalculate(s) and s not in full]
         info.reads = (f"the {task} request's step state of controller {cid}: step index, phase, the importance "
                       f"measured for layer {index} and the skip set")
+        skipping = (f"skips the layer when it is among the {ctl.num_skipped} least important of {ctl.num_layers}"
+                    if ctl.num_skipped else f"never skips (skip_ratio of {ctl.num_layers} layers rounds down to 0)")
         info.refresh = (f"over a {calls}-call request: measures 1 - cos(h_in, h_out) on calls {_steps(measure)} "
-                        f"(every {rules.skip_interval}); in between, skips the layer when it is among the "
-                        f"{ctl.num_skipped} least important of {ctl.num_layers}; {full_text}")
+                        f"(every {rules.skip_interval}); in between, {skipping}; {full_text}")
         info.shapes = f"none: a skipped layer returns its input stream {shape_text} unchanged"
     elif kind == "memo_guard":
         key = node.fx.args[2]
@@ -588,7 +593,8 @@ def _graph_report(index: int, capture: _Capture, step: int, run_calls: int, call
     runs = [_run(s.gm, capture.inputs, capture.task, step, run_calls) for s in capture.snapshots]
     original = capture.snapshots[0]
     params = _param_shapes(original.view)
-    passes = []
+    passes: list[PassDiff] = []
+    diverged: set[str] = set()
     for i, snap in enumerate(capture.snapshots[1:], start=1):
         prev, record = capture.snapshots[i - 1], snap.record
         pb, pa = _param_shapes(prev.view), _param_shapes(snap.view)
@@ -598,8 +604,11 @@ def _graph_report(index: int, capture: _Capture, step: int, run_calls: int, call
             sum(runs[i - 1].flops.values()), sum(runs[i].flops.values()),
             _module_changes(prev.view, snap.view, runs[i - 1], runs[i]),
             _guards(prev.view, snap.view, capture.task, calls),
-            _divergence(original.view, runs[0], snap.view, runs[i], step, tolerance) if record.changed else None,
+            _divergence(original.view, runs[0], snap.view, runs[i], step, tolerance, diverged)
+            if record.changed else None,
         ))
+        if passes[-1].divergence is not None:
+            diverged = {n.node for n in passes[-1].divergence.nodes if n.diverges}
     return GraphReport(index, capture.task, len(original.view), sum(v[2] for v in params.values()),
                        sum(runs[0].flops.values()), passes)
 

@@ -10,7 +10,7 @@ import html
 import re
 import textwrap
 
-from .graph_diff import GraphDiff, GuardInfo, ModuleChange, NodeChange, PassDiff
+from .graph_diff import GraphDiff, GuardInfo, ModuleChange, PassDiff
 
 WIDTH = 100
 _ANSI = re.compile(r"\x1b\[[0-9;]*m")
@@ -55,7 +55,7 @@ def _cut(text: str, width: int) -> str:
 def _first_line(diverged) -> str:
     if diverged is None:
         return "none"
-    return f"{diverged.node}  max-abs {diverged.max_abs:.2e}  cos {diverged.cosine:.4f}"
+    return f"{_fit(diverged.node, 50)}  max-abs {diverged.max_abs:.2e}  cos {diverged.cosine:.4f}"
 
 
 # ----------------------------------------------------------------------------- terminal
@@ -124,14 +124,16 @@ def _term_pass(t: _Term, p: PassDiff) -> None:
         for m in largest:
             t.add(t.c(f"      {_fit(m.path, _PATH):<{_PATH}} {_arrow(_flops(m.flops_before), _flops(m.flops_after))}",
                       "dim"))
+    described: set[tuple[str, str, str]] = set()
     for g in p.guards:
-        _term_guard(t, g)
+        _term_guard(t, g, brief=(g.kind, g.refresh, g.shapes) in described)
+        described.add((g.kind, g.refresh, g.shapes))
     d = p.divergence
     if d is not None:
-        first = t.c(_first_line(d.first), "red" if d.first else "green")
         t.add(f"  divergence at call {d.step}: {d.compared} nodes compared, {d.shape_changed} reshaped, "
               f"{d.diverging} beyond tolerance")
-        t.add(f"    first: {first}")
+        t.add(f"    first:          {t.c(_first_line(d.first), 'red' if d.first else 'green')}")
+        t.add(f"    first new here: {t.c(_first_line(d.first_new), 'red' if d.first_new else 'green')}")
 
 
 def _term_module(t: _Term, m: ModuleChange) -> None:
@@ -155,9 +157,12 @@ def _term_module(t: _Term, m: ModuleChange) -> None:
         t.add(t.c(f"      … {len(changes) - DETAIL_LINES} more (JSON / HTML have them all)", "dim"))
 
 
-def _term_guard(t: _Term, g: GuardInfo) -> None:
-    t.add(f"  {t.c('guard ' + g.kind, 'bold', 'yellow')} → region {g.region} for {g.module} "
-          f"({g.nodes} nodes of {len(g.modules)} modules)")
+def _term_guard(t: _Term, g: GuardInfo, brief: bool) -> None:
+    """``brief``: a guard of a kind already shown with the same schedule (the next decoder layer's)."""
+    t.add(f"  {t.c('guard ' + g.kind, 'bold', 'yellow')} → {g.region} for {_fit(g.module, 30)} "
+          f"({g.nodes} nodes, {len(g.modules)} modules)" + (", as above" if brief else ""))
+    if brief:
+        return
     t.wrap("reads:  ", g.reads, 6)
     t.wrap("refresh:", g.refresh, 6)
     t.wrap("shapes: ", g.shapes, 6)
@@ -177,9 +182,8 @@ h3{font-size:1.05em;margin-bottom:.3em}code,.mono{font-family:ui-monospace,Menlo
 table{border-collapse:collapse;margin:.4em 0}td,th{border:1px solid #d5d9e2;padding:.2em .5em;vertical-align:top}
 th{background:#eef1f7;text-align:left}.num{text-align:right}
 details{margin:.25em 0 .25em 1em}summary{cursor:pointer}summary .mono{font-weight:600}
-.side{display:grid;grid-template-columns:1fr 1fr;gap:.5em;margin:.3em 0 .6em 1em}
-.side>div{background:#fff;border:1px solid #d5d9e2;padding:.3em .6em;overflow-x:auto}
-.side h4{margin:.1em 0 .3em;font-size:.9em;color:#56607a}
+.side{table-layout:fixed;width:calc(100% - 1em);margin:.3em 0 .6em 1em;background:#fff}
+.side td{width:50%;overflow-wrap:anywhere}
 .add{color:#1b7f3b}.del{color:#b42318}.chg{color:#9a6700}.badge{font-size:.8em;padding:0 .4em;border-radius:.6em;
 background:#eef1f7;margin-left:.4em}.bad{background:#fde2e1;color:#b42318}.ok{background:#dcf5e3;color:#1b7f3b}
 .guard{background:#fff8e6;border:1px solid #f0d48a;padding:.4em .7em;margin:.4em 0 .4em 1em}
@@ -237,9 +241,10 @@ def _html_pass(graph: int, p: PassDiff) -> list[str]:
         out.append(_html_module(m))
     d = p.divergence
     if d is not None:
-        verdict = (f"<span class='badge bad'>first beyond tolerance: <code>{_e(d.first.node)}</code> max-abs "
-                   f"{d.first.max_abs:.2e}, cos {d.first.cosine:.4f}</span>" if d.first else
-                   "<span class='badge ok'>no node beyond tolerance</span>")
+        verdict = "".join(
+            f"<span class='badge bad'>{label}: <code>{_e(n.node)}</code> max-abs {n.max_abs:.2e}, "
+            f"cos {n.cosine:.4f}</span>" if n else f"<span class='badge ok'>{label}: none</span>"
+            for label, n in (("first beyond tolerance", d.first), ("first new in this pass", d.first_new)))
         rows = "".join(
             f"<tr class='{'del' if n.diverges else ''}'><td class='mono'>{_e(n.node)}</td>"
             f"<td class='mono'>{_arrow(_shape(n.shape_before), _shape(n.shape_after))}</td>"
@@ -252,24 +257,19 @@ def _html_pass(graph: int, p: PassDiff) -> list[str]:
     return out
 
 
-def _html_changes(changes: list[NodeChange], side: str, css: str, sign: str) -> str:
-    return "".join(f"<div class='mono {css}'>{sign} {_e(getattr(c, side))}</div>" for c in changes
-                   if getattr(c, side) is not None)
-
-
 def _html_module(m: ModuleChange) -> str:
     badges = "".join(f"<span class='badge'>{label} {n}</span>" for label, n in (
         ("+", len(m.added)), ("−", len(m.removed)), ("replaced", len(m.replaced)), ("reshaped", len(m.reshaped)))
         if n)
     if m.flops_before != m.flops_after:
         badges += f"<span class='badge'>FLOPs {_arrow(_flops(m.flops_before), _flops(m.flops_after))}</span>"
-    before = [_html_changes(m.removed, "before", "del", "−"), _html_changes(m.replaced + m.reshaped, "before", "", "")]
-    after = [_html_changes(m.added, "after", "add", "+"), _html_changes(m.replaced + m.reshaped, "after", "chg", "~")]
-    for x in m.params:
-        before.append(f"<div class='mono'>{_e(x.name)} {_shape(x.shape_before)} · {_bytes(x.bytes_before)}</div>")
-        after.append(f"<div class='mono chg'>{_e(x.name)} {_shape(x.shape_after)} · {_bytes(x.bytes_after)}</div>")
-    before.append(f"<div>FLOPs {_flops(m.flops_before)}</div>")
-    after.append(f"<div>FLOPs {_flops(m.flops_after)}</div>")
+    # One row per change, so a node's before and after sit on the same line.
+    rows = [(c.before, "", c.after, "chg") for c in m.replaced + m.reshaped]
+    rows += [("", "", c.after, "add") for c in m.added] + [(c.before, "del", "", "") for c in m.removed]
+    rows += [(f"{x.name} {_shape(x.shape_before)} · {_bytes(x.bytes_before)}", "",
+              f"{x.name} {_shape(x.shape_after)} · {_bytes(x.bytes_after)}", "chg") for x in m.params]
+    rows.append((f"FLOPs {_flops(m.flops_before)}", "", f"FLOPs {_flops(m.flops_after)}", ""))
+    body = "".join(f"<tr><td class='mono {bc}'>{_e(b)}</td><td class='mono {ac}'>{_e(a)}</td></tr>"
+                   for b, bc, a, ac in rows)
     return (f"<details class='module'><summary><span class='mono'>{_e(m.path)}</span>{badges}</summary>"
-            f"<div class='side'><div><h4>before</h4>{''.join(before)}</div>"
-            f"<div><h4>after</h4>{''.join(after)}</div></div></details>")
+            f"<table class='side'><tr><th>before</th><th>after</th></tr>{body}</table></details>")

@@ -1,6 +1,7 @@
 """graph-diff: per-pass module changes, guards in words, divergence, and its three views."""
 
 import json
+import re
 import shutil
 import subprocess
 from html.parser import HTMLParser
@@ -99,6 +100,7 @@ def test_layer_skip_guards_are_described(skipped):
     assert len(idle) == 1
     (layer,) = idle
     assert p.divergence.first.node == f"showo.model.layers.{layer}:add#1"  # the skipped layer's output
+    assert p.divergence.first_new == p.divergence.first  # no pass ran before this one
 
 
 def test_divergence_names_the_first_perturbed_node(tokenizer):
@@ -135,8 +137,10 @@ def test_terminal_view_fits_100_columns(pruned, skipped):
         assert [visible_width(line) for line in coloured.splitlines()] == [len(line) for line in plain.splitlines()]
     text = render_terminal(pruned, "graph-diff test", color=False)
     assert "showo.model.layers.1.mlp.down_proj" in text and f"weight ({HIDDEN}, {FFN}) → ({HIDDEN}, {KEPT})" in text
-    assert "first: showo.model.layers.0.mlp.down_proj:linear#0" in text
-    assert "guard layer_guard → region flashu_layer_1" in render_terminal(skipped, "t", color=False)
+    assert re.search(r"\n    first: +showo\.model\.layers\.0\.mlp\.down_proj:linear#0  max-abs ", text)
+    text = render_terminal(skipped, "t", color=False)
+    assert "guard layer_guard → flashu_layer_0 for showo.model.layers.0 (" in text
+    assert "modules), as above" in text.split("guard layer_guard → flashu_layer_1")[1].splitlines()[0]
 
 
 class _Page(HTMLParser):
