@@ -31,6 +31,7 @@ import torch
 import torch.fx
 
 from ..backend import build_pass_list, flashu_backend
+from ..backends.segmented import has_guards
 from ..graph.structure import module_path
 from ..options import FlashUOptions
 from ..passes.manager import PROVENANCE_KEY, PassContext, PassRecord, observe_passes
@@ -148,7 +149,7 @@ class GraphDiff:
     tolerance: float
     graphs: list[GraphReport]
     recompiles: int  # graphs compiled while serving steps 1..step of a request, after the first call
-    compile_seconds: float  # first call of the compiled function: tracing, passes and lowering
+    compile_seconds: float  # first call of the compiled function: tracing, passes, lowering and one run
     version: int = SCHEMA_VERSION
 
     def to_json(self) -> dict[str, Any]:
@@ -187,11 +188,8 @@ def _stamp_captured(gm: torch.fx.GraphModule) -> None:
 def _stamp_new(gm: torch.fx.GraphModule, pass_name: str, by_name: dict[str, dict]) -> None:
     """Key the nodes ``pass_name`` created, from the node each stands for or else its first user."""
     fresh = [n for n in gm.graph.nodes if ORIGIN_KEY not in n.meta]
-    modules: dict[torch.fx.Node, str] = {}
-    for node in fresh:
-        replaced = by_name.get((node.meta.get(PROVENANCE_KEY) or {}).get("replaces"))
-        if replaced is not None:
-            modules[node] = replaced["module"]
+    replaced = {n: by_name.get((n.meta.get(PROVENANCE_KEY) or {}).get("replaces")) for n in fresh}
+    modules = {n: origin["module"] for n, origin in replaced.items() if origin is not None}
     for node in reversed(fresh):  # a region's get_attr precedes the guard call that names its module
         if node not in modules:
             users = [u.meta.get(ORIGIN_KEY, {}).get("module") or modules.get(u) for u in node.users]
@@ -199,9 +197,8 @@ def _stamp_new(gm: torch.fx.GraphModule, pass_name: str, by_name: dict[str, dict
     seen: Counter = Counter()
     for node in fresh:
         module, op = modules[node], f"{pass_name}.{_op_name(node)}"
-        replaced = by_name.get((node.meta.get(PROVENANCE_KEY) or {}).get("replaces"))
         node.meta[ORIGIN_KEY] = {"key": f"{module}:{op}#{seen[module, op]}", "module": module,
-                                 "replaces": replaced["key"] if replaced else None}
+                                 "replaces": replaced[node]["key"] if replaced[node] else None}
         seen[module, op] += 1
 
 
@@ -332,7 +329,8 @@ def _run(gm: torch.fx.GraphModule, inputs: list, task: str | None, step: int, ca
     with request(task, calls) as req:
         for _ in range(step - 1):
             req.advance()
-            gm(*inputs)
+            if has_guards(gm):  # only guards keep state between calls
+                gm(*inputs)
         req.advance()
         _Recorder(gm, values, flops).run(*inputs)
     return _Run(values, flops)
