@@ -548,7 +548,8 @@ def graph_diff(fn: Callable, example_inputs: Sequence, options: dict[str, Any] |
     input of the numeric comparison, run as model call ``step`` of a request (calls before it set
     the guards' state: layer importance, the head cache). Guard schedules are described for a
     request of ``calls`` model calls. The lowering is always eager: the diff runs graphs as Python.
-    Note that ``prune_channels`` permutes the model's FFN neurons in place, as compiling does.
+    Dynamo's caches are reset first. ``prune_channels`` permutes the model's FFN neurons in place,
+    as compiling with a plan does.
     """
     opts = FlashUOptions.from_dict(options).replace(lowering="eager")
     if step < 1 or calls < 1:

@@ -175,18 +175,36 @@ def _chromium():
                  if (path := shutil.which(name))), None)
 
 
-def test_html_page_in_headless_chromium(pruned, tmp_path):
-    binary = _chromium()
-    if binary is None:
-        pytest.skip("headless Chromium is not installed (no chromium, chromium-browser or google-chrome on PATH)")
-    page = tmp_path / "diff.html"
-    page.write_text(render_html(pruned, "graph-diff test"))
-    shot = tmp_path / "diff.png"
+def _load_with_binary(binary, page, shot):
     flags = ["--headless", "--no-sandbox", "--disable-gpu", "--window-size=1280,2000"]
-    dom = subprocess.run([binary, *flags, "--dump-dom", page.as_uri()], capture_output=True, text=True,
-                         timeout=120, check=True).stdout
     subprocess.run([binary, *flags, f"--screenshot={shot}", page.as_uri()], capture_output=True, timeout=120,
                    check=True)
+    return subprocess.run([binary, *flags, "--dump-dom", page.as_uri()], capture_output=True, text=True,
+                          timeout=120, check=True).stdout
+
+
+def _load_with_playwright(page, shot):
+    sync_api = pytest.importorskip(
+        "playwright.sync_api", reason="headless Chromium is not available: no chromium, chromium-browser or "
+        "google-chrome on PATH and playwright is not installed")
+    with sync_api.sync_playwright() as p:
+        try:
+            browser = p.chromium.launch()
+        except Exception as err:  # playwright without its downloaded browser
+            pytest.skip(f"playwright cannot start Chromium: {err}")
+        view = browser.new_page(viewport={"width": 1280, "height": 2000})
+        view.goto(page.as_uri())
+        view.screenshot(path=str(shot))
+        dom = view.content()
+        browser.close()
+    return dom
+
+
+def test_html_page_in_headless_chromium(pruned, tmp_path):
+    page, shot = tmp_path / "diff.html", tmp_path / "diff.png"
+    page.write_text(render_html(pruned, "graph-diff test"))
+    binary = _chromium()
+    dom = _load_with_binary(binary, page, shot) if binary else _load_with_playwright(page, shot)
     assert shot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and shot.stat().st_size > 10_000
     for module in ("showo.model.layers.0.mlp.gate_proj", "showo.model.layers.1.mlp.down_proj"):
         assert module in dom
