@@ -11,11 +11,13 @@ import pytest
 import torch
 
 from flashu_compile.models.showo2 import Showo2
+from flashu_compile.passes.manager import PassManager, observe_passes
 from flashu_compile.tools.cli import main
 from flashu_compile.tools.graph_diff import SCHEMA_PATH, graph_diff, to_json
 from flashu_compile.tools.graph_diff_render import WIDTH, render_html, render_terminal, visible_width
 from tests.conftest import small_config
 from tests.models.test_compile_friendly import t2i_inputs
+from tests.passes.test_manager import never_applies, relu_to_gelu, traced
 from tests.passes.test_prune_channels import _plan
 
 FFN, HIDDEN, KEPT = 64, 32, 48  # small_config's FFN and hidden sizes; the plan keeps 48 neurons
@@ -46,6 +48,19 @@ def skipped(tokenizer):
     model = _model(tokenizer, seed=12)
     options = {"passes": ["layer_skip"], "skip_ratio": 0.5, "skip_interval": 3, "hybrid_tau": 5}
     return _diff(model, tokenizer, options, step=2, calls=20)
+
+
+def test_observer_sees_every_pass_before_and_after():
+    seen = []
+
+    def observer(name, when, gm, context, record):
+        seen.append((name, when, "gelu" in gm.code, record and (record.changed, record.skipped_reason)))
+
+    with observe_passes(observer), pytest.warns(UserWarning, match="skipped"):
+        PassManager([("skip", never_applies), ("relu_to_gelu", relu_to_gelu)]).run(traced(), None, None)
+    PassManager([("relu_to_gelu", relu_to_gelu)]).run(traced(), None, None)  # outside the context: unobserved
+    assert seen == [("skip", "before", False, None), ("skip", "after", False, (False, "no decoder layers found")),
+                    ("relu_to_gelu", "before", False, None), ("relu_to_gelu", "after", True, (True, None))]
 
 
 def test_prune_channels_lists_exactly_the_ffn_modules_and_shapes(pruned):
