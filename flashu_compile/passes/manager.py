@@ -7,9 +7,11 @@ what changed and how long it took, so graph-diff and the benchmarks can report p
 
 from __future__ import annotations
 
+import contextlib
 import time
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextvars import ContextVar
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -51,6 +53,22 @@ class PassRecord:
     skipped_reason: str | None = None
 
 
+# (pass name, "before" | "after", the live graph, context, record or None) -> None. Set only by graph-diff,
+# which must see the exact graphs a compilation produces without a second copy of the pipeline.
+PassObserver = Callable[[str, str, torch.fx.GraphModule, Any, PassRecord | None], None]
+_OBSERVER: ContextVar[PassObserver | None] = ContextVar("flashu_pass_observer", default=None)
+
+
+@contextlib.contextmanager
+def observe_passes(observer: PassObserver) -> Iterator[None]:
+    """Call ``observer`` before and after every pass any :class:`PassManager` runs in this context."""
+    token = _OBSERVER.set(observer)
+    try:
+        yield
+    finally:
+        _OBSERVER.reset(token)
+
+
 def tag(node: torch.fx.Node, pass_name: str, replaces: str | None = None) -> torch.fx.Node:
     """Mark a node as made by ``pass_name`` (and which original node it stands for)."""
     node.meta[PROVENANCE_KEY] = {"pass": pass_name, "replaces": replaces}
@@ -73,8 +91,11 @@ class PassManager:
         (self.dump_dir / f"{step:02d}_{name}_{when}.txt").write_text(gm.print_readable(print_output=False))
 
     def run(self, gm: torch.fx.GraphModule, context: Any, options: Any) -> torch.fx.GraphModule:
+        observer = _OBSERVER.get()
         for step, (name, fn) in enumerate(self.passes):
             self._dump(gm, step, name, "before")
+            if observer is not None:
+                observer(name, "before", gm, context, None)
             start = time.perf_counter()
             try:
                 result = fn(gm, context, options)
@@ -83,10 +104,14 @@ class PassManager:
                     raise RuntimeError(f"flashu pass {name!r} does not apply: {why}") from why
                 warnings.warn(f"flashu pass {name!r} skipped: {why}", stacklevel=2)
                 self.records.append(PassRecord(name, False, time.perf_counter() - start, {}, str(why)))
+                if observer is not None:
+                    observer(name, "after", gm, context, self.records[-1])
                 continue
             if result.changed:
                 gm.graph.lint()
                 gm.recompile()
             self.records.append(PassRecord(name, result.changed, time.perf_counter() - start, result.stats))
             self._dump(gm, step, name, "after")
+            if observer is not None:
+                observer(name, "after", gm, context, self.records[-1])
         return gm

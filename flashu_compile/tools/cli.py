@@ -142,6 +142,7 @@ def build_parser() -> argparse.ArgumentParser:
     ask.add_argument("--no-progress", action="store_true")
     ask.set_defaults(func=cmd_ask)
     __import__("flashu_compile.calibrate.cli", fromlist=["add_parser"]).add_parser(sub)  # lazy import
+    __import__("flashu_compile.tools.graph_diff", fromlist=["add_parser"]).add_parser(sub)
     __import__("flashu_compile.tools.bench", fromlist=["add_parser"]).add_parser(sub)
     __import__("flashu_compile.tools.build_trt", fromlist=["add_parser"]).add_parser(sub)
     return parser
