@@ -69,6 +69,9 @@ def token_drop(gm: torch.fx.GraphModule, ctx: PassContext, options) -> PassResul
     if n_drop == 0:
         return PassResult(True, {"after_layer": k, "visual_tokens": n_visual, "dropped": 0})
     keep = _keep_positions(gm, plan, positions, n_drop, options.token_drop_order == "highest")
+    # What graph-diff and other readers need to describe the op without re-deriving it.
+    keep.meta["flashu_token_drop"] = {"after_layer": layers[k].path, "visual_tokens": n_visual, "dropped": n_drop,
+                                      "order": options.token_drop_order, "sequence": [seq, seq - n_drop]}
     later[0].input = plan.apply(keep)  # keep the index current for the passes that follow
     _propagate_shapes(gm)
     return PassResult(True, {"after_layer": k, "visual_tokens": n_visual, "dropped": n_drop,

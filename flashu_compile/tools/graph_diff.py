@@ -401,13 +401,18 @@ def _describe_guard(node: _Node, task: str, calls: int, moved: dict[str, int]) -
                      moved, "", "", "")
     if kind == "layer_guard":
         index = node.fx.args[2]
-        measure = [s for s in range(1, calls + 1) if rules.recalculate(s) and s not in full]
         info.reads = (f"the {task} request's step state of controller {cid}: step index, phase, the importance "
                       f"measured for layer {index} and the skip set")
         skipping = (f"skips the layer when it is among the {ctl.num_skipped} least important of {ctl.num_layers}"
                     if ctl.num_skipped else f"never skips (skip_ratio of {ctl.num_layers} layers rounds down to 0)")
-        info.refresh = (f"over a {calls}-call request: measures 1 - cos(h_in, h_out) on calls {_steps(measure)} "
-                        f"(every {rules.skip_interval}); in between, {skipping}; {full_text}")
+        if task == "mmu":
+            info.refresh = (f"measures 1 - cos(h_in, h_out) at the last token in the prefill (call 1); every decoded "
+                            f"token then {skipping} (layer 0 always runs); "
+                            "a skipped layer appends no K/V")
+        else:
+            measure = [s for s in range(1, calls + 1) if rules.recalculate(s) and s not in full]
+            info.refresh = (f"over a {calls}-call request: measures 1 - cos(h_in, h_out) on calls {_steps(measure)} "
+                            f"(every {rules.skip_interval}); in between, {skipping}; {full_text}")
         info.shapes = f"none: a skipped layer returns its input stream {shape_text} unchanged"
     elif kind == "memo_guard":
         key = node.fx.args[2]
@@ -490,8 +495,25 @@ def _flops_by_module(view: list[_Node], run: _Run) -> dict[str, int]:
     return {k: v for k, v in out.items() if v}
 
 
+def _describe_token_drop(node: _Node, nodes: int) -> GuardInfo:
+    info = node.fx.meta["flashu_token_drop"]
+    seq, kept = info["sequence"]
+    return GuardInfo(
+        "token_drop", "-", info["after_layer"], nodes, {},
+        reads=f"the value vectors of {info['after_layer']} (v_proj output: L2 over head_dim, mean over KV heads) "
+              f"at the {info['visual_tokens']} positions the prompt marks as image tokens",
+        refresh="every prefill: no state, the kept positions are computed from each prompt in the graph",
+        shapes=f"sequence {seq} -> {kept} after {info['after_layer']}: drops the {info['dropped']} image tokens with "
+               f"the {info['order']} norm; the residual stream, rotary tables and mask are gathered to the "
+               f"survivors, later layers cache {kept} positions")
+
+
 def _guards(before: list[_Node], after: list[_Node], task: str, calls: int) -> list[GuardInfo]:
     old = {n.key for n in before}
+    drops = [n for n in after if "flashu_token_drop" in n.fx.meta and n.key not in old]
+    if drops:
+        made = sum(1 for n in after if n.key not in old and (_provenance(n) or {}).get("pass") == "token_drop")
+        return [_describe_token_drop(n, made) for n in drops]
     added = [n for n in after if _is_guard(n.fx) and n.key not in old]
     regions = {str(n.fx.args[1].target) for n in added}
     b_regions = {n.key: n.region for n in before}
@@ -636,11 +658,11 @@ def sample_call(model, task: str, prompt: str, question: str, seed: int) -> tupl
     image = torch.randn(1, cfg.image_latent_dim, *cfg.latent_size, generator=generator)
     rows, embeds = understanding.prepare(model, model.tokenizer, image, question)
 
-    def prefill(embeds: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    def prefill(embeds: torch.Tensor, attention_mask: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         # A new cache per call: graph-diff calls the function more than once with the same inputs.
-        return understanding.prefill(model, embeds, attention_mask, DynamicCache(config=cfg.llm))
+        return understanding.prefill(model, embeds, attention_mask, DynamicCache(config=cfg.llm), positions)
 
-    return prefill, (embeds, rows.attention_mask)
+    return prefill, (embeds, rows.attention_mask, rows.image_positions())
 
 
 def _parse_option(text: str) -> tuple[str, Any]:

@@ -13,7 +13,7 @@ import torch
 from flashu_compile.models.showo2 import Showo2
 from flashu_compile.passes.manager import PassManager, observe_passes
 from flashu_compile.tools.cli import main
-from flashu_compile.tools.graph_diff import SCHEMA_PATH, graph_diff, to_json
+from flashu_compile.tools.graph_diff import SCHEMA_PATH, graph_diff, sample_call, to_json
 from flashu_compile.tools.graph_diff_render import WIDTH, render_html, render_terminal, visible_width
 from tests.conftest import small_config
 from tests.models.test_compile_friendly import t2i_inputs
@@ -116,6 +116,24 @@ def test_layer_skip_guards_are_described(skipped):
     (layer,) = idle
     assert p.divergence.first.node == f"showo.model.layers.{layer}:add#1"  # the skipped layer's output
     assert p.divergence.first_new == p.divergence.first  # no pass ran before this one
+
+
+def test_token_drop_is_described_with_its_shape_change(tokenizer):
+    model = _model(tokenizer, seed=15)
+    fn, inputs = sample_call(model, "mmu", "a red circle", "what colour is the circle?", seed=0)
+    seq, n_image = inputs[0].shape[1], inputs[2].shape[1]
+    report = graph_diff(fn, inputs, {"lowering": "eager", "passes": ["token_drop"], "token_drop_layer": 0})
+    (p,) = report.graphs[0].passes
+    (g,) = p.guards
+    assert (g.kind, g.module) == ("token_drop", "showo.model.layers.0")
+    assert f"at the {n_image} positions the prompt marks as image tokens" in g.reads
+    kept = seq - n_image // 2
+    assert g.shapes.startswith(f"sequence {seq} -> {kept} after showo.model.layers.0: drops the {n_image // 2} ")
+    # Layer 1 runs on the survivors: its values change shape (not comparable), so the first value that
+    # diverges is the last position's hidden state the head reads.
+    reshaped = {m.path for m in p.modules if m.reshaped}
+    assert "showo.model.layers.1.self_attn.q_proj" in reshaped and not any("layers.0" in r for r in reshaped)
+    assert p.divergence.shape_changed > 0 and p.divergence.first.shape_before == [1, 1, 32]
 
 
 def test_divergence_names_the_first_perturbed_node(tokenizer):
@@ -228,7 +246,7 @@ def test_html_page_in_headless_chromium(pruned, tmp_path):
 @pytest.mark.parametrize(("args", "error"), [
     (["--passes", "fuse_everything"], "option 'passes' must be one of"),
     (["-O", "turbo=1"], "unknown flashu option(s) ['turbo']"),
-    (["--passes", "token_drop"], "not available in this build"),
+    (["-O", "token_drop_ratio=1.5"], "option 'token_drop_ratio' must be in [0, 1)"),
 ])
 def test_cli_rejects_bad_passes_and_options(args, error, capsys):
     assert main(["graph-diff", "--model", "tiny", *args]) == 2
