@@ -159,8 +159,11 @@ def _term_module(t: _Term, m: ModuleChange) -> None:
 
 def _term_guard(t: _Term, g: GuardInfo, brief: bool) -> None:
     """``brief``: a guard of a kind already shown with the same schedule (the next decoder layer's)."""
-    t.add(f"  {t.c('guard ' + g.kind, 'bold', 'yellow')} → {g.region} for {_fit(g.module, 30)} "
-          f"({g.nodes} nodes, {len(g.modules)} modules)" + (", as above" if brief else ""))
+    if g.region == "-":  # an in-graph op (token_drop), not a guard around a region
+        t.add(f"  {t.c('op ' + g.kind, 'bold', 'yellow')} after {_fit(g.module, 40)} ({g.nodes} nodes added)")
+    else:
+        t.add(f"  {t.c('guard ' + g.kind, 'bold', 'yellow')} → {g.region} for {_fit(g.module, 30)} "
+              f"({g.nodes} nodes, {len(g.modules)} modules)" + (", as above" if brief else ""))
     if brief:
         return
     t.wrap("reads:  ", g.reads, 6)
@@ -233,8 +236,10 @@ def _html_pass(graph: int, p: PassDiff) -> list[str]:
     out = [f"<h3 id='g{graph}-{_e(p.name)}'>{_e(p.name)}</h3>"]
     for g in p.guards:
         modules = "".join(f"<li class='mono'>{_e(m)}: {n}</li>" for m, n in g.modules.items())
-        out.append(f"<div class='guard'><b>guard <code>{_e(g.kind)}</code></b> → region <code>{_e(g.region)}"
-                   f"</code> for <code>{_e(g.module)}</code><br>reads: {_e(g.reads)}<br>refresh: {_e(g.refresh)}"
+        where = (f"after <code>{_e(g.module)}</code>" if g.region == "-" else
+                 f"→ region <code>{_e(g.region)}</code> for <code>{_e(g.module)}</code>")
+        out.append(f"<div class='guard'><b>{'op' if g.region == '-' else 'guard'} <code>{_e(g.kind)}</code></b> "
+                   f"{where}<br>reads: {_e(g.reads)}<br>refresh: {_e(g.refresh)}"
                    f"<br>shapes: {_e(g.shapes)}<details><summary>{g.nodes} nodes of {len(g.modules)} modules moved "
                    f"into the region</summary><ul>{modules}</ul></details></div>")
     for m in p.modules:
