@@ -6,7 +6,7 @@ from flashu_compile.options import FlashUOptions
 def test_presets():
     assert FlashUOptions.from_dict(None).passes == ()
     paper = FlashUOptions.from_dict({"preset": "paper"})
-    assert paper.passes == ("prune_channels", "layer_skip", "head_cache", "token_drop")
+    assert paper.passes == ("prune_channels", "token_drop", "layer_skip", "head_cache")
     assert paper.token_drop_layer == 2 and paper.token_drop_ratio == 0.5 and paper.token_drop_order == "highest"
     assert paper.prune_ratio == 0.2 and paper.skip_interval == 10
     assert paper.cache_interval == 5 and paper.hybrid_tau == 11 and paper.guidance_schedule == ((24, 7.5), (11, 10.0))
