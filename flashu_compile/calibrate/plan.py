@@ -28,6 +28,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from ..graph.structure import PATTERNS
+
 FORMAT = "flashu-plan"
 FORMAT_VERSION = 1
 TENSORS_FILE = "plan.safetensors"
@@ -43,24 +45,28 @@ class PlanError(ValueError):
 
 # --------------------------------------------------------------------------- model structure
 def decoder_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
-    """``(module path, layer)`` for each LLM decoder layer, e.g. ``("showo.model.layers.0", layer)``.
+    """``(module path, layer)`` for each decoder layer, e.g. ``("showo.model.layers.0", layer)``.
 
-    The paths are the model's own ``named_modules`` names, which are also what a dynamo graph's
+    The decoder stack is the one ``ModuleList`` named like ``...layers`` whose every block has a
+    SwiGLU ``mlp`` (gate/up/down projections): Show-o2's ``showo.model.layers``, a transformers
+    Qwen2 or Llama model's ``model.layers``; SigLIP's ``layers`` (fc1/fc2) are not one. The paths
+    are the model's own ``named_modules`` names, which are also what a dynamo graph's
     ``nn_module_stack`` gives once its ``L['self']`` root is stripped.
     """
-    layers = getattr(getattr(getattr(model, "showo", None), "model", None), "layers", None)
-    if not isinstance(layers, nn.ModuleList) or len(layers) == 0:
-        raise ValueError("model has no LLM decoder layers at model.showo.model.layers (is it a Show-o2?)")
-    prefix = next((name for name, module in model.named_modules() if module is layers), None)
-    if prefix is None:  # cannot happen for a submodule, but a clear message beats a None path
-        raise ValueError("could not find the module path of model.showo.model.layers")
-    out = []
-    for i, layer in enumerate(layers):
-        mlp = getattr(layer, "mlp", None)
-        if mlp is None or not all(isinstance(getattr(mlp, p, None), nn.Linear) for p in FFN_PROJECTIONS):
-            raise ValueError(f"decoder layer {prefix}.{i} has no SwiGLU mlp with {', '.join(FFN_PROJECTIONS)}")
-        out.append((f"{prefix}.{i}", layer))
-    return out
+    stacks = [(name, module) for name, module in model.named_modules()
+              if isinstance(module, nn.ModuleList) and len(module) and PATTERNS["decoder_layer"].match(f"{name}.0")
+              and all(_is_swiglu_block(layer) for layer in module)]
+    if len(stacks) != 1:
+        found = "none" if not stacks else ", ".join(name for name, _ in stacks)
+        raise ValueError("expected one decoder stack (a ModuleList named '...layers' of blocks whose mlp has "
+                         f"{', '.join(FFN_PROJECTIONS)}), found {found}")
+    prefix, layers = stacks[0]
+    return [(f"{prefix}.{i}", layer) for i, layer in enumerate(layers)]
+
+
+def _is_swiglu_block(layer: nn.Module) -> bool:
+    mlp = getattr(layer, "mlp", None)
+    return mlp is not None and all(isinstance(getattr(mlp, p, None), nn.Linear) for p in FFN_PROJECTIONS)
 
 
 def keep_count(intermediate_size: int, prune_ratio: float, multiple: int) -> int:
@@ -190,7 +196,8 @@ def model_fingerprint(model: nn.Module) -> str:
     """
     layers = decoder_layers(model)
     ffn_params = {id(p) for _, layer in layers for p in _ffn_weights(layer)}
-    llm = getattr(getattr(model, "config", None), "llm", None)
+    own = getattr(model, "config", None)
+    llm = getattr(own, "llm", own)  # Show-o2 keeps its LLM's config apart; a plain LLM's is its own
     config = {key: getattr(llm, key, None) for key in
               ("num_hidden_layers", "hidden_size", "intermediate_size", "num_attention_heads",
                "num_key_value_heads", "vocab_size")}

@@ -1,6 +1,7 @@
 """prune_channels against pruning by masking: the eager model with the dropped neurons zeroed."""
 
 import contextlib
+import copy
 
 import pytest
 import torch
@@ -182,3 +183,34 @@ def _compile_and_generate(model, tokenizer, options, error):
                              progress=False)
     finally:
         model.compiled, model.flashu_options = {}, None
+
+
+@pytest.mark.parametrize("family", ["qwen2", "llama"])
+def test_plain_transformers_llms_are_pruned_too(family):
+    """The pass needs only a SwiGLU decoder stack: a transformers Qwen2 or Llama model with a plan."""
+    from transformers import LlamaConfig, LlamaModel, Qwen2Config, Qwen2Model
+
+    config_cls, model_cls = {"qwen2": (Qwen2Config, Qwen2Model), "llama": (LlamaConfig, LlamaModel)}[family]
+    torch.manual_seed(0)
+    model = model_cls(config_cls(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                                 num_key_value_heads=2, vocab_size=50)).eval()
+    keep = [torch.arange(0, 64, 2), torch.arange(10, 58)]
+    plan = _plan(model, {"mmu": keep})
+    assert plan.layer_paths == ["layers.0", "layers.1"]
+    zeroed = copy.deepcopy(model)
+    with torch.no_grad():
+        for (_, layer), kept in zip(decoder_layers(zeroed), keep, strict=True):
+            drop = torch.ones(64, dtype=torch.bool)
+            drop[kept] = False
+            layer.mlp.gate_proj.weight[drop] = 0
+            layer.mlp.up_proj.weight[drop] = 0
+            layer.mlp.down_proj.weight[:, drop] = 0
+    ids = torch.randint(0, 50, (2, 7))
+    torch._dynamo.reset()
+    fast = torch.compile(model, backend="flashu", options={"passes": ["prune_channels"], "plan": plan,
+                                                          "lowering": "eager", "strict": True})
+    with torch.no_grad():
+        got = fast(input_ids=ids).last_hidden_state
+        want = zeroed(input_ids=ids).last_hidden_state
+    _close(got, want)
+    assert model.layers[1].mlp.gate_proj.weight.shape == (64, 32)  # permuted in place, never resized
