@@ -1,0 +1,120 @@
+"""``flashu-compile bench-ffn``: does a pruned FFN run faster, in proportion to the FLOPs it drops?
+
+One Qwen2 decoder layer at a chosen size (default: Show-o2 1.5B's, hidden 1536, FFN 8960) is
+compiled through the ``flashu`` backend with ``prune_channels`` at several prune ratios and
+timed on the same tokens. The layer is the unit the pass rewrites; its attention is unchanged,
+so the FFN's share of the layer's FLOPs bounds what pruning can save. Which neurons are kept
+does not change the cost, so the plan keeps the neurons with the largest down-projection
+columns instead of calibrating a randomly initialised layer.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from dataclasses import dataclass
+
+import torch
+
+from ..calibrate import Plan, model_fingerprint
+from ..calibrate.plan import decoder_layers, keep_count, layer_signatures
+from ..runtime.flops import FlopTally
+
+
+@dataclass
+class FfnResult:
+    prune_ratio: float
+    kept: int
+    flops: int
+    median_s: float
+    runs_s: list[float]
+
+
+def decoder_layer(hidden: int, ffn: int, heads: int, kv_heads: int, seed: int = 0) -> torch.nn.Module:
+    from transformers import Qwen2Config, Qwen2Model
+
+    config = Qwen2Config(hidden_size=hidden, intermediate_size=ffn, num_hidden_layers=1, num_attention_heads=heads,
+                         num_key_value_heads=kv_heads, vocab_size=16)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return Qwen2Model(config).eval()
+
+
+def magnitude_plan(model: torch.nn.Module, prune_ratio: float, multiple: int) -> Plan:
+    """An understanding plan keeping, per layer, the neurons with the largest |W_down| column sums."""
+    keep, scores, sizes = [], [], []
+    for _, layer in decoder_layers(model):
+        score = layer.mlp.down_proj.weight.detach().abs().sum(0).double()
+        n = keep_count(score.numel(), prune_ratio, multiple)
+        keep.append(score.topk(n).indices.sort().values)
+        scores.append(score)
+        sizes.append(score.numel())
+    plan = Plan([path for path, _ in decoder_layers(model)], sizes, {"mmu": keep}, {"mmu": scores},
+                {"prune_ratio": prune_ratio, "multiple": multiple, "scores": "|W_down| column sums"},
+                model_fingerprint(model), layer_signatures(model))
+    plan.validate()
+    return plan
+
+
+def run(hidden: int = 1536, ffn: int = 8960, heads: int = 12, kv_heads: int = 2, tokens: int = 256,
+        ratios: tuple[float, ...] = (0.0, 0.2, 0.4), runs: int = 10, multiple: int = 64,
+        lowering: str = "inductor") -> list[FfnResult]:
+    """Median warm latency and FLOPs of one decoder layer per prune ratio (0 = no pass)."""
+    embeds = torch.randn(1, tokens, hidden, generator=torch.Generator().manual_seed(0))
+    results = []
+    for ratio in ratios:
+        model = decoder_layer(hidden, ffn, heads, kv_heads)  # fresh: the pass permutes FFN neurons in place
+        options = {"passes": ["prune_channels"], "plan": magnitude_plan(model, ratio, multiple)} if ratio else {}
+        with torch.no_grad():
+            torch._dynamo.reset()
+            counting = torch.compile(model, backend="flashu", options={**options, "lowering": "eager"})
+            with FlopTally() as tally:  # the same rewritten graph, run eagerly so every op is counted
+                counting(inputs_embeds=embeds)
+            torch._dynamo.reset()
+            fast = torch.compile(model, backend="flashu", options={**options, "lowering": lowering})
+            fast(inputs_embeds=embeds)  # compile
+            times = []
+            for _ in range(runs):
+                t0 = time.perf_counter()
+                fast(inputs_embeds=embeds)
+                times.append(time.perf_counter() - t0)
+        kept = keep_count(ffn, ratio, multiple) if ratio else ffn
+        results.append(FfnResult(ratio, kept, tally.total, statistics.median(times), times))
+    return results
+
+
+def markdown(results: list[FfnResult], header: str) -> str:
+    base = results[0]
+    lines = [header, "", "| prune ratio | FFN neurons kept | FLOPs (G) | warm median (ms) | × unpruned | "
+             "FLOP-predicted × |", "| ---: | ---: | ---: | ---: | ---: | ---: |"]
+    for r in results:
+        lines.append(f"| {r.prune_ratio:.2f} | {r.kept} | {r.flops / 1e9:.2f} | {r.median_s * 1e3:.1f} | "
+                     f"{base.median_s / r.median_s:.2f} | {base.flops / r.flops:.2f} |")
+    return "\n".join(lines)
+
+
+def cmd_bench_ffn(args) -> int:
+    from .bench import machine_line
+
+    if args.runs < 1 or args.tokens < 1 or any(not 0 <= r < 1 for r in args.ratios):
+        raise ValueError(f"--runs and --tokens must be at least 1 and --ratios in [0, 1), got {args.runs}, "
+                         f"{args.tokens}, {args.ratios}")
+    ratios = tuple(sorted(set([0.0, *args.ratios])))
+    results = run(args.hidden, args.ffn, args.heads, args.kv_heads, args.tokens, ratios, args.runs)
+    command = "flashu-compile bench-ffn " + " ".join(args.argv)
+    print(markdown(results, f"One Qwen2 decoder layer (hidden {args.hidden}, FFN {args.ffn}, {args.tokens} tokens), "
+                            f"Inductor. Machine: {machine_line()}. Command: `{command.strip()}`."))
+    return 0
+
+
+def add_parser(sub) -> None:
+    p = sub.add_parser("bench-ffn", help="latency and FLOPs of a decoder layer with its FFN pruned at several ratios",
+                       description=__doc__.split("\n\n")[0])
+    p.add_argument("--hidden", type=int, default=1536)
+    p.add_argument("--ffn", type=int, default=8960)
+    p.add_argument("--heads", type=int, default=12)
+    p.add_argument("--kv-heads", type=int, default=2)
+    p.add_argument("--tokens", type=int, default=256)
+    p.add_argument("--ratios", type=float, nargs="+", default=[0.2, 0.4], help="prune ratios besides 0")
+    p.add_argument("--runs", type=int, default=10)
+    p.set_defaults(func=cmd_bench_ffn)
