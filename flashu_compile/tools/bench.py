@@ -483,8 +483,10 @@ def cmd_bench(args) -> int:
     image = model.encode_image((to_tensor(scenes[-1].render()) + 1) / 2)
     # --only picks from every row, --split included; without --only, --split adds the per-technique rows.
     configs = select(default_configs(plan, split=args.split or bool(args.only)), args.only)
+    # The scenes scorers mean something only for the model trained on the scenes.
+    scored = args.model == "default"
     bench = Bench(model, configs, prompts, image, question, max_new_tokens=args.max_new_tokens, seed=args.seed,
-                  scenes=scenes[:-1], expected_answer=expected)
+                  scenes=scenes[:-1] if scored else None, expected_answer=expected if scored else None)
     results = bench.run(args.runs, progress=not args.no_progress)
     command = "flashu-compile bench " + " ".join(args.argv)
     print(write(results, Path(args.out), machine_line(), command.strip()))
@@ -497,7 +499,8 @@ def add_parser(sub) -> None:
     p = sub.add_parser("bench", help="speed, FLOPs, memory and fidelity of eager, Inductor and flashu side by side",
                        description=__doc__.split("\n\n")[0])
     p.add_argument("--model", default="default",
-                   help="'default' (embedded scenes model), a preset name or a checkpoint folder")
+                   help="'default' (embedded scenes model), a preset name ('bench': Show-o2 1.5B's depth and 729 image "
+                        "tokens at 1/16 width, random weights) or a checkpoint folder")
     p.add_argument("--tokenizer", help="local Qwen2.5 tokenizer folder (real checkpoints)")
     p.add_argument("--vae", help="local diffusers Wan2.1 VAE folder (real checkpoints)")
     p.add_argument("--plan", help="a saved calibration plan (default: calibrate the model first)")
