@@ -66,6 +66,12 @@ class StructureIndex:
     head_blocks: list[LayerRef] = field(default_factory=list)  # flow-head blocks, in order
     problems: list[str] = field(default_factory=list)
 
+    def replace_input(self, old: torch.fx.Node, new: torch.fx.Node) -> None:
+        """Blocks whose residual stream was ``old`` now read ``new`` (a pass rewired it; later passes see that)."""
+        for layer in (*self.layers, *self.head_blocks):
+            if layer.input is old:
+                layer.input = new
+
     @property
     def applicable(self) -> bool:
         return bool(self.layers or self.head_blocks) and not self.problems

@@ -65,6 +65,7 @@ def token_drop(gm: torch.fx.GraphModule, ctx: PassContext, options) -> PassResul
     plan = _Plan(gm, layers[k], later, seq, seq - n_drop)  # checks everything before the graph changes
 
     marker.replace_all_uses_with(embeds)
+    ctx.index.replace_input(marker, embeds)
     gm.graph.erase_node(marker)
     if n_drop == 0:
         return PassResult(True, {"after_layer": k, "visual_tokens": n_visual, "dropped": 0})
@@ -72,7 +73,7 @@ def token_drop(gm: torch.fx.GraphModule, ctx: PassContext, options) -> PassResul
     # What graph-diff and other readers need to describe the op without re-deriving it.
     keep.meta["flashu_token_drop"] = {"after_layer": layers[k].path, "visual_tokens": n_visual, "dropped": n_drop,
                                       "order": options.token_drop_order, "sequence": [seq, seq - n_drop]}
-    later[0].input = plan.apply(keep)  # keep the index current for the passes that follow
+    ctx.index.replace_input(layers[k].output, plan.apply(keep))  # for the passes that follow (layer_skip)
     _propagate_shapes(gm)
     return PassResult(True, {"after_layer": k, "visual_tokens": n_visual, "dropped": n_drop,
                              "layers_on_survivors": len(layers) - 1 - k, "sequence": f"{seq} -> {seq - n_drop}"})

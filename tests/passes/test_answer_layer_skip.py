@@ -68,3 +68,17 @@ def test_skipped_layers_write_no_kv_entries(tokenizer):
         got = model.compiled["prefill"](model, embeds, rows.attention_mask, DynamicCache(config=model.config.llm))
         want = prefill(model, embeds, rows.attention_mask, DynamicCache(config=model.config.llm))
     assert torch.equal(got, want)
+
+
+def test_embedded_model_answers_with_dropping_and_skipping_composed():
+    """token_drop rewires the stream layer_skip then outlines (the marker feeds layer 0 directly here)."""
+    model = Showo2.default()
+    image = model.encode_image(torch.rand(3, 32, 32, generator=torch.Generator().manual_seed(0)))
+    _, want, _, skipped = reference_answer(model, model.tokenizer, image, QUESTION, 8, skip_ratio=0.5,
+                                           drop=(2, 0.5, True))
+    assert skipped
+    torch._dynamo.reset()
+    model.compile_tasks("flashu", {"passes": ["token_drop", "layer_skip"], "skip_ratio": 0.5, "strict": True,
+                                   "lowering": "eager"})
+    with torch.no_grad():
+        assert answer_tokens(model, model.tokenizer, image, QUESTION, max_new_tokens=8) == want
