@@ -14,7 +14,6 @@ import functools
 import hashlib
 import json
 import os
-import tempfile
 import warnings
 from collections.abc import Callable
 from pathlib import Path
@@ -22,6 +21,8 @@ from typing import Any
 
 import torch
 import torch.fx
+
+from ..files import sha256_file, write_atomic
 
 ENV_VAR = "FLASHU_TRT_CACHE"
 SUFFIX = ".ep"  # Torch-TensorRT's serialised ExportedProgram
@@ -127,26 +128,6 @@ def cache_key(graph: str, settings: dict[str, Any]) -> str:
     return hashlib.sha256(payload.encode()).hexdigest()[:32]
 
 
-def _file_digest(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
-def _write_atomic(path: Path, write: Callable[[Path], None]) -> None:
-    """``write`` fills a temporary file next to ``path``, which then replaces ``path`` in one step."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".partial" + path.suffix)
-    os.close(fd)
-    try:
-        write(Path(tmp))
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 class EngineCache:
     """Serialised programs under ``root``: ``<key>.ep`` and its metadata ``<key>.json``."""
 
@@ -167,7 +148,7 @@ class EngineCache:
             return None
         try:
             expected = json.loads(meta.read_text())["sha256"]
-            intact = _file_digest(payload) == expected
+            intact = sha256_file(payload) == expected
         except (OSError, ValueError, KeyError, TypeError) as err:
             intact, expected = False, err
         if not intact:
@@ -180,10 +161,10 @@ class EngineCache:
         """Store an entry: ``write(path)`` serialises the program to ``path``; ``meta`` is kept beside it."""
         self.root.mkdir(parents=True, exist_ok=True)
         payload = self.payload(key)
-        _write_atomic(payload, write)
-        record = meta | {"key": key, "file": payload.name, "sha256": _file_digest(payload)}
+        write_atomic(payload, write)
+        record = meta | {"key": key, "file": payload.name, "sha256": sha256_file(payload)}
         # The metadata, written last, is what makes the entry visible to get().
-        _write_atomic(self._meta(key), lambda p: p.write_text(json.dumps(record, indent=2, default=repr) + "\n"))
+        write_atomic(self._meta(key), lambda p: p.write_text(json.dumps(record, indent=2, default=repr) + "\n"))
         self.used.append(key)
         return payload
 

@@ -41,14 +41,12 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
 
 def add_parser(sub) -> None:
     """Register the ``calibrate`` subcommand on the ``flashu-compile`` subparsers ``sub``."""
+    from ..tools.cli import model_args  # not at import time: cli imports this module
     from .scores import DEFAULT_SAMPLES, TASKS
 
     p = sub.add_parser("calibrate", help="score FFN neurons per task (Wanda) and save a pruning plan",
                        description="Calibrate task-specific FFN keep sets and save them as a plan directory.")
-    p.add_argument("--model", default="default",
-                   help="'default' (embedded), a preset name (tiny, ...) or a checkpoint folder")
-    p.add_argument("--tokenizer", help="local Qwen2.5 tokenizer folder (real checkpoints)")
-    p.add_argument("--vae", help="local diffusers Wan2.1 VAE folder (real checkpoints)")
+    model_args(p)
     p.add_argument("--tasks", nargs="+", default=list(TASKS), choices=TASKS)
     p.add_argument("--prune-ratio", type=float, default=0.2, help="fraction of FFN neurons to prune per layer")
     p.add_argument("--multiple", type=int, default=64, help="kept neurons are rounded down to a multiple of this")

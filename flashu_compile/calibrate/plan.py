@@ -28,6 +28,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from ..files import sha256_file
 from ..graph.structure import PATTERNS
 
 FORMAT = "flashu-plan"
@@ -408,7 +409,7 @@ class Plan:
                 "settings": _jsonable(self.settings),
                 "fingerprint": self.fingerprint,
                 "layer_signatures": [[float(v) for v in sig] for sig in self.layer_signatures],
-                "tensors_sha256": _sha256(tmp / TENSORS_FILE),
+                "tensors_sha256": sha256_file(tmp / TENSORS_FILE),
             }
             (tmp / META_FILE).write_text(json.dumps(meta, indent=1) + "\n")
             for file in (tmp / TENSORS_FILE, tmp / META_FILE):
@@ -444,7 +445,7 @@ class Plan:
         if meta.get("version") != FORMAT_VERSION:
             raise PlanError(f"{folder} has plan format version {meta.get('version')!r}; this flashu-compile reads "
                             f"version {FORMAT_VERSION} (recalibrate to get a current plan)")
-        if _sha256(folder / TENSORS_FILE) != meta.get("tensors_sha256"):
+        if sha256_file(folder / TENSORS_FILE) != meta.get("tensors_sha256"):
             raise PlanError(f"{folder / TENSORS_FILE} does not match {META_FILE} (corrupt, truncated or "
                             "from another plan)")
         try:
@@ -471,14 +472,6 @@ class Plan:
         if model is not None:
             plan.verify_model(model)
         return plan
-
-
-def _sha256(file: Path) -> str:
-    digest = hashlib.sha256()
-    with open(file, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def _is_plan_dir(folder: Path) -> bool:

@@ -496,13 +496,11 @@ def cmd_bench(args) -> int:
 
 def add_parser(sub) -> None:
     """Register the ``bench`` subcommand on the ``flashu-compile`` subparsers ``sub``."""
+    from .cli import model_args  # not at import time: cli imports this module
+
     p = sub.add_parser("bench", help="speed, FLOPs, memory and fidelity of eager, Inductor and flashu side by side",
                        description=__doc__.split("\n\n")[0])
-    p.add_argument("--model", default="default",
-                   help="'default' (embedded scenes model), a preset name ('bench': Show-o2 1.5B's depth and 729 image "
-                        "tokens at 1/16 width, random weights) or a checkpoint folder")
-    p.add_argument("--tokenizer", help="local Qwen2.5 tokenizer folder (real checkpoints)")
-    p.add_argument("--vae", help="local diffusers Wan2.1 VAE folder (real checkpoints)")
+    model_args(p)
     p.add_argument("--plan", help="a saved calibration plan (default: calibrate the model first)")
     p.add_argument("--runs", type=int, default=5, help="warm runs per configuration (at least 1)")
     p.add_argument("--prompts", type=int, default=4, help="prompts per text-to-image request (test scenes)")

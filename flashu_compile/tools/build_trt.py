@@ -75,12 +75,11 @@ def cmd_build_trt(args) -> int:
 
 def add_parser(sub) -> None:
     """Register the ``build-trt`` subcommand on the ``flashu-compile`` subparsers ``sub``."""
+    from .cli import model_args  # not at import time: cli imports this module
+
     p = sub.add_parser("build-trt", help="build and serialise the TensorRT engines of the flashu graphs",
                        description=__doc__.split("\n\n")[0])
-    p.add_argument("--model", default="default",
-                   help="'default' (embedded scenes model), a preset name or a checkpoint folder")
-    p.add_argument("--tokenizer", help="local Qwen2.5 tokenizer folder (real checkpoints)")
-    p.add_argument("--vae", help="local diffusers Wan2.1 VAE folder (real checkpoints)")
+    model_args(p)
     p.add_argument("--preset", default="paper", choices=sorted(PRESETS))
     p.add_argument("--plan", help="a saved calibration plan (default: calibrate the model first)")
     p.add_argument("--steps", type=int, default=50, help="time-grid points of the text-to-image request")

@@ -107,9 +107,11 @@ def cmd_ask(args: argparse.Namespace) -> int:
     return 0
 
 
-def _model_args(p: argparse.ArgumentParser) -> None:
+def model_args(p: argparse.ArgumentParser) -> None:
+    """The options every command that loads a model takes (see :func:`_load`)."""
     p.add_argument("--model", default="default",
-                   help="'default' (embedded), a preset name (tiny, ...) or a checkpoint folder")
+                   help="'default' (the embedded scenes model), a preset name (tiny; bench: Show-o2 1.5B's depth and "
+                        "729 image tokens at 1/16 width, random weights) or a checkpoint folder")
     p.add_argument("--tokenizer", help="local Qwen2.5 tokenizer folder (real checkpoints)")
     p.add_argument("--vae", help="local diffusers Wan2.1 VAE folder (real checkpoints)")
 
@@ -119,7 +121,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     demo = sub.add_parser("demo", help="generate an image and answer a question, printing timings")
-    _model_args(demo)
+    model_args(demo)
     demo.add_argument("--prompt", nargs="+", default=["a red circle left of a blue square"])
     demo.add_argument("--question", default="what colour is the circle?")
     demo.add_argument("--steps", type=int, default=50, help="time-grid points (steps - 1 model calls)")
@@ -131,7 +133,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.set_defaults(func=cmd_demo)
 
     ask = sub.add_parser("ask", help="answer a question about an image with the flashu backend")
-    _model_args(ask)
+    model_args(ask)
     ask.add_argument("--image", help="an image file (default: a held-out scene of the embedded model's dataset)")
     ask.add_argument("--scene", type=int, default=0, help="which held-out scene, without --image")
     ask.add_argument("--question", help="default: the scene's first question (or a colour question with --image)")

@@ -719,12 +719,11 @@ def cmd_graph_diff(args: argparse.Namespace) -> int:
 
 def add_parser(sub) -> None:
     """Register the ``graph-diff`` subcommand on the ``flashu-compile`` subparsers ``sub``."""
+    from .cli import model_args  # not at import time: cli imports this module
+
     p = sub.add_parser("graph-diff", help="what every flashu pass did to the graph: modules, shapes, FLOPs, "
                        "guards, numeric divergence", description=__doc__.split("\n\n")[0])
-    p.add_argument("--model", default="default",
-                   help="'default' (embedded scenes model), a preset name (tiny, ...) or a checkpoint folder")
-    p.add_argument("--tokenizer", help="local Qwen2.5 tokenizer folder (real checkpoints)")
-    p.add_argument("--vae", help="local diffusers Wan2.1 VAE folder (real checkpoints)")
+    model_args(p)
     p.add_argument("--preset", default="paper", help="flashu options preset (off, paper, flashu-reference)")
     p.add_argument("--passes", nargs="*", metavar="PASS", help="passes to run (default: the preset's)")
     p.add_argument("--option", "-O", action="append", default=[], metavar="KEY=VALUE",

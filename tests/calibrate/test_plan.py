@@ -9,6 +9,7 @@ import torch
 import flashu_compile.calibrate.plan as plan_module
 from flashu_compile.calibrate import Plan, PlanError, calibrate, ffn_signature, model_fingerprint
 from flashu_compile.calibrate.plan import META_FILE, TENSORS_FILE, decoder_layers
+from flashu_compile.files import sha256_file
 from flashu_compile.models.showo2 import Showo2
 
 from ..conftest import small_config
@@ -47,7 +48,7 @@ def _rewrite_tensors(folder, change):
     change(tensors)
     save_file(tensors, str(folder / TENSORS_FILE))
     meta = json.loads((folder / META_FILE).read_text())
-    meta["tensors_sha256"] = plan_module._sha256(folder / TENSORS_FILE)
+    meta["tensors_sha256"] = sha256_file(folder / TENSORS_FILE)
     (folder / META_FILE).write_text(json.dumps(meta))
 
 
@@ -101,7 +102,7 @@ def test_truncated_safetensors(saved):
 def test_garbage_safetensors_with_matching_digest(saved):
     (saved / TENSORS_FILE).write_bytes(b"\xff" * 64)
     meta = json.loads((saved / META_FILE).read_text())
-    meta["tensors_sha256"] = plan_module._sha256(saved / TENSORS_FILE)
+    meta["tensors_sha256"] = sha256_file(saved / TENSORS_FILE)
     (saved / META_FILE).write_text(json.dumps(meta))
     with pytest.raises(PlanError, match="not a valid safetensors file"):
         Plan.load(saved)

@@ -11,7 +11,6 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -21,6 +20,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from transformers import Qwen2Config, SiglipConfig, SiglipVisionConfig
 
+from ...files import write_atomic
 from .configuration import HUB_PRESETS, FlowHeadConfig, Showo2Config
 from .modeling import Showo2
 from .modules import llama3_inv_freq
@@ -242,18 +242,6 @@ def _sub_config_ref(cfg: Qwen2Config | SiglipVisionConfig, current: str, folder:
     return name
 
 
-def _atomic_write(target: Path, write) -> None:
-    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, target)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
-
-
 def save_showo2(
     model: Showo2, path: str | os.PathLike, format: str = "safetensors", max_shard_bytes: int | None = None
 ) -> None:
@@ -290,15 +278,15 @@ def save_showo2(
         return lambda tmp: torch.save(tensors, tmp)
 
     if len(shards) == 1:
-        _atomic_write(folder / f"{stem}{ext}", writer(shards[0]))
+        write_atomic(folder / f"{stem}{ext}", writer(shards[0]))
     else:
         weight_map = {}
         for i, shard in enumerate(shards, 1):
             name = f"{stem}-{i:05d}-of-{len(shards):05d}{ext}"
-            _atomic_write(folder / name, writer(shard))
+            write_atomic(folder / name, writer(shard))
             weight_map.update(dict.fromkeys(shard, name))
         index = {"metadata": {"total_size": sum(t.numel() * t.element_size() for t in state.values())},
                  "weight_map": weight_map}
-        _atomic_write(folder / (SAFE_INDEX if format == "safetensors" else BIN_INDEX),
+        write_atomic(folder / (SAFE_INDEX if format == "safetensors" else BIN_INDEX),
                       lambda tmp: Path(tmp).write_text(json.dumps(index, indent=2)))
-    _atomic_write(folder / CONFIG_NAME, lambda tmp: Path(tmp).write_text(json.dumps(official, indent=2)))
+    write_atomic(folder / CONFIG_NAME, lambda tmp: Path(tmp).write_text(json.dumps(official, indent=2)))

@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
-import hashlib
 import warnings
 from pathlib import Path
+
+from ...files import sha256_file
 
 WEIGHTS_DIR = Path(__file__).resolve().parents[2] / "weights" / "showo2-scenes"
 CHECKSUMS = "SHA256SUMS"
@@ -22,7 +23,7 @@ def verify_checksums(folder: Path) -> None:
         file = folder / name.strip().lstrip("*")
         if not file.is_file():
             raise CheckpointError(f"embedded weight file {file} is missing")
-        actual = hashlib.sha256(file.read_bytes()).hexdigest()
+        actual = sha256_file(file)
         if actual != digest:
             raise CheckpointError(f"checksum mismatch for {file}: expected {digest}, got {actual}")
 
