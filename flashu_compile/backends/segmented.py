@@ -8,6 +8,7 @@ layer guards). Segments compile lazily on their first call with the real inputs 
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable
 from typing import Any
 
@@ -22,11 +23,19 @@ def has_guards(gm: torch.fx.GraphModule) -> bool:
 
 
 class LazyLowered:
-    """A graph lowered on first call, with that call's arguments as example inputs."""
+    """A graph lowered on first call, with that call's arguments as example inputs.
 
-    def __init__(self, gm: torch.fx.GraphModule, lowering: str) -> None:
+    ``dynamic``: the graph it was cut from has symbolic sizes (dynamo made e.g. a growing KV cache
+    dynamic), so later calls bring other shapes. A kernel compiled for the first call's shapes
+    would reject the next call, so such pieces run on the eager lowering, with a warning.
+    """
+
+    def __init__(self, gm: torch.fx.GraphModule, lowering: str, dynamic: bool = False) -> None:
         self.gm = gm
-        self.lowering = lowering
+        self.lowering = "eager" if dynamic and lowering != "eager" else lowering
+        if self.lowering != lowering:
+            warnings.warn(f"a guarded graph with symbolic sizes runs its pieces eagerly instead of with {lowering!r}",
+                          stacklevel=2)
         self.fn: Callable | None = None
 
     def __call__(self, *args: Any) -> Any:
@@ -37,8 +46,21 @@ class LazyLowered:
         return self.fn(*args)
 
 
+def has_symbolic_sizes(gm: torch.fx.GraphModule) -> bool:
+    """Whether dynamo traced ``gm`` with symbolic sizes (a SymInt input, or a tensor input of symbolic shape)."""
+    for node in gm.graph.nodes:
+        if node.op != "placeholder":
+            continue
+        value = node.meta.get("example_value")
+        if isinstance(value, torch.SymInt) or (
+                isinstance(value, torch.Tensor) and any(isinstance(d, torch.SymInt) for d in value.shape)):
+            return True
+    return False
+
+
 class SegmentedProgram:
     def __init__(self, gm: torch.fx.GraphModule, lowering: str) -> None:
+        self.dynamic = has_symbolic_sizes(gm)
         self.placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
         self.output = next(n for n in gm.graph.nodes if n.op == "output")
         self.steps: list[tuple[str, Any, list, list]] = []
@@ -50,7 +72,7 @@ class SegmentedProgram:
                 self._add_segment(gm, run, lowering)
                 run = []
                 cid, attr, *rest = node.args
-                region = LazyLowered(getattr(gm, attr.target), lowering)
+                region = LazyLowered(getattr(gm, attr.target), lowering, self.dynamic)
                 self.steps.append(("guard", (node.target, cid, region), rest, [node]))
             elif node.op == "get_attr" and all(u.op == "call_function" and u.target in GUARDS for u in node.users):
                 continue  # an outlined region: lowered with its guard
@@ -64,7 +86,7 @@ class SegmentedProgram:
             return
         sub, inputs, outputs = fuse_as_graphmodule(gm, run, f"segment_{len(self.steps)}", always_return_tuple=True)
         if outputs:
-            self.steps.append(("segment", LazyLowered(sub, lowering), list(inputs), list(outputs)))
+            self.steps.append(("segment", LazyLowered(sub, lowering, self.dynamic), list(inputs), list(outputs)))
 
     def _plan_releases(self) -> None:
         # Drop each intermediate after its last reader so peak memory stays that of one segment.

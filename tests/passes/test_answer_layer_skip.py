@@ -82,3 +82,15 @@ def test_embedded_model_answers_with_dropping_and_skipping_composed():
                                    "lowering": "eager"})
     with torch.no_grad():
         assert answer_tokens(model, model.tokenizer, image, QUESTION, max_new_tokens=8) == want
+
+
+def test_inductor_answer_survives_the_growing_cache(tokenizer):
+    """Decode graphs turn dynamic once the cache grows; guarded pieces must not keep a first-call shape."""
+    model = Showo2.random(small_config(num_layers=4), seed=2).attach(tokenizer=tokenizer)
+    image = _image(model, 2)
+    _, want, _, _ = reference_answer(model, tokenizer, image, QUESTION, 8, skip_ratio=0.5)
+    torch._dynamo.reset()
+    model.compile_tasks("flashu", {"passes": ["layer_skip"], "skip_ratio": 0.5})
+    with torch.no_grad():
+        for _ in range(2):
+            assert answer_tokens(model, tokenizer, image, QUESTION, max_new_tokens=8) == want
