@@ -23,19 +23,11 @@ def has_guards(gm: torch.fx.GraphModule) -> bool:
 
 
 class LazyLowered:
-    """A graph lowered on first call, with that call's arguments as example inputs.
+    """A graph lowered on first call, with that call's arguments as example inputs."""
 
-    ``dynamic``: the graph it was cut from has symbolic sizes (dynamo made e.g. a growing KV cache
-    dynamic), so later calls bring other shapes. A kernel compiled for the first call's shapes
-    would reject the next call, so such pieces run on the eager lowering, with a warning.
-    """
-
-    def __init__(self, gm: torch.fx.GraphModule, lowering: str, dynamic: bool = False) -> None:
+    def __init__(self, gm: torch.fx.GraphModule, lowering: str) -> None:
         self.gm = gm
-        self.lowering = "eager" if dynamic and lowering != "eager" else lowering
-        if self.lowering != lowering:
-            warnings.warn(f"a guarded graph with symbolic sizes runs its pieces eagerly instead of with {lowering!r}",
-                          stacklevel=2)
+        self.lowering = lowering
         self.fn: Callable | None = None
 
     def __call__(self, *args: Any) -> Any:
@@ -60,7 +52,12 @@ def has_symbolic_sizes(gm: torch.fx.GraphModule) -> bool:
 
 class SegmentedProgram:
     def __init__(self, gm: torch.fx.GraphModule, lowering: str) -> None:
-        self.dynamic = has_symbolic_sizes(gm)
+        if lowering != "eager" and has_symbolic_sizes(gm):
+            # dynamo made a size dynamic (e.g. a growing KV cache), so later calls bring other shapes;
+            # pieces compiled for the first call's shapes would reject them.
+            warnings.warn(f"a guarded graph with symbolic sizes runs its pieces eagerly instead of with {lowering!r}",
+                          stacklevel=2)
+            lowering = "eager"
         self.placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
         self.output = next(n for n in gm.graph.nodes if n.op == "output")
         self.steps: list[tuple[str, Any, list, list]] = []
@@ -72,7 +69,7 @@ class SegmentedProgram:
                 self._add_segment(gm, run, lowering)
                 run = []
                 cid, attr, *rest = node.args
-                region = LazyLowered(getattr(gm, attr.target), lowering, self.dynamic)
+                region = LazyLowered(getattr(gm, attr.target), lowering)
                 self.steps.append(("guard", (node.target, cid, region), rest, [node]))
             elif node.op == "get_attr" and all(u.op == "call_function" and u.target in GUARDS for u in node.users):
                 continue  # an outlined region: lowered with its guard
@@ -86,7 +83,7 @@ class SegmentedProgram:
             return
         sub, inputs, outputs = fuse_as_graphmodule(gm, run, f"segment_{len(self.steps)}", always_return_tuple=True)
         if outputs:
-            self.steps.append(("segment", LazyLowered(sub, lowering, self.dynamic), list(inputs), list(outputs)))
+            self.steps.append(("segment", LazyLowered(sub, lowering), list(inputs), list(outputs)))
 
     def _plan_releases(self) -> None:
         # Drop each intermediate after its last reader so peak memory stays that of one segment.

@@ -81,7 +81,7 @@ def cmd_ask(args: argparse.Namespace) -> int:
     from flashu_compile.tools.bench import load_plan
 
     options = {"preset": args.preset, "lowering": args.lowering}
-    FlashUOptions.from_dict(options)  # a bad preset or lowering fails before the model loads
+    checked = FlashUOptions.from_dict(options)  # a bad preset or lowering fails before the model loads
     expected = None
     if args.image:
         image, question = _read_image(args.image), args.question or "what colour is the circle?"
@@ -92,7 +92,7 @@ def cmd_ask(args: argparse.Namespace) -> int:
         question, expected = (args.question, None) if args.question else scene.qa[0]
         print(f"image: held-out scene {args.scene}: {scene.caption!r}")
     model = _load(args)
-    if "prune_channels" in FlashUOptions.from_dict(options).passes:
+    if "prune_channels" in checked.passes:
         options["plan"] = load_plan(args, model)
     fast = model.compile_tasks("flashu", options)
     t0 = time.perf_counter()
