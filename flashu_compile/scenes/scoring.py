@@ -187,8 +187,16 @@ def score_image(image, scene: Scene, value_range: tuple[float, float] | None = N
 
 def geneval_score(images: Sequence, scenes: Sequence[Scene],
                   value_range: tuple[float, float] | None = None) -> dict[str, float]:
-    """Accuracy of each check over the prompts it applies to, ``correct`` overall and
-    ``correct/<kind>`` per scene kind (GenEval's per-task view); NaN where no prompt applies."""
+    """Accuracy of each check over the prompts it applies to, and three views of per-prompt success.
+
+    - ``correct``: the fraction of prompts whose every applicable check passes (micro average);
+    - ``correct/<kind>``: the same over the prompts of one scene kind (GenEval's per-task score);
+    - ``overall``: the mean of ``correct/<kind>`` over the kinds present, which is how GenEval's
+      "Overall" is formed (the mean of its task scores), so a prompt mix that happens to hold more
+      of an easy kind does not raise it. This is the headline number.
+
+    A check that applies to no prompt is NaN.
+    """
     if len(images) != len(scenes):
         raise ValueError(f"{len(images)} images for {len(scenes)} scenes")
     if not scenes:
@@ -203,6 +211,8 @@ def geneval_score(images: Sequence, scenes: Sequence[Scene],
     for kind in KINDS:
         summary[f"correct/{kind}"] = mean([r["correct"] for r, s in zip(results, scenes, strict=True)
                                            if s.kind == kind])
+    summary["overall"] = float(np.mean([summary[f"correct/{kind}"] for kind in KINDS
+                                        if any(s.kind == kind for s in scenes)]))
     return summary
 
 
