@@ -111,15 +111,20 @@ def _shape_of(component: np.ndarray) -> str:
     return max(iou, key=iou.get)
 
 
-def find_objects(image, value_range: tuple[float, float] | None = None) -> list[Detection]:
-    """Palette-coloured objects in an image (any layout :func:`to_unit_rgb` accepts)."""
+def colour_classes(image, value_range: tuple[float, float] | None = None) -> np.ndarray:
+    """(H, W) int: each pixel's palette colour, as an index into ``COLOURS``, or -1 for background."""
     rgb = to_unit_rgb(image, value_range)
     brightness = rgb.max(-1)
     saturation = (brightness - rgb.min(-1)) / np.maximum(brightness, 1e-6)
     # Divide out brightness so a dim or slightly washed-out red is still nearest to red.
     chroma = rgb / np.maximum(brightness, 1e-6)[..., None]
     nearest = ((chroma[..., None, :] - _PALETTE) ** 2).sum(-1).argmin(-1)
-    classes = np.where((brightness >= MIN_BRIGHTNESS) & (saturation >= MIN_SATURATION), nearest, -1)
+    return np.where((brightness >= MIN_BRIGHTNESS) & (saturation >= MIN_SATURATION), nearest, -1)
+
+
+def find_objects(image, value_range: tuple[float, float] | None = None) -> list[Detection]:
+    """Palette-coloured objects in an image (any layout :func:`to_unit_rgb` accepts)."""
+    classes = colour_classes(image, value_range)
     labels = _components(classes)
     min_area = max(1, round(MIN_AREA_FRACTION * labels.size))
     found = []
