@@ -21,7 +21,6 @@ from torch._subclasses.fake_tensor import FakeTensor
 from torch.fx.passes.utils.fuser_utils import fuse_as_graphmodule
 
 from ..runtime.guards import GUARDS
-from ..runtime.request import outside_requests
 
 
 def has_guards(gm: torch.fx.GraphModule) -> bool:
@@ -48,12 +47,16 @@ class LazyLowered:
 
 
 class _CompileOnFakes:
-    """Stands in for a guarded region while fake inputs flow through: compiles it for them, then runs it on them."""
+    """Compiles a guarded region for the fake inputs reaching it and returns its fake outputs."""
 
     def __init__(self, region: LazyLowered) -> None:
         self.region = region
 
     def __call__(self, *args: Any) -> Any:
+        if has_guards(self.region.gm):
+            # A nested program: its pieces compile now and it derives its outputs without running guards.
+            self.region.compile(list(args))
+            return self.region.fn.fake_output
         out = self.region.gm(*args)  # first: compiling may rewrite the graph's output into a list
         self.region.compile(list(args))
         return out
@@ -70,10 +73,10 @@ def symbolic_inputs(gm: torch.fx.GraphModule, example_inputs: list) -> list | No
     Dynamo hands a backend real example tensors (and its SymInts) and keeps the symbolic shapes
     in the placeholders' ``example_value``; the fakes are remade in the tracing context's fake
     mode, from the symbolic context dynamo recorded per input, as AOTAutograd does. A region
-    compiled from inside this module already gets such fakes.
+    compiled from inside this module already gets fakes, and compiles with them whatever its sizes.
     """
     if any(isinstance(x, FakeTensor) for x in example_inputs):
-        return list(example_inputs) if any(is_symbolic(x) for x in example_inputs) else None
+        return list(example_inputs)  # a region of a program compiling now
     values = [n.meta.get("example_value") for n in gm.graph.nodes if n.op == "placeholder"]
     context = TracingContext.try_get()
     if context is None or not any(is_symbolic(v) for v in values):
@@ -97,13 +100,15 @@ class SegmentedProgram:
                 run = []
                 cid, attr, *rest = node.args
                 region = LazyLowered(getattr(gm, attr.target), lowering)
-                self.steps.append(("guard", (node.target, cid, region), rest, [node]))
+                first = node.meta["flashu_region"]["first_input"] - 2  # in ``rest``
+                self.steps.append(("guard", (node.target, cid, region, first), rest, [node]))
             elif node.op == "get_attr" and all(u.op == "call_function" and u.target in GUARDS for u in node.users):
                 continue  # an outlined region: lowered with its guard
             else:
                 run.append(node)
         self._add_segment(gm, run, lowering)
         self._plan_releases()
+        self.fake_output: Any = None  # what the graph returns, on fakes, once compiled for symbolic sizes
         fakes = symbolic_inputs(gm, example_inputs or []) if lowering != "eager" else None
         if fakes is not None:
             self._compile_all(fakes)
@@ -112,16 +117,17 @@ class SegmentedProgram:
         """Compile every piece now, each on the fake values that reach it from ``fakes``."""
         fake_mode = detect_fake_mode(fakes)
         env: dict[torch.fx.Node, Any] = dict(zip(self.placeholders, fakes, strict=True))
-        # Guards must not see a request: this is not a step, and their decisions would be recorded.
-        with outside_requests(), fake_mode:
+        with fake_mode:
             for kind, fn, inputs, outputs in self.steps:
                 values = [env[v] if isinstance(v, torch.fx.Node) else v for v in inputs]
                 if kind == "segment":
                     env.update(zip(outputs, fn.gm(*values), strict=True))
                     fn.compile(values)
                 else:
-                    guard, cid, region = fn
-                    env[outputs[0]] = guard(cid, _CompileOnFakes(region), *values)
+                    # Not through the guard: its step logic and runtime checks are for real inputs.
+                    _, _, region, first = fn
+                    env[outputs[0]] = _CompileOnFakes(region)(*values[first:])
+            self.fake_output = torch.fx.node.map_arg(self.output.args[0], env.__getitem__)
 
     def _add_segment(self, gm: torch.fx.GraphModule, run: list[torch.fx.Node], lowering: str) -> None:
         if not run:
@@ -147,7 +153,7 @@ class SegmentedProgram:
             if kind == "segment":
                 env.update(zip(outputs, fn(*values), strict=True))
             else:
-                guard, cid, region = fn
+                guard, cid, region, _ = fn
                 env[outputs[0]] = guard(cid, region, *values)
             for node in release:
                 env.pop(node, None)

@@ -58,7 +58,9 @@ def outline(
         call = gm.graph.call_function(guard, (consts[0], attr, *consts[1:], *inputs))
     tag(attr, pass_name)
     tag(call, pass_name, replaces=last.name)
-    call.meta["flashu_region"] = {"name": name, "nodes": len(region), "guard": guard.__name__}
+    # first_input: where the region's own inputs start in the guard's arguments.
+    call.meta["flashu_region"] = {"name": name, "nodes": len(region), "guard": guard.__name__,
+                                  "first_input": 1 + len(consts)}
     replacements = {}
     if len(outputs) == 1:
         call.meta["example_value"] = outputs[0].meta.get("example_value")
