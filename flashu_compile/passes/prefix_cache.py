@@ -95,8 +95,10 @@ class _Rewrite:
             raise PassNotApplicable(f"the LLM's input {self.stream.name} is not token embeddings with an image span "
                                     "scattered in along the sequence (scatter(1, index, values))")
         self.index, _ = parts
-        self.batch, self.seq, self.width = example_value(self.stream).shape
+        batch, self.seq, _ = example_value(self.stream).shape
         self.span = example_value(self.index).shape[1]
+        if type(self.seq) is not int or type(self.span) is not int:
+            raise PassNotApplicable("the sequence length or the image span was traced as a symbolic size")
         self.window = self.seq - self.span  # P: any row's prefix fits, since its span ends inside the sequence
         if self.window == 0:
             raise PassNotApplicable("the image span is the whole sequence: there is no prefix or tail")
@@ -127,14 +129,14 @@ class _Rewrite:
         if not self.attentions:
             raise PassNotApplicable("no scaled_dot_product_attention after the LLM's input")
         self.tables: dict[torch.fx.Node, str] = {}  # per-token input from outside -> "rows" or "square"
-        model_dims = {self.batch}
+        model_dims = [batch]
         for node in self.region:
             for arg in node.all_input_nodes:
                 if arg in inside or arg is self.stream:
                     continue
                 kind = classify(arg, self.seq, "the layers after the LLM's input")
                 if kind == "weight":
-                    model_dims.update(example_value(arg).shape)
+                    model_dims.extend(example_value(arg).shape)
                 elif kind is not None:
                     self.tables[arg] = kind
         masks = [n for n, kind in self.tables.items() if kind == "square"]
@@ -147,11 +149,12 @@ class _Rewrite:
                 raise PassNotApplicable(f"{node.name} does not attend with the sequence's attention mask")
             if k not in inside or v not in inside:
                 raise PassNotApplicable(f"{node.name} reads keys/values computed outside the per-token layers")
-            model_dims.update(example_value(q).shape[i] for i in (1, 3))
+            model_dims.extend(example_value(q).shape[i] for i in (1, 3))
         for user in self.mask.users:
             if user in inside and not _is_attention(user):
                 raise PassNotApplicable(f"{user.name} reads the attention mask outside an attention")
-        self.sized = sequence_sized(self.region, self.seq, model_dims)
+        # Only static sizes can collide with the sequence length (a symbolic batch never equals it by value).
+        self.sized = sequence_sized(self.region, self.seq, {d for d in model_dims if type(d) is int})
         sized = set(self.sized)
         for node in self.region:
             if node not in sized and self.seq in [a for a in flat_args(node) if type(a) is int]:
@@ -177,7 +180,8 @@ class _Rewrite:
                     ) -> dict[torch.fx.Node, torch.fx.Node]:
         """The stream, tables and mask at each row's span positions (mask columns: window, then span)."""
         call, fn = graph.call_method, graph.call_function
-        b, s, span, p = self.batch, self.seq, self.span, self.window
+        s, span, p = self.seq, self.span, self.window
+        b = call("size", (positions, 0))  # a node: dynamo may have traced the batch as a symbolic size
 
         def rows(value: torch.fx.Node) -> torch.fx.Node:
             width = example_value(value).shape[-1]
@@ -197,7 +201,7 @@ class _Rewrite:
             # A window column past the row's own prefix is another position (span or tail): hidden.
             hidden = False if mask.dtype == torch.bool else torch.finfo(mask.dtype).min
             columns = fn(torch.arange, (p,), {"device": mask.device})
-            visible = fn(operator.lt, (columns, call("view", (offsets, b, 1, 1, 1))))
+            visible = fn(operator.lt, (columns, call("view", (offsets, -1, 1, 1, 1))))
             window = fn(torch.where, (visible, call("narrow", (by_row, 3, 0, p)), hidden))
             by_column = call("unsqueeze", (call("unsqueeze", (positions, 1)), 1))  # (B, 1, 1, span)
             own = fn(torch.gather, (by_row, 3, call("expand", (by_column, b, heads, span, span))))
@@ -268,11 +272,12 @@ def prefix_cache(gm: torch.fx.GraphModule, ctx: PassContext, options) -> PassRes
         else:
             graph.erase_node(node)
     propagate_shapes(gm, NAME)
-    kv_bytes = sum(example_value(n).numel() * example_value(n).element_size() for n in cached)
+    # Per row: the batch may be a symbolic size.
+    kv_bytes = sum(example_value(n)[0].numel() * example_value(n).element_size() for n in cached)
     replaced = outline(gm, window, "flashu_prefix", prefix_guard, (ctx.controller.id, "prefix", positions, rw.mask),
                        NAME)
     guard = next(iter(replaced.values())).args[0]
     guard.meta["flashu_prefix_cache"] = {"sequence": [rw.seq, rw.span], "window": rw.window,
-                                         "attentions": len(rw.attentions), "kv_bytes": kv_bytes}
+                                         "attentions": len(rw.attentions), "kv_bytes_per_row": kv_bytes}
     return PassResult(True, {"sequence": f"{rw.seq} -> {rw.span}", "prefix_window": rw.window,
-                             "cached_attentions": len(rw.attentions), "cached_kv_bytes": kv_bytes})
+                             "cached_attentions": len(rw.attentions), "cached_kv_bytes_per_row": kv_bytes})

@@ -431,6 +431,18 @@ def _describe_guard(node: _Node, task: str, calls: int, moved: dict[str, int]) -
                         f"without storing on {len(by['compute'])}; {full_text}")
         info.shapes = (f"none: the memo holds the region's output {shape_text}; on a reuse call its "
                        f"{info.nodes} nodes do not run")
+    elif kind == "prefix_guard":
+        prefix = node.fx.meta["flashu_prefix_cache"]
+        seq, span = prefix["sequence"]
+        info.reads = (f"the {task} request's memo {node.fx.args[2]!r} of controller {cid}, one entry per shape of the "
+                      "region's inputs (guidance switching off halves the batch: each batch keeps its own)")
+        info.refresh = (f"over a {calls}-call request: runs the prefix window on the first call of each batch size "
+                        f"and reuses its keys/values on every later call; {full_text}")
+        info.shapes = (f"sequence {seq} -> {span} after the LLM's input: every layer and flow-head block runs on each "
+                       f"row's image span (time token + image tokens, gathered at the row's offset); its "
+                       f"{prefix['attentions']} attentions read [the cached window of {prefix['window']} positions, "
+                       f"masked past the row's prefix ; the span]; eoi, eos and padding are never computed; "
+                       f"the memo holds {prefix['kv_bytes_per_row'] / 2**10:.1f} KiB of keys/values per row")
     else:
         info.reads = info.refresh = f"{kind} has no description in graph-diff"
         info.shapes = f"output {shape_text}"
