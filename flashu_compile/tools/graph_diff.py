@@ -185,9 +185,21 @@ def _stamp_captured(gm: torch.fx.GraphModule) -> None:
         node.meta[ORIGIN_KEY] = {"key": key, "module": module, "replaces": None}
 
 
+def _with_regions(gm: torch.fx.GraphModule) -> list[torch.fx.GraphModule]:
+    """``gm`` and every region its guards call, nested ones included."""
+    out = [gm]
+    for node in gm.graph.nodes:
+        if _is_guard(node):
+            out.extend(_with_regions(getattr(gm, node.args[1].target)))
+    return out
+
+
 def _stamp_new(gm: torch.fx.GraphModule, pass_name: str, by_name: dict[str, dict]) -> None:
-    """Key the nodes ``pass_name`` created, from the node each stands for or else its first user."""
-    fresh = [n for n in gm.graph.nodes if ORIGIN_KEY not in n.meta]
+    """Key the nodes ``pass_name`` created, from the node each stands for or else its first user.
+
+    A pass may create nodes and outline them in one go (``prefix_cache``): regions are searched too.
+    """
+    fresh = [n for g in _with_regions(gm) for n in g.graph.nodes if ORIGIN_KEY not in n.meta]
     replaced = {n: by_name.get((n.meta.get(PROVENANCE_KEY) or {}).get("replaces")) for n in fresh}
     modules = {n: origin["module"] for n, origin in replaced.items() if origin is not None}
     for node in reversed(fresh):  # a region's get_attr precedes the guard call that names its module
@@ -531,7 +543,8 @@ def _guards(before: list[_Node], after: list[_Node], task: str, calls: int) -> l
     b_regions = {n.key: n.region for n in before}
     moved: dict[str, Counter] = {r: Counter() for r in regions}
     for node in after:
-        if node.key in b_regions and node.region != b_regions[node.key]:
+        # Nodes moved into a region, or made inside it by the pass (prefix_cache's window run).
+        if node.region != b_regions.get(node.key, ()):
             region = next((r for r in node.region if r in regions), None)
             if region is not None:
                 moved[region][node.module or "<top>"] += 1
