@@ -25,6 +25,7 @@ computes the prefix, and raises rather than return a wrong velocity.
 
 from __future__ import annotations
 
+import math
 import operator
 
 import torch
@@ -41,6 +42,7 @@ from .token_subset import (
     propagate_shapes,
     resize,
     sequence_sized,
+    static_dims,
     tagged,
     users_closure,
 )
@@ -49,18 +51,18 @@ NAME = "prefix_cache"
 _KEEP_META = ("nn_module_stack", "source_fn_stack", "stack_trace")
 
 
-def _scatter_parts(node: torch.fx.Node) -> tuple[torch.fx.Node, torch.fx.Node] | None:
-    """(index, values) when ``node`` is ``scatter(input, 1, index, values)`` of 3-D tensors, else None."""
+def _span_index(node: torch.fx.Node) -> torch.fx.Node | None:
+    """``index`` when ``node`` is ``scatter(input, 1, index, values)`` of 3-D tensors, else None."""
     if not ((node.op == "call_method" and node.target == "scatter") or
             (node.op == "call_function" and node.target is torch.scatter)):
         return None
     if len(node.args) != 4 or node.kwargs:
         return None
-    _, dim, index, values = node.args
+    _, dim, index, _ = node.args
     value = example_value(node)
     if value is None or value.dim() != 3 or dim not in (1, -2) or not isinstance(index, torch.fx.Node):
         return None
-    return index, values
+    return index
 
 
 def _is_sequence_gather(node: torch.fx.Node) -> bool:
@@ -88,13 +90,11 @@ class _Rewrite:
         layers, blocks = ctx.index.layers, ctx.index.head_blocks
         if not layers or not blocks:
             raise PassNotApplicable("no decoder layers and flow-head blocks: not a denoising graph")
-        self.gm = gm
         self.stream = layers[0].input
-        parts = _scatter_parts(self.stream)
-        if parts is None:
+        self.index = _span_index(self.stream)
+        if self.index is None:
             raise PassNotApplicable(f"the LLM's input {self.stream.name} is not token embeddings with an image span "
                                     "scattered in along the sequence (scatter(1, index, values))")
-        self.index, _ = parts
         batch, self.seq, _ = example_value(self.stream).shape
         self.span = example_value(self.index).shape[1]
         if type(self.seq) is not int or type(self.span) is not int:
@@ -122,7 +122,7 @@ class _Rewrite:
             raise PassNotApplicable("the graph returns per-token values; computing only the span would change them")
         for node in per_token - set(self.exits):
             value = example_value(node)
-            if value is not None and self.seq not in value.shape:
+            if value is not None and self.seq not in static_dims(value):
                 raise PassNotApplicable(f"{node.name} {tuple(value.shape)} reduces the sequence axis; only attention "
                                         "and the gather of the image tokens may mix positions")
         self.attentions = [n for n in self.region if _is_attention(n)]
@@ -273,7 +273,7 @@ def prefix_cache(gm: torch.fx.GraphModule, ctx: PassContext, options) -> PassRes
             graph.erase_node(node)
     propagate_shapes(gm, NAME)
     # Per row: the batch may be a symbolic size.
-    kv_bytes = sum(example_value(n)[0].numel() * example_value(n).element_size() for n in cached)
+    kv_bytes = sum(math.prod(example_value(n).shape[1:]) * example_value(n).element_size() for n in cached)
     replaced = outline(gm, window, "flashu_prefix", prefix_guard, (ctx.controller.id, "prefix", positions, rw.mask),
                        NAME)
     guard = next(iter(replaced.values())).args[0]

@@ -30,6 +30,12 @@ def example_value(node: torch.fx.Node) -> torch.Tensor | None:
     return value if isinstance(value, torch.Tensor) else None
 
 
+def static_dims(value: torch.Tensor) -> list[int | None]:
+    """A value's sizes, None where dynamo traced a symbolic size (e.g. a batch that changed): comparing
+    those by value would add guards to the traced graph."""
+    return [d if type(d) is int else None for d in value.shape]
+
+
 @contextlib.contextmanager
 def tagged(graph: torch.fx.Graph, pass_name: str) -> Iterator[None]:
     """Tag every node created inside the block with ``pass_name``'s provenance."""
@@ -73,11 +79,12 @@ def classify(node: torch.fx.Node, seq: int, reader: str) -> str | None:
     mask; "weight": a parameter one of whose sizes happens to equal S; None: no sequence axis.
     """
     value = example_value(node)
-    if value is None or seq not in value.shape:
+    dims = static_dims(value) if value is not None else []
+    if seq not in dims:
         return None
-    if value.dim() == 3 and value.shape[1] == seq:
+    if len(dims) == 3 and dims[1] == seq:
         return "rows"
-    if value.dim() == 4 and tuple(value.shape[2:]) == (seq, seq):
+    if len(dims) == 4 and dims[2:] == [seq, seq]:
         return "square"
     if node.op == "placeholder" and value.dim() <= 2:
         return "weight"
