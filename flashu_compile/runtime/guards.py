@@ -1,10 +1,11 @@
 """Guard ops: the explicit nodes through which a compiled graph reads the request's step state.
 
-Passes outline a region of the graph (a decoder layer, the flow-head trunk) into a submodule
-and replace it by a call to one of these functions. They run in Python between compiled
-segments, so what they decide (skip the layer, reuse the head) changes per step without any
-recompilation. Each compilation owns a :class:`Controller`; guard nodes name it by id, which
-keeps the graph printable and the decision logic in one place.
+Passes outline a region of the graph (a decoder layer, the flow-head trunk, the text prefix's
+window run) into a submodule and replace it by a call to one of these functions. They run in
+Python between compiled segments, so what they decide (skip the layer, reuse the head or the
+prefix's keys/values) changes per step without any recompilation. Each compilation owns a
+:class:`Controller`; guard nodes name it by id, which keeps the graph printable and the decision
+logic in one place.
 """
 
 from __future__ import annotations
@@ -143,7 +144,7 @@ def memo_guard(cid: int, region, key: str, *inputs: Any) -> Any:
     return out
 
 
-def check_span_layout(positions: torch.Tensor, mask: torch.Tensor) -> None:
+def _check_span_layout(positions: torch.Tensor, mask: torch.Tensor) -> None:
     """Raise unless each row's span is contiguous and the mask keeps prefix, span and tail apart as causal
     omni-attention does: the prefix sees neither span nor tail, the span does not see the tail."""
     span = positions.shape[1]
@@ -176,7 +177,7 @@ def prefix_guard(cid: int, region, key: str, positions: torch.Tensor, mask: torc
     if st is not None and (key, shapes) in st.memo:
         st.history.append((st.step, "prefix reuse"))
         return st.memo[key, shapes]
-    check_span_layout(positions, mask)
+    _check_span_layout(positions, mask)
     out = region(*inputs)
     if st is not None:
         st.memo[key, shapes] = out
