@@ -20,7 +20,7 @@ def lower(gm: torch.fx.GraphModule, example_inputs: list, lowering: str) -> Call
 
     if has_guards(gm):
         # Guards read per-step state in Python; only the segments between them are compiled.
-        return SegmentedProgram(gm, lowering)
+        return SegmentedProgram(gm, lowering, example_inputs)
     if lowering == "inductor":
         from .inductor import lower_inductor
 

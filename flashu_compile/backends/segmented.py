@@ -3,19 +3,25 @@
 The graph is cut at every guard node. Each maximal run of ordinary nodes becomes a segment
 lowered on its own (Inductor, TensorRT or eager); each guard's outlined region is lowered the
 same way, recursively, so a region may hold guards of its own (the flow-head trunk holds the
-layer guards). Segments compile lazily on their first call with the real inputs of that call.
+layer guards). Segments of a static-shape graph compile lazily on their first call, with the
+real inputs of that call. A graph dynamo traced with symbolic sizes (a decode step whose KV
+cache grows) instead compiles every piece at once, while dynamo's tracing context is still
+open, on fake inputs that carry its symbols: the pieces then accept every size the graph does,
+and whatever they assume about the symbols becomes one of dynamo's guards on the whole graph.
 """
 
 from __future__ import annotations
 
-import warnings
 from collections.abc import Callable
 from typing import Any
 
 import torch.fx
+from torch._guards import TracingContext, detect_fake_mode
+from torch._subclasses.fake_tensor import FakeTensor
 from torch.fx.passes.utils.fuser_utils import fuse_as_graphmodule
 
 from ..runtime.guards import GUARDS
+from ..runtime.request import outside_requests
 
 
 def has_guards(gm: torch.fx.GraphModule) -> bool:
@@ -30,34 +36,55 @@ class LazyLowered:
         self.lowering = lowering
         self.fn: Callable | None = None
 
+    def compile(self, example_inputs: list) -> None:
+        from .registry import lower
+
+        self.fn = lower(self.gm, example_inputs, self.lowering)
+
     def __call__(self, *args: Any) -> Any:
         if self.fn is None:
-            from .registry import lower
-
-            self.fn = lower(self.gm, list(args), self.lowering)
+            self.compile(list(args))
         return self.fn(*args)
 
 
-def has_symbolic_sizes(gm: torch.fx.GraphModule) -> bool:
-    """Whether dynamo traced ``gm`` with symbolic sizes (a SymInt input, or a tensor input of symbolic shape)."""
-    for node in gm.graph.nodes:
-        if node.op != "placeholder":
-            continue
-        value = node.meta.get("example_value")
-        if isinstance(value, torch.SymInt) or (
-                isinstance(value, torch.Tensor) and any(isinstance(d, torch.SymInt) for d in value.shape)):
-            return True
-    return False
+class _CompileOnFakes:
+    """Stands in for a guarded region while fake inputs flow through: compiles it for them, then runs it on them."""
+
+    def __init__(self, region: LazyLowered) -> None:
+        self.region = region
+
+    def __call__(self, *args: Any) -> Any:
+        out = self.region.gm(*args)  # first: compiling may rewrite the graph's output into a list
+        self.region.compile(list(args))
+        return out
+
+
+def is_symbolic(value: Any) -> bool:
+    return isinstance(value, torch.SymInt) or (
+        isinstance(value, torch.Tensor) and any(isinstance(d, torch.SymInt) for d in value.shape))
+
+
+def symbolic_inputs(gm: torch.fx.GraphModule, example_inputs: list) -> list | None:
+    """Fake inputs carrying dynamo's symbols if ``gm`` was traced with symbolic sizes, else None.
+
+    Dynamo hands a backend real example tensors (and its SymInts) and keeps the symbolic shapes
+    in the placeholders' ``example_value``; the fakes are remade in the tracing context's fake
+    mode, from the symbolic context dynamo recorded per input, as AOTAutograd does. A region
+    compiled from inside this module already gets such fakes.
+    """
+    if any(isinstance(x, FakeTensor) for x in example_inputs):
+        return list(example_inputs) if any(is_symbolic(x) for x in example_inputs) else None
+    values = [n.meta.get("example_value") for n in gm.graph.nodes if n.op == "placeholder"]
+    context = TracingContext.try_get()
+    if context is None or not any(is_symbolic(v) for v in values):
+        return None
+    fake_mode, symbols = context.fake_mode, context.tensor_to_context
+    return [fake_mode.from_tensor(x, symbolic_context=symbols.get(x)) if isinstance(x, torch.Tensor) else x
+            for x in example_inputs]
 
 
 class SegmentedProgram:
-    def __init__(self, gm: torch.fx.GraphModule, lowering: str) -> None:
-        if lowering != "eager" and has_symbolic_sizes(gm):
-            # dynamo made a size dynamic (e.g. a growing KV cache), so later calls bring other shapes;
-            # pieces compiled for the first call's shapes would reject them.
-            warnings.warn(f"a guarded graph with symbolic sizes runs its pieces eagerly instead of with {lowering!r}",
-                          stacklevel=2)
-            lowering = "eager"
+    def __init__(self, gm: torch.fx.GraphModule, lowering: str, example_inputs: list | None = None) -> None:
         self.placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
         self.output = next(n for n in gm.graph.nodes if n.op == "output")
         self.steps: list[tuple[str, Any, list, list]] = []
@@ -77,6 +104,24 @@ class SegmentedProgram:
                 run.append(node)
         self._add_segment(gm, run, lowering)
         self._plan_releases()
+        fakes = symbolic_inputs(gm, example_inputs or []) if lowering != "eager" else None
+        if fakes is not None:
+            self._compile_all(fakes)
+
+    def _compile_all(self, fakes: list) -> None:
+        """Compile every piece now, each on the fake values that reach it from ``fakes``."""
+        fake_mode = detect_fake_mode(fakes)
+        env: dict[torch.fx.Node, Any] = dict(zip(self.placeholders, fakes, strict=True))
+        # Guards must not see a request: this is not a step, and their decisions would be recorded.
+        with outside_requests(), fake_mode:
+            for kind, fn, inputs, outputs in self.steps:
+                values = [env[v] if isinstance(v, torch.fx.Node) else v for v in inputs]
+                if kind == "segment":
+                    env.update(zip(outputs, fn.gm(*values), strict=True))
+                    fn.compile(values)
+                else:
+                    guard, cid, region = fn
+                    env[outputs[0]] = guard(cid, _CompileOnFakes(region), *values)
 
     def _add_segment(self, gm: torch.fx.GraphModule, run: list[torch.fx.Node], lowering: str) -> None:
         if not run:

@@ -54,3 +54,13 @@ def request(task: str, calls: int) -> Iterator[Request]:
         yield req
     finally:
         _CURRENT.reset(token)
+
+
+@contextlib.contextmanager
+def outside_requests() -> Iterator[None]:
+    """Run code (e.g. a compilation on fake inputs) as if no request were open."""
+    token = _CURRENT.set(None)
+    try:
+        yield
+    finally:
+        _CURRENT.reset(token)

@@ -165,6 +165,18 @@ def questions(scene: Scene) -> tuple[tuple[str, str], ...]:
     return tuple(qa)
 
 
+QUESTION_TYPES = ("colour", "shape", "count", "relation")
+
+
+def question_type(question: str) -> str:
+    """Which of :data:`QUESTION_TYPES` a question from :func:`questions` is."""
+    for prefix, kind in (("what colour", "colour"), ("what shape", "shape"), ("how many", "count"),
+                         ("is the", "relation")):
+        if question.startswith(prefix):
+            return kind
+    raise ValueError(f"not a scenes question: {question!r}")
+
+
 def _mask(o: Obj, xs: np.ndarray, ys: np.ndarray) -> np.ndarray:
     """Pixels whose centres fall inside the shape: no anti-aliasing, so renders are exact.
 

@@ -111,15 +111,20 @@ def _shape_of(component: np.ndarray) -> str:
     return max(iou, key=iou.get)
 
 
-def find_objects(image, value_range: tuple[float, float] | None = None) -> list[Detection]:
-    """Palette-coloured objects in an image (any layout :func:`to_unit_rgb` accepts)."""
+def colour_classes(image, value_range: tuple[float, float] | None = None) -> np.ndarray:
+    """(H, W) int: each pixel's palette colour, as an index into ``COLOURS``, or -1 for background."""
     rgb = to_unit_rgb(image, value_range)
     brightness = rgb.max(-1)
     saturation = (brightness - rgb.min(-1)) / np.maximum(brightness, 1e-6)
     # Divide out brightness so a dim or slightly washed-out red is still nearest to red.
     chroma = rgb / np.maximum(brightness, 1e-6)[..., None]
     nearest = ((chroma[..., None, :] - _PALETTE) ** 2).sum(-1).argmin(-1)
-    classes = np.where((brightness >= MIN_BRIGHTNESS) & (saturation >= MIN_SATURATION), nearest, -1)
+    return np.where((brightness >= MIN_BRIGHTNESS) & (saturation >= MIN_SATURATION), nearest, -1)
+
+
+def find_objects(image, value_range: tuple[float, float] | None = None) -> list[Detection]:
+    """Palette-coloured objects in an image (any layout :func:`to_unit_rgb` accepts)."""
+    classes = colour_classes(image, value_range)
     labels = _components(classes)
     min_area = max(1, round(MIN_AREA_FRACTION * labels.size))
     found = []
@@ -187,8 +192,16 @@ def score_image(image, scene: Scene, value_range: tuple[float, float] | None = N
 
 def geneval_score(images: Sequence, scenes: Sequence[Scene],
                   value_range: tuple[float, float] | None = None) -> dict[str, float]:
-    """Accuracy of each check over the prompts it applies to, ``correct`` overall and
-    ``correct/<kind>`` per scene kind (GenEval's per-task view); NaN where no prompt applies."""
+    """Accuracy of each check over the prompts it applies to, and three views of per-prompt success.
+
+    - ``correct``: the fraction of prompts whose every applicable check passes (micro average);
+    - ``correct/<kind>``: the same over the prompts of one scene kind (GenEval's per-task score);
+    - ``overall``: the mean of ``correct/<kind>`` over the kinds present, which is how GenEval's
+      "Overall" is formed (the mean of its task scores), so a prompt mix that happens to hold more
+      of an easy kind does not raise it. This is the headline number.
+
+    A check that applies to no prompt is NaN.
+    """
     if len(images) != len(scenes):
         raise ValueError(f"{len(images)} images for {len(scenes)} scenes")
     if not scenes:
@@ -203,6 +216,8 @@ def geneval_score(images: Sequence, scenes: Sequence[Scene],
     for kind in KINDS:
         summary[f"correct/{kind}"] = mean([r["correct"] for r, s in zip(results, scenes, strict=True)
                                            if s.kind == kind])
+    summary["overall"] = float(np.mean([summary[f"correct/{kind}"] for kind in KINDS
+                                        if any(s.kind == kind for s in scenes)]))
     return summary
 
 

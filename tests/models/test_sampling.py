@@ -73,3 +73,26 @@ def test_bad_generation_arguments(small_model, tokenizer):
         generate_latents(small_model, tokenizer, ["red"], steps=3, guidance=-1.0)
     with pytest.raises(ValueError, match="noise must be"):
         generate_latents(small_model, tokenizer, ["red"], steps=3, noise=torch.zeros(1, 3, 3, 3))
+
+
+def test_inputs_follow_the_model_device(tokenizer):
+    """Rows, noise and the time grid are built on the CPU; they must reach the model's device (e.g. CUDA)."""
+    import copy
+
+    from flashu_compile.models.showo2 import Showo2
+    from flashu_compile.models.showo2.understanding import prepare
+    from tests.conftest import small_config
+
+    model = copy.deepcopy(Showo2.random(small_config())).attach(tokenizer=tokenizer).to("meta")
+    seen = []
+
+    def denoise(*args):
+        seen.extend(a.device.type for a in args)
+        return torch.zeros_like(args[1])
+
+    out = generate_latents(model, tokenizer, ["red circle"], steps=3, denoise=denoise, progress=False)
+    assert set(seen) == {"meta"} and out.device.type == "meta"
+    c, (h, w) = model.config.image_latent_dim, model.config.latent_size
+    rows, embeds = prepare(model, tokenizer, torch.zeros(1, c, h, w), "what colour is the circle?")
+    assert {rows.text_tokens.device.type, rows.attention_mask.device.type, rows.time_positions.device.type,
+            embeds.device.type} == {"meta"}

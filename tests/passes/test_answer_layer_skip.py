@@ -3,8 +3,11 @@
 import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from torch._dynamo.utils import counters
 from transformers import DynamicCache
 
+from flashu_compile.backends import inductor
+from flashu_compile.backends.segmented import is_symbolic
 from flashu_compile.models.showo2 import Showo2
 from flashu_compile.models.showo2.understanding import answer_tokens, prefill, prepare
 from flashu_compile.runtime.request import request
@@ -84,13 +87,24 @@ def test_embedded_model_answers_with_dropping_and_skipping_composed():
         assert answer_tokens(model, model.tokenizer, image, QUESTION, max_new_tokens=8) == want
 
 
-def test_inductor_answer_survives_the_growing_cache(tokenizer):
-    """Decode graphs turn dynamic once the cache grows; guarded pieces must not keep a first-call shape."""
+def test_inductor_answer_survives_the_growing_cache(tokenizer, monkeypatch):
+    """Decode graphs turn dynamic once the cache grows: their guarded pieces are compiled for symbolic sizes."""
+    symbolic = []
+    compile_piece = inductor.lower_inductor
+
+    def spy(gm, example_inputs):
+        symbolic.append(any(is_symbolic(x) for x in example_inputs))
+        return compile_piece(gm, example_inputs)
+
+    monkeypatch.setattr(inductor, "lower_inductor", spy)
     model = Showo2.random(small_config(num_layers=4), seed=2).attach(tokenizer=tokenizer)
     image = _image(model, 2)
     _, want, _, _ = reference_answer(model, tokenizer, image, QUESTION, 8, skip_ratio=0.5)
     torch._dynamo.reset()
     model.compile_tasks("flashu", {"passes": ["layer_skip"], "skip_ratio": 0.5})
     with torch.no_grad():
-        for _ in range(2):
-            assert answer_tokens(model, tokenizer, image, QUESTION, max_new_tokens=8) == want
+        assert answer_tokens(model, tokenizer, image, QUESTION, max_new_tokens=8) == want
+        graphs, pieces = counters["stats"]["unique_graphs"], len(symbolic)
+        assert answer_tokens(model, tokenizer, image, QUESTION, max_new_tokens=8) == want
+    assert any(symbolic), "no guarded piece was compiled by Inductor with symbolic sizes"
+    assert (counters["stats"]["unique_graphs"], len(symbolic)) == (graphs, pieces)  # nothing recompiles

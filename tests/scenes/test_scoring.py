@@ -184,3 +184,15 @@ def test_vqa_accuracy_normalises_case_punctuation_and_digits():
         vqa_accuracy(["red"], qa)
     with pytest.raises(ValueError, match="no questions"):
         vqa_accuracy([], [])
+
+
+def test_overall_is_the_mean_of_per_kind_success_like_geneval(scenes):
+    # One correct single-object image and three blank images for count prompts: a prompt-weighted
+    # mean says 0.25, GenEval's mean over tasks says 0.5.
+    single = next(s for s in scenes if s.kind == "single")
+    counts = [s for s in scenes if s.kind == "count"][:3]
+    blank = np.zeros((SIZE, SIZE, 3), np.uint8)
+    result = geneval_score([single.render(), blank, blank, blank], [single, *counts])
+    assert result["correct"] == 0.25 and result["correct/single"] == 1.0 and result["correct/count"] == 0.0
+    assert result["overall"] == 0.5
+    assert math.isnan(result["correct/relation"])  # absent kinds do not count as failures

@@ -182,6 +182,10 @@ class Showo2(nn.Module):
     def dtype(self) -> torch.dtype:
         return self.showo.model.embed_tokens.weight.dtype
 
+    @property
+    def device(self) -> torch.device:
+        return self.showo.model.embed_tokens.weight.device
+
     def image_features(self, image_latents: torch.Tensor) -> torch.Tensor:
         """Dual-path image features: SigLIP-style semantic path and a projection path, fused."""
         latents = image_latents.to(self.dtype)

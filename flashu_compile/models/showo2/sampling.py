@@ -106,5 +106,8 @@ def generate_latents(
         if options is not None else [guidance] * (steps - 1)
     rows = t2i_rows(tokenizer, prompts, cfg.num_image_tokens, max_text_len or cfg.max_text_len,
                     guidance=any(s > 0 for s in scales), dtype=model.dtype)
+    # Noise is drawn on the CPU so a seed gives the same image on every device.
+    device = model.device
     denoise = denoise or model.compiled.get("denoise", model.denoise)
-    return euler_cfg(denoise, rows, noise, time_grid(steps, shift), scales, progress)
+    return euler_cfg(denoise, rows.to(device), noise.to(device), time_grid(steps, shift).to(device), scales,
+                     progress)

@@ -10,7 +10,7 @@ are evaluated with it.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 
 import torch
 
@@ -61,7 +61,11 @@ class Rows:
     def image_positions(self) -> torch.Tensor:
         """(B, N) long: where each row's image tokens sit (right after its time token)."""
         n = int(self.modality_positions[0, 0, 1]) - 1  # every row's span is the time token + N image tokens
-        return self.time_positions[:, None] + 1 + torch.arange(n)
+        return self.time_positions[:, None] + 1 + torch.arange(n, device=self.time_positions.device)
+
+    def to(self, device: torch.device | str) -> Rows:
+        """The same rows on ``device`` (rows are built on the CPU; the model may live elsewhere)."""
+        return Rows(*(getattr(self, f.name).to(device) for f in fields(self)))
 
 
 def t2i_rows(

@@ -22,9 +22,9 @@ def prepare(model, tokenizer, image_latents: torch.Tensor, question: str) -> tup
         raise ValueError(f"one image latent (1, c, H, W) is expected, got {tuple(image_latents.shape)}")
     p = model.config.patch_size
     n = (image_latents.shape[-2] // p) * (image_latents.shape[-1] // p)
-    rows = mmu_row(tokenizer, question, n, dtype=model.dtype)
-    t = torch.ones(1)
-    embeds, _ = model.embed(rows.text_tokens, image_latents, t, rows.time_positions)
+    rows = mmu_row(tokenizer, question, n, dtype=model.dtype).to(model.device)
+    t = torch.ones(1, device=model.device)
+    embeds, _ = model.embed(rows.text_tokens, image_latents.to(model.device), t, rows.time_positions)
     return rows, embeds
 
 

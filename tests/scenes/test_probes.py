@@ -1,0 +1,78 @@
+"""The layout probes tell a model that reads (or draws) layout from one that does not."""
+
+import re
+
+import numpy as np
+import torch
+
+from flashu_compile.scenes import Obj, Scene, make_split, to_tensor
+from flashu_compile.scenes.probes import colour_centroid, relation_swap, shuffle_tiles, vqa_layout_sensitivity
+
+
+def tiles_of(image: torch.Tensor) -> list[bytes]:
+    t = torch.nn.functional.pixel_unshuffle(image[None], 4)[0].flatten(1).T
+    return sorted(row.numpy().tobytes() for row in t)
+
+
+class Reader:
+    """Answers about the test scene whose render it is shown: matched pixel for pixel (reads the
+    layout), or by the multiset of 4x4 tiles only (a bag of tiles)."""
+
+    def __init__(self, bag: bool):
+        self.bag = bag
+        self.scenes = make_split("test", 200, seed=0)
+        self.images = [(to_tensor(s.render()) + 1) / 2 for s in self.scenes]
+
+    def answer(self, image, question, max_new_tokens):
+        same = (lambda a, b: tiles_of(a) == tiles_of(b)) if self.bag else torch.equal
+        for s, im in zip(self.scenes, self.images, strict=True):
+            if question in dict(s.qa) and same(image, im):
+                return dict(s.qa)[question]
+        return "?"
+
+
+def test_shuffled_tiles_are_the_same_tiles_elsewhere():
+    image = (to_tensor(make_split("test", 1, seed=0)[0].render()) + 1) / 2
+    shuffled = shuffle_tiles(image, 4, torch.Generator().manual_seed(0))
+    assert tiles_of(shuffled) == tiles_of(image) and not torch.equal(shuffled, image)
+
+
+def test_layout_sensitivity_separates_a_layout_reader_from_a_bag_of_tiles():
+    reader = vqa_layout_sensitivity(Reader(bag=False), n_questions=30)
+    bag = vqa_layout_sensitivity(Reader(bag=True), n_questions=30)
+    assert reader["original"]["all"] == bag["original"]["all"] == 1.0
+    assert reader["tiles shuffled"]["all"] < 0.1
+    assert bag["tiles shuffled"]["all"] == 1.0
+
+
+CAPTION = re.compile(r"a (\w+) (\w+) (left of|right of|above|below) a (\w+) (\w+)")
+
+
+class Painter:
+    """Draws relation captions: A 12 px from B in the stated direction, or (``follows=False``)
+    always in the same place whatever the relation says."""
+
+    def __init__(self, follows: bool):
+        self.follows = follows
+
+    def generate_images(self, prompts, steps, guidance, seed, progress):
+        out = []
+        for p in prompts:
+            ca, sa, rel, cb, sb = CAPTION.fullmatch(p).groups()
+            dx, dy = {"left of": (-12, 0), "right of": (12, 0), "above": (0, -12), "below": (0, 12)}[rel] \
+                if self.follows else (-12, 0)
+            a, b = Obj(sa, ca, 16 + dx / 2, 16 + dy / 2), Obj(sb, cb, 16 - dx / 2, 16 - dy / 2)
+            out.append((to_tensor(Scene((a, b), rel).render()) + 1) / 2)
+        return torch.stack(out)
+
+
+def test_relation_swap_separates_a_painter_that_follows_relations_from_one_that_does_not():
+    assert relation_swap(Painter(follows=True), n=12) == {"pairs": 12, "measured": 12, "followed": 1.0}
+    assert relation_swap(Painter(follows=False), n=12)["followed"] == 0.0
+
+
+def test_colour_centroid():
+    image = Scene((Obj("square", "red", 8, 20, 8),)).render()
+    assert colour_centroid(image, "red") == (7.5, 19.5)  # pixel indices, not pixel-centre units
+    assert colour_centroid(image, "blue") is None
+    assert np.isclose(colour_centroid((to_tensor(image) + 1) / 2, "red")[0], 7.5)
