@@ -21,6 +21,7 @@ from .options import PASSES, FlashUOptions
 from .passes.head_cache import head_cache
 from .passes.layer_skip import layer_skip
 from .passes.manager import Pass, PassContext, PassManager
+from .passes.prefix_cache import prefix_cache
 from .passes.prune_channels import prune_channels
 from .passes.token_drop import token_drop
 from .runtime.flops import call_counted, counted
@@ -33,16 +34,17 @@ AVAILABLE_PASSES: dict[str, Pass] = {
     "layer_skip": layer_skip,
     "head_cache": head_cache,
     "token_drop": token_drop,
+    "prefix_cache": prefix_cache,
 }
 GENERATION_PASSES = ("prune_channels", "layer_skip", "head_cache")
 # The graphs each pass rewrites; a preset's other passes simply do not run on a graph of another task.
 PASS_TASKS = {"prune_channels": ("t2i", "mmu"), "layer_skip": ("t2i", "mmu"), "head_cache": ("t2i",),
-              "token_drop": ("mmu",)}
+              "token_drop": ("mmu",), "prefix_cache": ("t2i",)}
 
 
 def build_pass_list(options: FlashUOptions, task: str | None = None) -> list[tuple[str, Pass]]:
-    # Canonical order: tokens are dropped before layers are outlined (it rewrites inside them), and
-    # layer guards must exist before the head trunk that contains them is outlined.
+    # Canonical order: tokens are dropped and the prefix cached before layers are outlined (both rewrite
+    # inside them), and layer and prefix guards must exist before the head trunk that contains them is outlined.
     names = sorted(options.passes, key=PASSES.index)
     return [(name, AVAILABLE_PASSES[name]) for name in names if task is None or task in PASS_TASKS[name]]
 

@@ -14,7 +14,7 @@ from typing import Any
 
 TASKS = ("auto", "t2i", "mmu")
 LOWERINGS = ("inductor", "eager", "tensorrt")
-PASSES = ("prune_channels", "token_drop", "layer_skip", "head_cache")  # in the order they run
+PASSES = ("prune_channels", "token_drop", "prefix_cache", "layer_skip", "head_cache")  # in the order they run
 TOKEN_DROP_ORDERS = ("highest", "lowest")
 
 
@@ -51,6 +51,12 @@ class FlashUOptions:
             _choice("passes", name, PASSES)
         if len(set(self.passes)) != len(self.passes):
             raise ValueError(f"option 'passes' lists a pass twice: {list(self.passes)}")
+        if {"prefix_cache", "layer_skip"} <= set(self.passes):
+            # A skipped layer changes the prefix's hidden states too, and importance is measured over every
+            # token: neither fits a span-only step with a prefix computed once.
+            raise ValueError("option 'passes': prefix_cache does not compose with layer_skip (skipping a layer "
+                             "changes the cached prefix, and layer importance is measured over all tokens); "
+                             "enable one of them")
         for name in ("prune_ratio", "skip_ratio", "token_drop_ratio"):
             value = getattr(self, name)
             if not 0.0 <= value < 1.0:

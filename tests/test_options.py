@@ -23,6 +23,7 @@ def test_presets():
         ({"task": "video"}, r"option 'task' must be one of"),
         ({"passes": ["prune_channels", "magic"]}, r"option 'passes' must be one of .* got 'magic'"),
         ({"passes": "layer_skip"}, r"option 'passes' must be a list of pass names"),
+        ({"passes": ["layer_skip", "prefix_cache"]}, r"option 'passes': prefix_cache does not compose with layer_skip"),
         ({"prune_ratio": 1.0}, r"option 'prune_ratio' must be in \[0, 1\), got 1.0"),
         ({"token_drop_ratio": -0.1}, r"option 'token_drop_ratio' must be in \[0, 1\)"),
         ({"skip_interval": 0}, r"option 'skip_interval' must be >= 1, got 0"),

@@ -1,10 +1,11 @@
 """Guard ops: the explicit nodes through which a compiled graph reads the request's step state.
 
-Passes outline a region of the graph (a decoder layer, the flow-head trunk) into a submodule
-and replace it by a call to one of these functions. They run in Python between compiled
-segments, so what they decide (skip the layer, reuse the head) changes per step without any
-recompilation. Each compilation owns a :class:`Controller`; guard nodes name it by id, which
-keeps the graph printable and the decision logic in one place.
+Passes outline a region of the graph (a decoder layer, the flow-head trunk, the text prefix's
+window run) into a submodule and replace it by a call to one of these functions. They run in
+Python between compiled segments, so what they decide (skip the layer, reuse the head or the
+prefix's keys/values) changes per step without any recompilation. Each compilation owns a
+:class:`Controller`; guard nodes name it by id, which keeps the graph printable and the decision
+logic in one place.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+from torch._subclasses.fake_tensor import FakeTensor
 
 from .request import current_request
 from .schedule import REFERENCE, StepRules
@@ -143,4 +145,46 @@ def memo_guard(cid: int, region, key: str, *inputs: Any) -> Any:
     return out
 
 
-GUARDS = (layer_guard, memo_guard)
+def _check_span_layout(positions: torch.Tensor, mask: torch.Tensor) -> None:
+    """Raise unless each row's span is contiguous and the mask keeps prefix, span and tail apart as causal
+    omni-attention does: the prefix sees neither span nor tail, the span does not see the tail."""
+    span = positions.shape[1]
+    start = positions[:, :1]
+    if not torch.equal(positions, start + torch.arange(span, device=positions.device)):
+        raise RuntimeError(f"prefix_cache needs each row's image span at consecutive positions, got starts "
+                           f"{start.flatten().tolist()} with gaps")
+    pos = torch.arange(mask.shape[-1], device=mask.device)
+    prefix, tail = pos < start, pos >= start + span  # (B, S)
+    in_span = ~prefix & ~tail
+    # Hidden: a False boolean entry, or an additive one so negative that softmax gives it exactly 0.
+    hidden = ~mask if mask.dtype == torch.bool else mask <= -1e9
+    query, key = (slice(None), None, slice(None), None), (slice(None), None, None, slice(None))
+    must_hide = (prefix[query] & ~prefix[key]) | (in_span[query] & tail[key])
+    if bool((must_hide & ~hidden).any()):
+        raise RuntimeError("prefix_cache needs a mask under which positions before the image span see neither the "
+                           "span nor what follows it, and the span does not see what follows it (causal "
+                           "omni-attention); this mask lets them")
+
+
+def prefix_guard(cid: int, region, key: str, positions: torch.Tensor, mask: torch.Tensor, *inputs: Any) -> Any:
+    """The text prefix's keys/values: computed on a request's first call, then reused while the batch is the same.
+
+    The memo is per request and per input shapes (guidance switching off halves the batch: both
+    batches keep their own), and is dropped when the phase changes, like the head cache. Outside
+    a request nothing is kept. Before computing, the layout the rewrite relies on is checked.
+    """
+    st = controller(cid).state()
+    shapes = tuple(tuple(v.shape) for v in inputs if isinstance(v, torch.Tensor))
+    if st is not None and (key, shapes) in st.memo:
+        st.history.append((st.step, "prefix reuse"))
+        return st.memo[key, shapes]
+    if not isinstance(mask, FakeTensor):  # compiling on fake inputs (symbolic sizes): no values to check
+        _check_span_layout(positions, mask)
+    out = region(*inputs)
+    if st is not None:
+        st.memo[key, shapes] = out
+        st.history.append((st.step, "prefix store"))
+    return out
+
+
+GUARDS = (layer_guard, memo_guard, prefix_guard)

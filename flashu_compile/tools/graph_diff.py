@@ -185,9 +185,21 @@ def _stamp_captured(gm: torch.fx.GraphModule) -> None:
         node.meta[ORIGIN_KEY] = {"key": key, "module": module, "replaces": None}
 
 
+def _with_regions(gm: torch.fx.GraphModule) -> list[torch.fx.GraphModule]:
+    """``gm`` and every region its guards call, nested ones included."""
+    out = [gm]
+    for node in gm.graph.nodes:
+        if _is_guard(node):
+            out.extend(_with_regions(getattr(gm, node.args[1].target)))
+    return out
+
+
 def _stamp_new(gm: torch.fx.GraphModule, pass_name: str, by_name: dict[str, dict]) -> None:
-    """Key the nodes ``pass_name`` created, from the node each stands for or else its first user."""
-    fresh = [n for n in gm.graph.nodes if ORIGIN_KEY not in n.meta]
+    """Key the nodes ``pass_name`` created, from the node each stands for or else its first user.
+
+    A pass may create nodes and outline them in one go (``prefix_cache``): regions are searched too.
+    """
+    fresh = [n for g in _with_regions(gm) for n in g.graph.nodes if ORIGIN_KEY not in n.meta]
     replaced = {n: by_name.get((n.meta.get(PROVENANCE_KEY) or {}).get("replaces")) for n in fresh}
     modules = {n: origin["module"] for n, origin in replaced.items() if origin is not None}
     for node in reversed(fresh):  # a region's get_attr precedes the guard call that names its module
@@ -431,6 +443,18 @@ def _describe_guard(node: _Node, task: str, calls: int, moved: dict[str, int]) -
                         f"without storing on {len(by['compute'])}; {full_text}")
         info.shapes = (f"none: the memo holds the region's output {shape_text}; on a reuse call its "
                        f"{info.nodes} nodes do not run")
+    elif kind == "prefix_guard":
+        prefix = node.fx.meta["flashu_prefix_cache"]
+        seq, span = prefix["sequence"]
+        info.reads = (f"the {task} request's memo {node.fx.args[2]!r} of controller {cid}, one entry per shape of the "
+                      "region's inputs (guidance switching off halves the batch: each batch keeps its own)")
+        info.refresh = (f"over a {calls}-call request: runs the prefix window on the first call of each batch size "
+                        f"and reuses its keys/values on every later call; {full_text}")
+        info.shapes = (f"sequence {seq} -> {span} after the LLM's input: every layer and flow-head block runs on each "
+                       f"row's image span (time token + image tokens, gathered at the row's offset); its "
+                       f"{prefix['attentions']} attentions read [the cached window of {prefix['window']} positions, "
+                       f"masked past the row's prefix ; the span]; eoi, eos and padding are never computed; "
+                       f"the memo holds {prefix['kv_bytes_per_row'] / 2**10:.1f} KiB of keys/values per row")
     else:
         info.reads = info.refresh = f"{kind} has no description in graph-diff"
         info.shapes = f"output {shape_text}"
@@ -519,7 +543,8 @@ def _guards(before: list[_Node], after: list[_Node], task: str, calls: int) -> l
     b_regions = {n.key: n.region for n in before}
     moved: dict[str, Counter] = {r: Counter() for r in regions}
     for node in after:
-        if node.key in b_regions and node.region != b_regions[node.key]:
+        # Nodes moved into a region, or made inside it by the pass (prefix_cache's window run).
+        if node.region != b_regions.get(node.key, ()):
             region = next((r for r in node.region if r in regions), None)
             if region is not None:
                 moved[region][node.module or "<top>"] += 1

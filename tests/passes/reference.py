@@ -223,3 +223,110 @@ def reference_answer(model, tokenizer, image, question, max_new_tokens, *, skip_
             if len(tokens) < max_new_tokens:
                 logits = decode_step(model, logits.argmax(-1), cache)
     return first, tokens, cache, skip
+
+
+def _rotate(x, positions, inv_freq):
+    """RoPE at explicit positions (the flow head's tables, computed here from its inverse frequencies)."""
+    angles = positions.float()[:, None] * inv_freq.float()[None]
+    cos, sin = torch.cat([angles, angles], -1).cos(), torch.cat([angles, angles], -1).sin()
+    x1, x2 = x.chunk(2, dim=-1)
+    return x * cos + torch.cat([-x2, x1], dim=-1) * sin
+
+
+def _head_block(block, x, positions, inv_freq, past=None, adaln=None):
+    """One flow-head block on ``x`` (1, n, D) at ``positions``, attending to ``past`` (k, v) and itself.
+
+    The prefix (``adaln`` None) is causal and unmodulated; the span (``adaln`` the block's six
+    chunks) is modulated and sees all of ``past`` and all of itself. Returns (x, (k, v)).
+    """
+    attn = block.self_attn
+    shift_a, scale_a, gate_a, shift_m, scale_m, gate_m = adaln if adaln is not None else (None,) * 6
+
+    def modulate(h, shift, scale):
+        return h if shift is None else (h.float() * (1 + scale.float()) + shift.float()).to(h.dtype)
+
+    n, d = x.shape[1], attn.head_dim
+    h = modulate(block.input_layernorm(x), shift_a, scale_a)
+    q = attn.q_norm(attn.q_proj(h).view(1, n, -1, d).transpose(1, 2))
+    k = attn.k_norm(attn.k_proj(h).view(1, n, -1, d).transpose(1, 2))
+    v = attn.v_proj(h).view(1, n, -1, d).transpose(1, 2)
+    q, k = _rotate(q, positions, inv_freq), _rotate(k, positions, inv_freq)
+    keys, values = (k, v) if past is None else (torch.cat([past[0], k], 2), torch.cat([past[1], v], 2))
+    groups = attn.num_heads // attn.num_kv_heads
+    out = F.scaled_dot_product_attention(q, keys.repeat_interleave(groups, 1), values.repeat_interleave(groups, 1),
+                                         is_causal=adaln is None)
+    update = attn.o_proj(out.transpose(1, 2).reshape(1, n, -1))
+    x = x + (update if gate_a is None else gate_a * update)
+    update = block.mlp(modulate(block.post_attention_layernorm(x), shift_m, scale_m))
+    return x + (update if gate_m is None else gate_m * update), (k, v)
+
+
+@torch.no_grad()
+def reference_prefix_generate(model, prompts, steps, guidance, noise, schedule=None):
+    """Guided Euler sampling that computes each row's text prefix once and then only its image span.
+
+    Per row: the prefix ``[bos] prompt [boi]`` runs causally through the LLM (into a KV cache) and
+    the flow head (keys/values kept per block) on the first call that row is used; every call
+    then embeds the time token and image tokens, runs them at their positions against the cached
+    prefix with full attention inside the span, and reads v from the image tokens. The tail
+    (eoi, eos, padding) is never computed.
+    """
+    from transformers import DynamicCache
+
+    from flashu_compile.models.showo2.modeling import unpatchify
+
+    cfg = model.config
+    lm = model.showo.model
+    calls = steps - 1
+    scales = reference_scales(schedule, calls, guidance, "project")
+    rows = t2i_rows(model.tokenizer, prompts, cfg.num_image_tokens, cfg.max_text_len,
+                    guidance=any(s > 0 for s in scales))
+    grid = time_grid(steps)
+    span = cfg.num_image_tokens + 1
+    prefixes = {}
+
+    def prefix(r):
+        if r not in prefixes:
+            start = int(rows.time_positions[r])
+            cache = DynamicCache(config=cfg.llm)
+            hidden = lm(inputs_embeds=lm.embed_tokens(rows.text_tokens[r:r + 1, :start]), past_key_values=cache,
+                        use_cache=True).last_hidden_state
+            x, head = model.diff_proj(hidden), []
+            for block in model.diffusion_head_a:
+                x, kv = _head_block(block, x, torch.arange(start), model.head_inv_freq)
+                head.append(kv)
+            prefixes[r] = (start, cache, head)
+        return prefixes[r]
+
+    x = noise.float()
+    b = x.shape[0]
+    for k in range(1, calls + 1):
+        t = grid[k - 1]
+        n = 2 * b if scales[k - 1] > 0 else b
+        latents = torch.cat([x, x]) if n > b else x
+        time_embeds, time_tokens = model.time_embeddings(t.expand(n))
+        image = model.image_features(latents)
+        v = []
+        for r in range(n):
+            start, cache, head = prefix(r)
+            positions = start + torch.arange(span)
+            embeds = torch.cat([time_tokens[r:r + 1, None], image[r:r + 1]], 1)
+            visible = torch.zeros(1, 1, span, start + span)
+            hidden = lm(inputs_embeds=embeds, attention_mask=visible, position_ids=positions[None],
+                        past_key_values=cache, use_cache=True).last_hidden_state
+            cache.crop(-span)  # the prefix stays, this call's span goes
+            h = model.diff_proj(hidden)
+            for block, past in zip(model.diffusion_head_a, head, strict=True):
+                adaln = [c[:, None] for c in block.adaLN_modulation(time_embeds[r:r + 1]).chunk(6, dim=-1)]
+                h, _ = _head_block(block, h, positions, model.head_inv_freq, past, adaln)
+            final = model.diffusion_head_b
+            shift, scale = (c[:, None] for c in final.adaLN_modulation(time_embeds[r:r + 1]).chunk(2, dim=-1))
+            out = final.linear((final.norm_final(h).float() * (1 + scale) + shift).to(h.dtype))
+            grid_h, grid_w = cfg.latent_size[0] // cfg.patch_size, cfg.latent_size[1] // cfg.patch_size
+            v.append(unpatchify(out[:, 1:], grid_h, grid_w, cfg.patch_size, cfg.image_latent_dim))
+        v = torch.cat(v).float()
+        if n > b:
+            vc, vu = v.chunk(2)
+            v = vu + scales[k - 1] * (vc - vu)
+        x = x + (grid[k] - t) * v
+    return x

@@ -136,6 +136,24 @@ def test_token_drop_is_described_with_its_shape_change(tokenizer):
     assert p.divergence.shape_changed > 0 and p.divergence.first.shape_before == [1, 1, 32]
 
 
+def test_prefix_cache_is_described_with_its_shape_change(tokenizer):
+    model = _model(tokenizer, seed=16)
+    fn, inputs = sample_call(model, "t2i", "a red circle", "", seed=0)
+    seq, span = inputs[0].shape[1], model.config.num_image_tokens + 1
+    report = graph_diff(fn, inputs, {"lowering": "eager", "passes": ["prefix_cache"]}, calls=10)
+    (p,) = report.graphs[0].passes
+    (g,) = p.guards
+    assert (g.kind, g.region) == ("prefix_guard", "flashu_prefix")
+    assert "memo 'prefix'" in g.reads and "each batch keeps its own" in g.reads
+    assert "runs the prefix window on the first call of each batch size" in g.refresh
+    assert g.shapes.startswith(f"sequence {seq} -> {span} after the LLM's input")
+    assert f"the cached window of {seq - span} positions" in g.shapes and "never computed" in g.shapes
+    # The window run holds copies of the decoder layers and flow-head blocks (for their keys/values).
+    assert {"showo.model.layers.0.self_attn.k_proj", "diffusion_head_a.1.self_attn.v_proj"} <= set(g.modules)
+    # Exact: nothing that keeps its shape diverges; the span-only layers are reshaped, not compared.
+    assert p.divergence.shape_changed > 0 and p.divergence.first is None
+
+
 def test_divergence_names_the_first_perturbed_node(tokenizer):
     every = torch.arange(FFN)
     model = _model(tokenizer, seed=13)
