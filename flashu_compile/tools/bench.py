@@ -66,6 +66,7 @@ class Result:
 # The per-technique rows (``--split``): what each generation technique saves on its own, at the
 # paper preset's settings. The pass rows drop the guidance schedule so that each row changes one thing.
 SPLIT = {"flashu prune 50": "prune_channels", "flashu skip 50": "layer_skip", "flashu cache 50": "head_cache",
+         "flashu prefix 50": "prefix_cache (exact; not in the paper preset)",
          "flashu guidance 50": "guidance schedule", "flashu paper 50": "all of the paper preset"}
 
 
@@ -86,7 +87,7 @@ def default_configs(plan, split: bool = False) -> list[Config]:
         Config("flashu paper answer", "mmu", "flashu", options=paper),
     ]
     if split:
-        one = {"prune": "prune_channels", "skip": "layer_skip", "cache": "head_cache"}
+        one = {"prune": "prune_channels", "skip": "layer_skip", "cache": "head_cache", "prefix": "prefix_cache"}
         configs += [Config(f"flashu {short} 50", "t2i", "flashu", 50,
                            paper | {"passes": [name], "guidance_schedule": None}) for short, name in one.items()]
         # No pass: the graphs are lowered as by preset "off"; only the sampler's guidance scales change.
@@ -506,8 +507,8 @@ def add_parser(sub) -> None:
     p.add_argument("--prompts", type=int, default=4, help="prompts per text-to-image request (test scenes)")
     p.add_argument("--max-new-tokens", type=int, default=32)
     p.add_argument("--split", action="store_true",
-                   help="add one row per generation technique (prune, skip, cache, guidance at 50 steps) and the "
-                        "FLOPs each saves")
+                   help="add one row per generation technique (prune, skip, cache, prefix, guidance at 50 steps) "
+                        "and the FLOPs each saves")
     p.add_argument("--only", nargs="+", metavar="NAME",
                    help="run only these configurations (by name, from the default and --split rows)")
     p.add_argument("--seed", type=int, default=0)

@@ -13,8 +13,25 @@ import copy
 import torch
 import torch.nn.functional as F
 
-from flashu_compile.models.showo2.sampling import time_grid
+from flashu_compile.models.showo2.sampling import generate_latents, time_grid
 from flashu_compile.models.showo2.sequences import t2i_rows
+
+
+def latent_noise(model, n, seed=0):
+    """``n`` noise latents at the model's resolution, seeded."""
+    c, (h, w) = model.config.image_latent_dim, model.config.latent_size
+    return torch.randn(n, c, h, w, generator=torch.Generator().manual_seed(seed))
+
+
+def compiled_generate(model, options, prompts, steps, noise, guidance=5.0):
+    """Latents from the ``flashu`` backend with ``options``; the model is left uncompiled afterwards."""
+    torch._dynamo.reset()  # every example compiles a new backend; stay below dynamo's recompile limit
+    model.compile_tasks("flashu", options)
+    try:
+        return generate_latents(model, model.tokenizer, prompts, steps=steps, guidance=guidance, noise=noise,
+                                progress=False)
+    finally:
+        model.compiled, model.flashu_options = {}, None
 
 
 def assert_close_rel(a, b, rel=1e-5):

@@ -10,7 +10,7 @@ from flashu_compile.models.showo2.sampling import generate_latents
 from flashu_compile.options import FlashUOptions
 from tests.conftest import small_config
 from tests.passes.reference import assert_close_rel as _close
-from tests.passes.reference import reference_generate
+from tests.passes.reference import compiled_generate, latent_noise, reference_generate
 
 PROMPTS = ["a red circle", "two blue squares"]
 
@@ -19,21 +19,6 @@ PROMPTS = ["a red circle", "two blue squares"]
 def model(tokenizer):
     # Four decoder layers so that skip ratios select different numbers of layers.
     return Showo2.random(small_config(num_layers=4), seed=3).attach(tokenizer=tokenizer)
-
-
-def _noise(model, seed=0):
-    c, (h, w) = model.config.image_latent_dim, model.config.latent_size
-    return torch.randn(len(PROMPTS), c, h, w, generator=torch.Generator().manual_seed(seed))
-
-
-def _compiled(model, options, steps, guidance, noise):
-    torch._dynamo.reset()  # every example compiles a new backend; stay below dynamo's recompile limit
-    model.compile_tasks("flashu", options)
-    try:
-        return generate_latents(model, model.tokenizer, PROMPTS, steps=steps, guidance=guidance, noise=noise,
-                                progress=False)
-    finally:
-        model.compiled, model.flashu_options = {}, None
 
 
 @settings(max_examples=12, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
@@ -52,8 +37,8 @@ def test_compiled_trajectory_equals_reference(model, semantics, passes, steps, s
     options = {"passes": list(passes), "lowering": "eager", "step_semantics": semantics, "hybrid_tau": tau,
                "skip_interval": skip_interval, "skip_ratio": skip_ratio, "cache_interval": cache_interval,
                "guidance_schedule": schedule}
-    noise = _noise(model)
-    got = _compiled(model, options, steps, 5.0, noise)
+    noise = latent_noise(model, len(PROMPTS))
+    got = compiled_generate(model, options, PROMPTS, steps, noise, 5.0)
     want = reference_generate(model, PROMPTS, steps, 5.0, noise, layer_skip="layer_skip" in passes,
                               head_cache="head_cache" in passes, semantics=semantics, tau=tau,
                               skip_interval=skip_interval, skip_ratio=skip_ratio, cache_interval=cache_interval,
@@ -63,20 +48,20 @@ def test_compiled_trajectory_equals_reference(model, semantics, passes, steps, s
 
 def test_passes_change_the_result(model):
     # Guards that never fire would pass the equivalence test trivially; these settings must act.
-    noise = _noise(model)
+    noise = latent_noise(model, len(PROMPTS))
     plain = reference_generate(model, PROMPTS, 8, 5.0, noise)
     for passes in (["layer_skip"], ["head_cache"]):
-        got = _compiled(model, {"passes": passes, "lowering": "eager", "skip_ratio": 0.5, "skip_interval": 3,
-                                "cache_interval": 3, "hybrid_tau": 0}, 8, 5.0, noise)
+        got = compiled_generate(model, {"passes": passes, "lowering": "eager", "skip_ratio": 0.5, "skip_interval": 3,
+                                        "cache_interval": 3, "hybrid_tau": 0}, PROMPTS, 8, noise, 5.0)
         assert float((got - plain).abs().max()) > 1e-3, passes
 
 
 def test_inductor_lowering_matches_eager_lowering(model):
     options = {"passes": ["layer_skip", "head_cache"], "skip_ratio": 0.5, "skip_interval": 3, "cache_interval": 2,
                "hybrid_tau": 2, "guidance_schedule": ((2, 0.0), (3, 5.0))}
-    noise = _noise(model)
-    eager = _compiled(model, {**options, "lowering": "eager"}, 8, 5.0, noise)
-    inductor = _compiled(model, {**options, "lowering": "inductor"}, 8, 5.0, noise)
+    noise = latent_noise(model, len(PROMPTS))
+    eager = compiled_generate(model, {**options, "lowering": "eager"}, PROMPTS, 8, noise, 5.0)
+    inductor = compiled_generate(model, {**options, "lowering": "inductor"}, PROMPTS, 8, noise, 5.0)
     _close(inductor, eager, rel=1e-4)
 
 
@@ -87,10 +72,12 @@ def test_no_recompiles_after_first_request(model):
                "skip_interval": 10, "cache_interval": 5, "guidance_schedule": ((24, 7.5), (11, 10.0))}
     model.compile_tasks("flashu", options)
     try:
-        generate_latents(model, model.tokenizer, PROMPTS, steps=50, noise=_noise(model), progress=False)
+        generate_latents(model, model.tokenizer, PROMPTS, steps=50, noise=latent_noise(model, len(PROMPTS)),
+                         progress=False)
         first = torch._dynamo.utils.counters["stats"]["unique_graphs"]
         for seed in (1, 2, 3):
-            generate_latents(model, model.tokenizer, PROMPTS, steps=50, noise=_noise(model, seed), progress=False)
+            generate_latents(model, model.tokenizer, PROMPTS, steps=50, noise=latent_noise(model, len(PROMPTS), seed),
+                             progress=False)
         assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == first
         assert first <= 2  # at most one graph per batch size (cond + uncond, cond only)
     finally:

@@ -15,7 +15,13 @@ from flashu_compile.runtime import FlopTally
 from flashu_compile.runtime.request import current_request, request
 from tests.conftest import WORDS, small_config
 from tests.passes.reference import assert_close_rel as _close
-from tests.passes.reference import reference_generate, reference_prefix_generate, zeroed_copy
+from tests.passes.reference import (
+    compiled_generate,
+    latent_noise,
+    reference_generate,
+    reference_prefix_generate,
+    zeroed_copy,
+)
 from tests.passes.test_prune_channels import _plan
 
 SCHEDULES = [None, ((3, 2.0), (2, 4.0)), ((2, 0.0), (3, 5.0)), ((1, 3.0), (1, 0.0))]
@@ -26,28 +32,13 @@ def model(tokenizer):
     return Showo2.random(small_config(num_layers=3), seed=4).attach(tokenizer=tokenizer)
 
 
-def _noise(model, n, seed=0):
-    c, (h, w) = model.config.image_latent_dim, model.config.latent_size
-    return torch.randn(n, c, h, w, generator=torch.Generator().manual_seed(seed))
-
-
-def _compiled(model, options, prompts, steps, noise, guidance=5.0):
-    torch._dynamo.reset()  # every example compiles a new backend; stay below dynamo's recompile limit
-    model.compile_tasks("flashu", options)
-    try:
-        return generate_latents(model, model.tokenizer, prompts, steps=steps, guidance=guidance, noise=noise,
-                                progress=False)
-    finally:
-        model.compiled, model.flashu_options = {}, None
-
-
 prompt_words = st.lists(st.sampled_from(WORDS), max_size=12).map(" ".join)  # "" is the empty prompt
 
 
 def test_reference_equals_the_unrewritten_model(model):
     """The semantics the pass relies on, checked on the eager model: prefix once, span only, no tail."""
     for prompts in (["red circle", ""], ["two blue squares left of the green triangle above"]):
-        noise = _noise(model, len(prompts))
+        noise = latent_noise(model, len(prompts))
         for schedule in (None, ((2, 0.0), (3, 5.0))):
             _close(reference_prefix_generate(model, prompts, 6, 5.0, noise, schedule),
                    reference_generate(model, prompts, 6, 5.0, noise, schedule=schedule))
@@ -64,8 +55,8 @@ def test_compiled_trajectory_equals_reference(model, prompts, steps, schedule, g
     schedule = schedule if guided else None
     options = {"passes": ["prefix_cache"] + (["head_cache"] if head_cache else []), "lowering": "eager",
                "strict": True, "hybrid_tau": tau, "cache_interval": cache_interval, "guidance_schedule": schedule}
-    noise = _noise(model, len(prompts))
-    got = _compiled(model, options, prompts, steps, noise, guidance)
+    noise = latent_noise(model, len(prompts))
+    got = compiled_generate(model, options, prompts, steps, noise, guidance)
     if head_cache:
         want = reference_generate(model, prompts, steps, guidance, noise, head_cache=True, tau=tau,
                                   cache_interval=cache_interval, schedule=schedule)
@@ -86,10 +77,11 @@ def test_composes_with_pruned_ffns(tokenizer, data, steps, tau, head_cache):
     pruned = zeroed_copy(model, keep["t2i"])  # original numbering: made before compiling permutes the weights
     full = zeroed_copy(model, [torch.arange(size)] * layers)
     prompts = ["red circle", "two green squares left of the blue triangle"]
-    noise = _noise(model, len(prompts))
+    noise = latent_noise(model, len(prompts))
     passes = ["prune_channels", "prefix_cache"] + (["head_cache"] if head_cache else [])
-    got = _compiled(model, {"passes": passes, "plan": plan, "lowering": "eager", "strict": True, "hybrid_tau": tau,
-                            "cache_interval": 2}, prompts, steps, noise)
+    options = {"passes": passes, "plan": plan, "lowering": "eager", "strict": True, "hybrid_tau": tau,
+               "cache_interval": 2}
+    got = compiled_generate(model, options, prompts, steps, noise)
     want = reference_generate(full, prompts, steps, 5.0, noise, head_cache=head_cache, tau=tau, cache_interval=2,
                               pruned=pruned)
     _close(got, want)
@@ -108,7 +100,7 @@ def test_prefix_is_computed_once_per_request_and_batch(model):
         return out
 
     try:
-        generate_latents(model, model.tokenizer, ["red circle"], steps=7, noise=_noise(model, 1), progress=False,
+        generate_latents(model, model.tokenizer, ["red circle"], steps=7, noise=latent_noise(model, 1), progress=False,
                          denoise=denoise)
     finally:
         model.compiled, model.flashu_options = {}, None
@@ -123,7 +115,7 @@ def test_step_flops_fall_by_the_prefix_and_tail_share(tokenizer):
     cfg = model.config
     rows = t2i_rows(tokenizer, ["red circle left of the blue square"], cfg.num_image_tokens, cfg.max_text_len,
                     guidance=True)
-    latents = _noise(model, 2)
+    latents = latent_noise(model, 2)
     flops = {}
     for name, passes in (("full", []), ("prefix_cache", ["prefix_cache"])):
         torch._dynamo.reset()
@@ -155,11 +147,12 @@ def test_no_recompiles_after_the_first_request(model):
     model.compile_tasks("flashu", {"passes": ["prefix_cache", "head_cache"], "lowering": "eager",
                                    "guidance_schedule": ((24, 7.5), (11, 10.0))})
     try:
-        generate_latents(model, model.tokenizer, ["red circle", ""], steps=20, noise=_noise(model, 2),
+        generate_latents(model, model.tokenizer, ["red circle", ""], steps=20, noise=latent_noise(model, 2),
                          progress=False)
         first = torch._dynamo.utils.counters["stats"]["unique_graphs"]
         for seed, prompts in ((1, ["two blue squares above the green triangle", "red"]), (2, ["", "circle"])):
-            generate_latents(model, model.tokenizer, prompts, steps=20, noise=_noise(model, 2, seed), progress=False)
+            generate_latents(model, model.tokenizer, prompts, steps=20, noise=latent_noise(model, 2, seed),
+                             progress=False)
         assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == first == 1
     finally:
         model.compiled, model.flashu_options = {}, None
@@ -169,9 +162,9 @@ def test_inductor_lowering_matches_eager_lowering(model):
     options = {"passes": ["prefix_cache", "head_cache"], "cache_interval": 2, "hybrid_tau": 2,
                "guidance_schedule": ((2, 0.0), (3, 5.0))}
     prompts = ["red circle", "two blue squares"]
-    noise = _noise(model, 2)
-    eager = _compiled(model, {**options, "lowering": "eager"}, prompts, 6, noise)
-    inductor = _compiled(model, {**options, "lowering": "inductor"}, prompts, 6, noise)
+    noise = latent_noise(model, 2)
+    eager = compiled_generate(model, {**options, "lowering": "eager"}, prompts, 6, noise)
+    inductor = compiled_generate(model, {**options, "lowering": "inductor"}, prompts, 6, noise)
     _close(inductor, eager, rel=1e-4)
 
 
@@ -206,5 +199,5 @@ def test_a_mask_that_lets_the_prefix_see_the_span_is_refused(small_model, tokeni
     fast = torch.compile(small_model.denoise, backend="flashu", options={"passes": ["prefix_cache"],
                                                                          "lowering": "eager"})
     with torch.no_grad(), pytest.raises(RuntimeError, match="positions before the image span see neither"):
-        fast(rows.text_tokens, _noise(small_model, 1), torch.full((1,), 0.5), torch.zeros_like(rows.attention_mask),
-             rows.modality_positions)
+        fast(rows.text_tokens, latent_noise(small_model, 1), torch.full((1,), 0.5),
+             torch.zeros_like(rows.attention_mask), rows.modality_positions)

@@ -94,7 +94,8 @@ def test_default_and_split_rows():
     split = {c.name: c for c in default_configs("plan", split=True)}
     assert set(SPLIT) <= set(split)
     for name, passes in (("flashu prune 50", ("prune_channels",)), ("flashu skip 50", ("layer_skip",)),
-                         ("flashu cache 50", ("head_cache",)), ("flashu guidance 50", ())):
+                         ("flashu cache 50", ("head_cache",)), ("flashu prefix 50", ("prefix_cache",)),
+                         ("flashu guidance 50", ())):
         config = split[name]
         options = FlashUOptions.from_dict(config.options)
         assert (config.task, config.backend, config.steps, options.passes) == ("t2i", "flashu", 50, passes)
