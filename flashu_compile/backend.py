@@ -15,7 +15,7 @@ from typing import Any
 import torch
 
 from .backends import lower
-from .backends.segmented import LazyLowered
+from .backends.segmented import LazyLowered, copy_graph
 from .graph import build_index
 from .options import PASSES, FlashUOptions
 from .passes.head_cache import head_cache
@@ -62,12 +62,6 @@ class PhasedProgram:
         return call_counted(run, *args)
 
 
-def _copy_graph(gm: torch.fx.GraphModule) -> torch.fx.GraphModule:
-    graph = torch.fx.Graph()
-    graph.output(graph.graph_copy(gm.graph, {}))
-    return torch.fx.GraphModule(gm, graph)
-
-
 def _load_plan(plan: Any):
     if plan is None:
         return None
@@ -94,7 +88,7 @@ def flashu_backend(gm: torch.fx.GraphModule, example_inputs: list, options: Any 
     controller = Controller(task, StepRules.from_options(opts),
                             num_layers=len(index.layers) if any(name == "layer_skip" for name, _ in passes) else 0,
                             skip_ratio=opts.skip_ratio, phased=phased)
-    full = _copy_graph(gm) if phased else None
+    full = copy_graph(gm) if phased else None
     manager = PassManager(passes, strict=opts.strict, dump_dir=opts.debug_dir)
     gm = manager.run(gm, PassContext(index, task, controller, _load_plan(opts.plan)), opts)
     compiled = lower(gm, example_inputs, opts.lowering)

@@ -12,6 +12,7 @@ and whatever they assume about the symbols becomes one of dynamo's guards on the
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable
 from typing import Any
 
@@ -27,6 +28,13 @@ def has_guards(gm: torch.fx.GraphModule) -> bool:
     return any(n.op == "call_function" and n.target in GUARDS for n in gm.graph.nodes)
 
 
+def copy_graph(gm: torch.fx.GraphModule) -> torch.fx.GraphModule:
+    """A GraphModule with its own copy of ``gm``'s graph (sharing its attributes)."""
+    graph = torch.fx.Graph()
+    graph.output(graph.graph_copy(gm.graph, {}))
+    return torch.fx.GraphModule(gm, graph)
+
+
 class LazyLowered:
     """A graph lowered on first call, with that call's arguments as example inputs."""
 
@@ -38,7 +46,15 @@ class LazyLowered:
     def compile(self, example_inputs: list) -> None:
         from .registry import lower
 
-        self.fn = lower(self.gm, example_inputs, self.lowering)
+        # A copy: Inductor may rewrite a graph's output in place, and the graph must stay reusable
+        # (fake propagation, or an eager fallback).
+        self.fn = lower(copy_graph(self.gm), example_inputs, self.lowering)
+
+    def fall_back_to_eager(self) -> None:
+        """Forget any compiled form (and those of nested pieces); lower eagerly on the next call."""
+        if isinstance(self.fn, SegmentedProgram):
+            self.fn.fall_back_to_eager()
+        self.fn, self.lowering = None, "eager"
 
     def __call__(self, *args: Any) -> Any:
         if self.fn is None:
@@ -57,7 +73,7 @@ class _CompileOnFakes:
             # A nested program: its pieces compile now and it derives its outputs without running guards.
             self.region.compile(list(args))
             return self.region.fn.fake_output
-        out = self.region.gm(*args)  # first: compiling may rewrite the graph's output into a list
+        out = self.region.gm(*args)
         self.region.compile(list(args))
         return out
 
@@ -111,7 +127,18 @@ class SegmentedProgram:
         self.fake_output: Any = None  # what the graph returns, on fakes, once compiled for symbolic sizes
         fakes = symbolic_inputs(gm, example_inputs or []) if lowering != "eager" else None
         if fakes is not None:
-            self._compile_all(fakes)
+            try:
+                self._compile_all(fakes)
+            except Exception as error:  # any lowering failure has the same remedy
+                # E.g. Inductor cannot bind a symbol that reaches a piece only inside a size expression
+                # (s0 + 1); correct results come first, so these pieces run eagerly.
+                warnings.warn(f"compiling the pieces of a graph with symbolic sizes failed ({type(error).__name__}: "
+                              f"{error}); they run eagerly", stacklevel=2)
+                self.fall_back_to_eager()
+
+    def fall_back_to_eager(self) -> None:
+        for kind, fn, _, _ in self.steps:
+            (fn if kind == "segment" else fn[2]).fall_back_to_eager()
 
     def _compile_all(self, fakes: list) -> None:
         """Compile every piece now, each on the fake values that reach it from ``fakes``."""
