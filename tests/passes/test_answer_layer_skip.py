@@ -1,5 +1,6 @@
 """Understanding layer skipping against a hand-written eager answer with the same skip set."""
 
+import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -108,3 +109,24 @@ def test_inductor_answer_survives_the_growing_cache(tokenizer, monkeypatch):
         assert answer_tokens(model, tokenizer, image, QUESTION, max_new_tokens=8) == want
     assert any(symbolic), "no guarded piece was compiled by Inductor with symbolic sizes"
     assert (counters["stats"]["unique_graphs"], len(symbolic)) == (graphs, pieces)  # nothing recompiles
+
+
+def test_symbolic_pieces_fall_back_to_eager_when_inductor_fails(tokenizer, monkeypatch):
+    """A piece Inductor cannot compile for symbolic sizes must not break the answer: warn, run eagerly."""
+    compile_piece = inductor.lower_inductor
+
+    def failing(gm, example_inputs):
+        if any(is_symbolic(x) for x in example_inputs):
+            raise AssertionError("For s0 + 1, expected [s0] to have been codegen-ed.")
+        return compile_piece(gm, example_inputs)
+
+    monkeypatch.setattr(inductor, "lower_inductor", failing)
+    model = Showo2.random(small_config(num_layers=4), seed=2).attach(tokenizer=tokenizer)
+    image = _image(model, 2)
+    _, want, _, _ = reference_answer(model, tokenizer, image, QUESTION, 8, skip_ratio=0.5)
+    torch._dynamo.reset()
+    model.compile_tasks("flashu", {"passes": ["layer_skip"], "skip_ratio": 0.5})
+    with torch.no_grad(), pytest.warns(UserWarning, match="symbolic sizes failed .*AssertionError.*run eagerly"):
+        assert answer_tokens(model, tokenizer, image, QUESTION, max_new_tokens=8) == want
+    with torch.no_grad():
+        assert answer_tokens(model, tokenizer, image, QUESTION, max_new_tokens=8) == want
