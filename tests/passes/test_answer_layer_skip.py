@@ -88,45 +88,45 @@ def test_embedded_model_answers_with_dropping_and_skipping_composed():
         assert answer_tokens(model, model.tokenizer, image, QUESTION, max_new_tokens=8) == want
 
 
-def test_inductor_answer_survives_the_growing_cache(tokenizer, monkeypatch):
-    """Decode graphs turn dynamic once the cache grows: their guarded pieces are compiled for symbolic sizes."""
-    symbolic = []
+def _skipping_answerer(tokenizer, monkeypatch, on_symbolic):
+    """A 4-layer model compiled with layer_skip on Inductor, whose Inductor calls for pieces of symbolic
+    size go through ``on_symbolic`` first; returns answer(), giving 8 tokens, and the reference tokens."""
     compile_piece = inductor.lower_inductor
 
-    def spy(gm, example_inputs):
-        symbolic.append(any(is_symbolic(x) for x in example_inputs))
+    def lower(gm, example_inputs):
+        if any(is_symbolic(x) for x in example_inputs):
+            on_symbolic()
         return compile_piece(gm, example_inputs)
 
-    monkeypatch.setattr(inductor, "lower_inductor", spy)
+    monkeypatch.setattr(inductor, "lower_inductor", lower)
     model = Showo2.random(small_config(num_layers=4), seed=2).attach(tokenizer=tokenizer)
     image = _image(model, 2)
     _, want, _, _ = reference_answer(model, tokenizer, image, QUESTION, 8, skip_ratio=0.5)
     torch._dynamo.reset()
     model.compile_tasks("flashu", {"passes": ["layer_skip"], "skip_ratio": 0.5})
+    return lambda: answer_tokens(model, tokenizer, image, QUESTION, max_new_tokens=8), want
+
+
+def test_inductor_answer_survives_the_growing_cache(tokenizer, monkeypatch):
+    """Decode graphs turn dynamic once the cache grows: their guarded pieces are compiled for symbolic sizes."""
+    symbolic = []
+    answer, want = _skipping_answerer(tokenizer, monkeypatch, lambda: symbolic.append(True))
     with torch.no_grad():
-        assert answer_tokens(model, tokenizer, image, QUESTION, max_new_tokens=8) == want
+        assert answer() == want
         graphs, pieces = counters["stats"]["unique_graphs"], len(symbolic)
-        assert answer_tokens(model, tokenizer, image, QUESTION, max_new_tokens=8) == want
-    assert any(symbolic), "no guarded piece was compiled by Inductor with symbolic sizes"
+        assert answer() == want
+    assert symbolic, "no guarded piece was compiled by Inductor with symbolic sizes"
     assert (counters["stats"]["unique_graphs"], len(symbolic)) == (graphs, pieces)  # nothing recompiles
 
 
 def test_symbolic_pieces_fall_back_to_eager_when_inductor_fails(tokenizer, monkeypatch):
     """A piece Inductor cannot compile for symbolic sizes must not break the answer: warn, run eagerly."""
-    compile_piece = inductor.lower_inductor
 
-    def failing(gm, example_inputs):
-        if any(is_symbolic(x) for x in example_inputs):
-            raise AssertionError("For s0 + 1, expected [s0] to have been codegen-ed.")
-        return compile_piece(gm, example_inputs)
+    def fail():
+        raise AssertionError("For s0 + 1, expected [s0] to have been codegen-ed.")
 
-    monkeypatch.setattr(inductor, "lower_inductor", failing)
-    model = Showo2.random(small_config(num_layers=4), seed=2).attach(tokenizer=tokenizer)
-    image = _image(model, 2)
-    _, want, _, _ = reference_answer(model, tokenizer, image, QUESTION, 8, skip_ratio=0.5)
-    torch._dynamo.reset()
-    model.compile_tasks("flashu", {"passes": ["layer_skip"], "skip_ratio": 0.5})
+    answer, want = _skipping_answerer(tokenizer, monkeypatch, fail)
     with torch.no_grad(), pytest.warns(UserWarning, match="symbolic sizes failed .*AssertionError.*run eagerly"):
-        assert answer_tokens(model, tokenizer, image, QUESTION, max_new_tokens=8) == want
+        assert answer() == want
     with torch.no_grad():
-        assert answer_tokens(model, tokenizer, image, QUESTION, max_new_tokens=8) == want
+        assert answer() == want
