@@ -16,7 +16,9 @@ import warnings
 from collections.abc import Callable
 from typing import Any
 
+import sympy
 import torch.fx
+import torch.utils._pytree as pytree
 from torch._guards import TracingContext, detect_fake_mode
 from torch._subclasses.fake_tensor import FakeTensor
 from torch.fx.passes.utils.fuser_utils import fuse_as_graphmodule
@@ -35,6 +37,46 @@ def copy_graph(gm: torch.fx.GraphModule) -> torch.fx.GraphModule:
     return torch.fx.GraphModule(gm, graph)
 
 
+def _expr(size: Any) -> sympy.Expr | None:
+    return size.node.expr if isinstance(size, torch.SymInt) else None
+
+
+def unbound_symbols(example_inputs: list) -> list[tuple[int, int, int]]:
+    """How to recover each symbol the inputs' sizes use but no input states bare, as ``(leaf, dim, offset)``
+    with ``leaf`` an index into the inputs' pytree leaves (a guard's output reaches a segment as a tuple).
+
+    Inductor binds a symbol from a SymInt input or a tensor dimension that is exactly that symbol. A
+    piece cut from a larger graph can see a symbol only inside an expression (a cache of ``s0 + 1``
+    rows), and Inductor then cannot generate code for it. Where some dimension is ``s + offset``, the
+    symbol is ``size - offset`` and is passed to the piece as one more input. A symbol with no such
+    dimension is left to fail in Inductor, which the caller answers with the eager fallback.
+    """
+    bound: set[sympy.Symbol] = set()
+    used: set[sympy.Symbol] = set()
+    dims: list[tuple[int, int, sympy.Expr]] = []
+    for i, x in enumerate(pytree.tree_leaves(example_inputs)):
+        if isinstance(x, torch.SymInt):
+            sizes, strides = [x], []
+        elif isinstance(x, torch.Tensor):
+            sizes, strides = list(x.shape), [*x.stride(), x.storage_offset()]
+        else:
+            continue
+        for d, size in enumerate(sizes):
+            if (e := _expr(size)) is not None:
+                used |= e.free_symbols
+                if e.is_Symbol:
+                    bound.add(e)
+                elif isinstance(x, torch.Tensor):
+                    dims.append((i, d, e))
+        used |= {s for stride in strides if (e := _expr(stride)) is not None for s in e.free_symbols}
+    recover = []
+    for symbol in sorted(used - bound, key=str):
+        offsets = [(i, d, int(e - symbol)) for i, d, e in dims if (e - symbol).is_Integer]
+        if offsets:
+            recover.append(offsets[0])
+    return recover
+
+
 class LazyLowered:
     """A graph lowered on first call, with that call's arguments as example inputs."""
 
@@ -42,23 +84,39 @@ class LazyLowered:
         self.gm = gm
         self.lowering = lowering
         self.fn: Callable | None = None
+        self.recover: list[tuple[int, int, int]] = []  # extra symbol inputs, see ``unbound_symbols``
 
     def compile(self, example_inputs: list) -> None:
         from .registry import lower
 
         # A copy: Inductor may rewrite a graph's output in place, and the graph must stay reusable
         # (fake propagation, or an eager fallback).
-        self.fn = lower(copy_graph(self.gm), example_inputs, self.lowering)
+        gm = copy_graph(self.gm)
+        # A nested program binds symbols piece by piece itself; its placeholders must match the guard's call.
+        self.recover = [] if self.lowering == "eager" or has_guards(gm) else unbound_symbols(example_inputs)
+        leaves = pytree.tree_leaves(example_inputs)
+        extra = [leaves[i].shape[d] - offset for i, d, offset in self.recover]
+        if extra:
+            last = [n for n in gm.graph.nodes if n.op == "placeholder"][-1]
+            for k, value in enumerate(extra):
+                with gm.graph.inserting_after(last):
+                    last = gm.graph.placeholder(f"symbol_{k}")
+                last.meta["val"] = last.meta["example_value"] = value
+            gm.recompile()
+        self.fn = lower(gm, [*example_inputs, *extra], self.lowering)
 
     def fall_back_to_eager(self) -> None:
         """Forget any compiled form (and those of nested pieces); lower eagerly on the next call."""
         if isinstance(self.fn, SegmentedProgram):
             self.fn.fall_back_to_eager()
-        self.fn, self.lowering = None, "eager"
+        self.fn, self.lowering, self.recover = None, "eager", []
 
     def __call__(self, *args: Any) -> Any:
         if self.fn is None:
             self.compile(list(args))
+        if self.recover:
+            leaves = pytree.tree_leaves(args)
+            args = (*args, *(leaves[i].shape[d] - offset for i, d, offset in self.recover))
         return self.fn(*args)
 
 

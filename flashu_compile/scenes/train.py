@@ -106,6 +106,9 @@ def plot_losses(log: dict, path: Path) -> None:
     fig, axes = plt.subplots(1, 2, figsize=(9, 3.2))
     for ax, key, title in ((axes[0], "flow", "flow matching (MSE)"), (axes[1], "ntp", "answer tokens (CE)")):
         values = log[key]
+        if not values:  # a one-task run
+            ax.set_title(f"{title}: not trained")
+            continue
         window = max(1, len(values) // 50)
         smooth = [sum(values[max(0, i - window):i + 1]) / len(values[max(0, i - window):i + 1])
                   for i in range(len(values))]
@@ -120,7 +123,13 @@ def plot_losses(log: dict, path: Path) -> None:
 
 
 def train(minutes: float, out: Path, batch: int = 32, lr: float = 2e-3, seed: int = 0, n_train: int = 20000,
-          init_from: Path | None = None) -> dict:
+          init_from: Path | None = None, answer_batch: int | None = None, answer_weight: float = 0.5) -> dict:
+    """Train for ``minutes`` of wall-clock; each step has ``batch`` text-to-image rows and ``answer_batch``
+    understanding rows (default ``batch // 2``), the answer loss weighted by ``answer_weight``.
+    Either batch may be 0 (one task only, e.g. to see how fast that task learns on its own)."""
+    answer_batch = batch // 2 if answer_batch is None else answer_batch
+    if batch < 0 or answer_batch < 0 or batch + answer_batch == 0:
+        raise ValueError(f"batch sizes must be non-negative and not both 0, got {batch} and {answer_batch}")
     torch.manual_seed(seed)
     rng = random.Random(seed)
     # Continuing from saved weights restarts the schedule (optimizer state is not saved).
@@ -132,8 +141,8 @@ def train(minutes: float, out: Path, batch: int = 32, lr: float = 2e-3, seed: in
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01, betas=(0.9, 0.98))
     budget = minutes * 60
     start = time.perf_counter()
-    log = {"flow": [], "ntp": [], "config": model.config.summary(), "batch": batch, "lr": lr, "seed": seed,
-           "init_from": str(init_from) if init_from else None}
+    log = {"flow": [], "ntp": [], "config": model.config.summary(), "batch": batch, "answer_batch": answer_batch,
+           "answer_weight": answer_weight, "lr": lr, "seed": seed, "init_from": str(init_from) if init_from else None}
     step = 0
     bar = tqdm(total=int(budget), desc="training (s)", unit="s")
     while (elapsed := time.perf_counter() - start) < budget:
@@ -142,18 +151,20 @@ def train(minutes: float, out: Path, batch: int = 32, lr: float = 2e-3, seed: in
         scale = min(1.0, (step + 1) / 200) * 0.5 * (1 + math.cos(math.pi * frac))
         for group in opt.param_groups:
             group["lr"] = lr * max(scale, 0.02)
-        scenes = rng.sample(data, batch)
-        lf = flow_loss(model, tok, scenes, codec, rng)
-        ln = answer_loss(model, tok, scenes[: batch // 2], codec, rng)
+        scenes = rng.sample(data, max(batch, answer_batch))
+        lf = flow_loss(model, tok, scenes[:batch], codec, rng) if batch else torch.zeros(())
+        ln = answer_loss(model, tok, scenes[:answer_batch], codec, rng) if answer_batch else torch.zeros(())
         opt.zero_grad(set_to_none=True)
-        (lf + 0.5 * ln).backward()
+        (lf + answer_weight * ln).backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
-        log["flow"].append(lf.detach().item())
-        log["ntp"].append(ln.detach().item())
+        if batch:
+            log["flow"].append(lf.detach().item())
+        if answer_batch:
+            log["ntp"].append(ln.detach().item())
         step += 1
         bar.n = int(time.perf_counter() - start)
-        bar.set_postfix(step=step, flow=f"{log['flow'][-1]:.3f}", ntp=f"{log['ntp'][-1]:.3f}")
+        bar.set_postfix(step=step, flow=f"{lf.item():.3f}", ntp=f"{ln.item():.3f}")
     bar.close()
     log["steps"] = step
     log["seconds"] = time.perf_counter() - start
@@ -168,14 +179,17 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--minutes", type=float, default=25.0)
     parser.add_argument("--out", type=Path, default=Path("flashu_compile/weights/showo2-scenes"))
-    parser.add_argument("--batch", type=int, default=32)
+    parser.add_argument("--batch", type=int, default=32, help="text-to-image rows per step")
+    parser.add_argument("--answer-batch", type=int, help="understanding rows per step (default: half of --batch)")
+    parser.add_argument("--answer-weight", type=float, default=0.5, help="weight of the answer loss")
     parser.add_argument("--lr", type=float, default=2e-3)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--init-from", type=Path, help="continue from a saved checkpoint folder")
     args = parser.parse_args(argv)
-    log = train(args.minutes, args.out, args.batch, args.lr, args.seed, init_from=args.init_from)
-    print(f"{log['steps']} steps in {log['seconds']:.0f} s; final flow {sum(log['flow'][-50:]) / 50:.4f}, "
-          f"ntp {sum(log['ntp'][-50:]) / 50:.4f} -> {args.out}")
+    log = train(args.minutes, args.out, args.batch, args.lr, args.seed, init_from=args.init_from,
+                answer_batch=args.answer_batch, answer_weight=args.answer_weight)
+    final = ", ".join(f"{key} {sum(log[key][-50:]) / len(log[key][-50:]):.4f}" for key in ("flow", "ntp") if log[key])
+    print(f"{log['steps']} steps in {log['seconds']:.0f} s; final {final} -> {args.out}")
 
 
 if __name__ == "__main__":

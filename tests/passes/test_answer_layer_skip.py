@@ -130,3 +130,23 @@ def test_symbolic_pieces_fall_back_to_eager_when_inductor_fails(tokenizer, monke
         assert answer() == want
     with torch.no_grad():
         assert answer() == want
+
+
+def test_pruned_dropping_skipping_answer_compiles_its_symbolic_pieces(tokenizer, recwarn):
+    """The paper preset's answer passes on Inductor. A layer guard's tuple output carries the grown cache
+    (s0 + 1 rows) into the next segment, where no input states s0 bare: it is handed over explicitly
+    instead of failing in Inductor and falling back to eager."""
+    from flashu_compile.calibrate import calibrate
+
+    model = Showo2.random(small_config(num_layers=4), seed=2).attach(tokenizer=tokenizer)
+    image = _image(model, 2)
+    options = {"passes": ["prune_channels", "token_drop", "layer_skip"], "skip_ratio": 0.5, "token_drop_layer": 1,
+               "plan": calibrate(model, multiple=8, steps=3, samples=2, progress=False)}
+    answers = []
+    with torch.no_grad():
+        for lowering in ("eager", "inductor"):
+            torch._dynamo.reset()
+            model.compile_tasks("flashu", {**options, "lowering": lowering})
+            answers.append(answer_tokens(model, tokenizer, image, QUESTION, max_new_tokens=8))
+    assert len(answers[0]) == 8 and answers[1] == answers[0]
+    assert not [w for w in recwarn if "symbolic sizes failed" in str(w.message)]

@@ -28,3 +28,10 @@ def test_tampered_weights_fail_the_checksum(trained):
     (out / "model.safetensors").write_bytes(data[:-1] + bytes([data[-1] ^ 1]))
     with pytest.raises(CheckpointError, match="checksum mismatch for .*model.safetensors"):
         verify_checksums(out)
+
+
+def test_an_answer_only_run_logs_only_the_answer_loss(tmp_path):
+    log = train(minutes=0.02, out=tmp_path / "weights", batch=0, answer_batch=4, n_train=32)
+    assert log["steps"] >= 1 and log["flow"] == [] and len(log["ntp"]) == log["steps"]
+    with pytest.raises(ValueError, match="not both 0"):
+        train(minutes=0.01, out=tmp_path / "none", batch=0, answer_batch=0)
