@@ -9,6 +9,7 @@ from transformers import DynamicCache
 
 from flashu_compile.backends import inductor
 from flashu_compile.backends.segmented import is_symbolic
+from flashu_compile.calibrate import calibrate
 from flashu_compile.models.showo2 import Showo2
 from flashu_compile.models.showo2.understanding import answer_tokens, prefill, prepare
 from flashu_compile.runtime.request import request
@@ -136,8 +137,6 @@ def test_pruned_dropping_skipping_answer_compiles_its_symbolic_pieces(tokenizer,
     """The paper preset's answer passes on Inductor. A layer guard's tuple output carries the grown cache
     (s0 + 1 rows) into the next segment, where no input states s0 bare: it is handed over explicitly
     instead of failing in Inductor and falling back to eager."""
-    from flashu_compile.calibrate import calibrate
-
     model = Showo2.random(small_config(num_layers=4), seed=2).attach(tokenizer=tokenizer)
     image = _image(model, 2)
     options = {"passes": ["prune_channels", "token_drop", "layer_skip"], "skip_ratio": 0.5, "token_drop_layer": 1,
