@@ -158,13 +158,14 @@ def train(minutes: float, out: Path, batch: int = 32, lr: float = 2e-3, seed: in
         (lf + answer_weight * ln).backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
+        flow, ntp = lf.item(), ln.item()
         if batch:
-            log["flow"].append(lf.detach().item())
+            log["flow"].append(flow)
         if answer_batch:
-            log["ntp"].append(ln.detach().item())
+            log["ntp"].append(ntp)
         step += 1
         bar.n = int(time.perf_counter() - start)
-        bar.set_postfix(step=step, flow=f"{lf.item():.3f}", ntp=f"{ln.item():.3f}")
+        bar.set_postfix(step=step, flow=f"{flow:.3f}", ntp=f"{ntp:.3f}")
     bar.close()
     log["steps"] = step
     log["seconds"] = time.perf_counter() - start
