@@ -15,8 +15,10 @@ from typing import Any
 import torch
 
 from .backends import lower
-from .backends.segmented import LazyLowered, copy_graph
+from .backends.segmented import LazyLowered, copy_graph, is_symbolic
+from .backends.specialized import Specializations
 from .graph import build_index
+from .graph.specialize import layer_guards
 from .options import PASSES, FlashUOptions
 from .passes.head_cache import head_cache
 from .passes.layer_skip import layer_skip
@@ -50,15 +52,22 @@ def build_pass_list(options: FlashUOptions, task: str | None = None) -> list[tup
 
 
 class PhasedProgram:
-    """The rewritten graph for most steps, the unrewritten one (if any) for the final full-network steps."""
+    """The rewritten graph for most steps, the unrewritten one (if any) for the final full-network steps,
+    and (if any) a guard-free specialization once the step's skip set can no longer change."""
 
-    def __init__(self, controller: Controller, rewritten: Callable, full: Callable | None) -> None:
+    def __init__(self, controller: Controller, rewritten: Callable, full: Callable | None,
+                 specialized: Specializations | None = None) -> None:
         self.controller = controller
         self.rewritten = rewritten
         self.full = full
+        self.specialized = specialized
 
     def __call__(self, *args: Any) -> Any:
-        run = self.full if self.full is not None and full_phase(self.controller.id) else self.rewritten
+        run = self.rewritten
+        if self.full is not None and full_phase(self.controller.id):
+            run = self.full
+        elif self.specialized is not None and (skip := self.controller.settled_skip()) is not None:
+            run = self.specialized.get(skip)
         return call_counted(run, *args)
 
 
@@ -91,6 +100,19 @@ def flashu_backend(gm: torch.fx.GraphModule, example_inputs: list, options: Any 
     full = copy_graph(gm) if phased else None
     manager = PassManager(passes, strict=opts.strict, dump_dir=opts.debug_dir)
     gm = manager.run(gm, PassContext(index, task, controller, _load_plan(opts.plan)), opts)
+    # Kept before lowering, which may rewrite the graph it is given.
+    rewritten = copy_graph(gm) if _specializable(gm, controller, opts) else None
     compiled = lower(gm, example_inputs, opts.lowering)
+    specialized = Specializations(rewritten, opts.lowering, opts.decode_graphs, compiled) if rewritten else None
     # The program holds its controller: guard nodes only name it by id (a weak registry).
-    return PhasedProgram(controller, compiled, LazyLowered(full, opts.lowering) if full is not None else None)
+    return PhasedProgram(controller, compiled, LazyLowered(full, opts.lowering) if full is not None else None,
+                         specialized)
+
+
+def _specializable(gm: torch.fx.GraphModule, controller: Controller, opts: FlashUOptions) -> bool:
+    """Whether the graph is a decode step worth guard-free graphs: an answer's layers may be skipped once its
+    skip set is settled, and the graph serves every cache length (a graph traced for one size serves one
+    step per answer, the first decode, so a compile for it would never pay off)."""
+    return bool(opts.decode_graphs and controller.task == "mmu"
+                and any(-1 not in node.args[3] for node in layer_guards(gm))
+                and any(is_symbolic(n.meta.get("example_value")) for n in gm.graph.nodes if n.op == "placeholder"))

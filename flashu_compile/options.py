@@ -37,6 +37,7 @@ class FlashUOptions:
     token_drop_ratio: float = 0.5  # rho: fraction of visual tokens dropped
     token_drop_order: str = "highest"  # drop the highest V-norm tokens (the paper's direction)
     step_semantics: str = "project"  # "project" or "flashu-reference" (the public code's step rules)
+    decode_graphs: int = 8  # guard-free decode graphs kept, one per answer skip set (0: always the guarded graph)
     strict: bool = False  # raise instead of falling back when a pass does not apply
     debug_dir: str | None = None  # dump every graph before and after every pass here
     preset: str = "off"
@@ -62,7 +63,7 @@ class FlashUOptions:
             if not 0.0 <= value < 1.0:
                 raise ValueError(f"option {name!r} must be in [0, 1), got {value!r}")
         for name, low in (("prune_multiple", 1), ("hybrid_tau", 0), ("skip_interval", 1), ("cache_interval", 1),
-                          ("token_drop_layer", 0)):
+                          ("token_drop_layer", 0), ("decode_graphs", 0)):
             value = getattr(self, name)
             if value < low:
                 raise ValueError(f"option {name!r} must be >= {low}, got {value!r}")
@@ -101,7 +102,7 @@ def _choice(name: str, value: Any, valid: tuple[str, ...]) -> None:
         raise ValueError(f"option {name!r} must be one of {list(valid)}, got {value!r}")
 
 
-_INT_FIELDS = {"prune_multiple", "hybrid_tau", "skip_interval", "cache_interval", "token_drop_layer"}
+_INT_FIELDS = {"prune_multiple", "hybrid_tau", "skip_interval", "cache_interval", "token_drop_layer", "decode_graphs"}
 _FLOAT_FIELDS = {"prune_ratio", "skip_ratio", "token_drop_ratio"}
 _STR_FIELDS = {"task", "lowering", "token_drop_order", "step_semantics", "preset"}
 

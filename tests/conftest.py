@@ -32,3 +32,19 @@ def tokenizer():
 def small_model(tokenizer):
     torch.manual_seed(0)
     return Showo2.random(small_config(), seed=1).attach(tokenizer=tokenizer)
+
+
+@pytest.fixture
+def builds(monkeypatch):
+    """The skip sets guard-free decode graphs are built for, in order."""
+    from flashu_compile.backends.specialized import Specializations
+
+    seen = []
+    build = Specializations._build
+
+    def spy(self, skip):
+        seen.append(skip)
+        return build(self, skip)
+
+    monkeypatch.setattr(Specializations, "_build", spy)
+    return seen

@@ -27,6 +27,7 @@ def test_presets():
         ({"prune_ratio": 1.0}, r"option 'prune_ratio' must be in \[0, 1\), got 1.0"),
         ({"token_drop_ratio": -0.1}, r"option 'token_drop_ratio' must be in \[0, 1\)"),
         ({"skip_interval": 0}, r"option 'skip_interval' must be >= 1, got 0"),
+        ({"decode_graphs": -1}, r"option 'decode_graphs' must be >= 0, got -1"),
         ({"cache_interval": 2.5}, r"option 'cache_interval' must be an int, got float 2.5"),
         ({"hybrid_tau": True}, r"option 'hybrid_tau' must be an int, got bool"),
         ({"skip_ratio": "0.2"}, r"option 'skip_ratio' must be a float, got str"),

@@ -85,6 +85,13 @@ class Controller:
         if st.recalc_due:
             st.importance = {}
 
+    def settled_skip(self) -> frozenset[int] | None:
+        """The skip set when no later step of the request can change it (an answer after its prefill), else None."""
+        if self.task != "mmu" or not self.num_layers:
+            return None
+        st = self.state()
+        return None if st is None or st.recalc_due or st.full else st.skip
+
     @property
     def measuring_on_reuse(self) -> bool:
         # The public code runs the LLM on head-cache reuse steps; its importance is measured there.

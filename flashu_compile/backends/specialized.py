@@ -1,0 +1,70 @@
+"""Guard-free decode graphs, one per settled skip set, compiled on first use and kept in a bounded cache.
+
+The guarded graph stays the program of record: it serves every step whose decisions may still
+change, and any skip set whose specialization cannot be built or compiled (with a warning). A
+specialization is compiled through dynamo with dynamic sizes, because the graph it comes from
+serves every cache length: dynamo then guards it like any other compiled frame, so a call it
+does not fit recompiles rather than computing something wrong.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections import OrderedDict
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+from ..graph.specialize import resolve_layer_guards
+from .registry import lower
+
+
+class Specializations:
+    def __init__(self, gm: torch.fx.GraphModule, lowering: str, capacity: int, guarded: Callable) -> None:
+        self.gm, self.lowering, self.capacity, self.guarded = gm, lowering, capacity, guarded
+        self.programs: OrderedDict[frozenset[int], Callable] = OrderedDict()
+        self.built = 0  # specializations made (evicted ones included): for tests and reports
+
+    def get(self, skip: frozenset[int]) -> Callable:
+        """The program for ``skip``, most recently used last; the least recently used one leaves when full."""
+        program = self.programs.pop(skip, None)
+        if program is None:
+            program = self._build(skip)
+            while len(self.programs) >= self.capacity:
+                self.programs.popitem(last=False)
+        self.programs[skip] = program
+        return program
+
+    def _build(self, skip: frozenset[int]) -> Callable:
+        self.built += 1
+        gm = resolve_layer_guards(self.gm, skip)
+        if gm is None:
+            return self.guarded
+        if self.lowering == "eager":
+            return gm.forward
+        return _FirstCallFallback(torch.compile(gm, backend=self._lower, dynamic=True), self.guarded, skip)
+
+    def _lower(self, gm: torch.fx.GraphModule, example_inputs: list) -> Callable:
+        return lower(gm, example_inputs, self.lowering)
+
+
+class _FirstCallFallback:
+    """A compiled specialization; if its first call (the compilation) fails, the guarded graph serves instead."""
+
+    def __init__(self, compiled: Callable, guarded: Callable, skip: frozenset[int]) -> None:
+        self.fn, self.guarded, self.skip, self.tried = compiled, guarded, skip, False
+
+    def __call__(self, *args: Any) -> Any:
+        if self.tried:
+            return self.fn(*args)
+        try:
+            out = self.fn(*args)
+        except Exception as error:  # any compile failure has the same remedy
+            cause = getattr(error, "inner_exception", None) or error  # dynamo wraps the lowering's own error
+            warnings.warn(f"compiling the decode graph specialized on skip set {sorted(self.skip)} failed "
+                          f"({type(cause).__name__}: {cause}); the guarded graph runs", stacklevel=2)
+            self.fn = self.guarded
+            out = self.fn(*args)
+        self.tried = True
+        return out

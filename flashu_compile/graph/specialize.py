@@ -1,0 +1,59 @@
+"""Specialize a graph's layer guards on a fixed skip set: a guard-free graph with the same results.
+
+An answer fixes its skip set in the prefill and keeps it for every decoded token, yet each decode
+step of the guarded graph still runs one Python guard and two compiled pieces per layer. Once the
+skip set is known, every layer guard's decision is too: a kept layer becomes a plain call of its
+outlined block, a skipped one the inputs it carries (the residual stream, the past keys/values),
+and whatever only fed a skipped layer is dead code. The result can be compiled as one graph.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import torch.fx
+
+from ..runtime.guards import GUARDS, layer_guard
+
+
+def _guarded(gm: torch.fx.GraphModule) -> bool:
+    return any(n.op == "call_function" and n.target in GUARDS
+               for m in gm.modules() if isinstance(m, torch.fx.GraphModule) for n in m.graph.nodes)
+
+
+def layer_guards(gm: torch.fx.GraphModule) -> list[torch.fx.Node]:
+    return [n for n in gm.graph.nodes if n.op == "call_function" and n.target is layer_guard]
+
+
+def resolve_layer_guards(gm: torch.fx.GraphModule, skip: Iterable[int]) -> torch.fx.GraphModule | None:
+    """A copy of ``gm`` with every top-level layer guard decided for the skip set ``skip`` (layer indices).
+
+    A layer whose block has an output no input can stand for (a prefill's KV write, marked -1 in
+    its carry) runs whatever ``skip`` says, exactly as its guard would. Returns None when other
+    guards remain (a head cache or a prefix cache decides per step, so no single graph serves).
+    """
+    skip = frozenset(skip)
+    graph = torch.fx.Graph()
+    graph.output(graph.graph_copy(gm.graph, {}))
+    out = torch.fx.GraphModule(gm, graph)
+    for node in layer_guards(out):
+        _cid, block, index, carry, *inputs = node.args
+        if index in skip and -1 not in carry:
+            if len(carry) == 1:
+                node.replace_all_uses_with(inputs[0])
+            else:  # one getitem per output: each becomes the input that output equals when skipped
+                for item in list(node.users):  # outline() reads every output through a getitem
+                    item.replace_all_uses_with(inputs[carry[item.args[1]]])
+                    out.graph.erase_node(item)
+        else:
+            with out.graph.inserting_before(node):
+                call = out.graph.call_module(block.target, tuple(inputs))
+            call.meta.update(node.meta)
+            node.replace_all_uses_with(call)
+        out.graph.erase_node(node)
+    # Blocks of skipped layers and what only fed them (their pruned weights' slices) are now unused.
+    out.graph.eliminate_dead_code()
+    out.delete_all_unused_submodules()
+    out.graph.lint()
+    out.recompile()
+    return None if _guarded(out) else out
