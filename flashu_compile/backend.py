@@ -94,8 +94,9 @@ def flashu_backend(gm: torch.fx.GraphModule, example_inputs: list, options: Any 
     task = opts.task if opts.task != "auto" else ("t2i" if index.head_blocks else "mmu")
     passes = build_pass_list(opts, task)
     phased = task == "t2i" and opts.hybrid_tau > 0 and any(name in GENERATION_PASSES for name, _ in passes)
-    controller = Controller(task, StepRules.from_options(opts),
-                            num_layers=len(index.layers) if any(name == "layer_skip" for name, _ in passes) else 0,
+    # Layers are measured only where some will be skipped: int(L * skip_ratio) may round to none.
+    skipping = any(name == "layer_skip" for name, _ in passes) and int(len(index.layers) * opts.skip_ratio) > 0
+    controller = Controller(task, StepRules.from_options(opts), num_layers=len(index.layers) if skipping else 0,
                             skip_ratio=opts.skip_ratio, phased=phased)
     full = copy_graph(gm) if phased else None
     manager = PassManager(passes, strict=opts.strict, dump_dir=opts.debug_dir)

@@ -187,8 +187,8 @@ class Bench:
             model = self.model
             if config.backend == "eager":
                 # Wrapped so a FlopTally counts exactly the model calls, as it does for compiled programs.
-                compiled = {"denoise": counted(model.denoise), "prefill": counted(understanding.prefill),
-                            "decode": counted(understanding.decode_step)}
+                compiled = {"embed": counted(model.embed), "denoise": counted(model.denoise),
+                            "prefill": counted(understanding.prefill), "decode": counted(understanding.decode_step)}
                 self.programs[key] = (compiled, None)
             else:
                 options = dict(config.options or {})

@@ -415,8 +415,7 @@ def _describe_guard(node: _Node, task: str, calls: int, moved: dict[str, int]) -
         index = node.fx.args[2]
         info.reads = (f"the {task} request's step state of controller {cid}: step index, phase, the importance "
                       f"measured for layer {index} and the skip set")
-        skipping = (f"skips the layer when it is among the {ctl.num_skipped} least important of {ctl.num_layers}"
-                    if ctl.num_skipped else f"never skips (skip_ratio of {ctl.num_layers} layers rounds down to 0)")
+        skipping = f"skips the layer when it is among the {ctl.num_skipped} least important of {ctl.num_layers}"
         if task == "mmu":
             info.refresh = (f"measures 1 - cos(h_in, h_out) at the last token in the prefill (call 1); every decoded "
                             f"token then {skipping} (layer 0 always runs); "

@@ -130,7 +130,7 @@ class Showo2(nn.Module):
         return self
 
     def compile_tasks(self, backend: str = "flashu", options: dict | None = None) -> Showo2:
-        """Compile the three hot entry points the task methods use, in place; returns self.
+        """Compile the four hot entry points the task methods use, in place; returns self.
 
         ``torch.compile(model)`` compiles only ``forward``, and the returned wrapper's other
         methods run uncompiled; this compiles what generate_images() and answer() actually call.
@@ -142,7 +142,11 @@ class Showo2(nn.Module):
 
         # The sampler reads the guidance schedule from here; the graphs read the rest.
         self.flashu_options = FlashUOptions.from_dict(options) if backend == "flashu" else None
+        # An answer's image + question embedding (the vision encoder) has nothing the passes rewrite: it is
+        # compiled as is, by the same backend and lowering.
+        plain = {"backend": backend, "options": {**(options or {}), "passes": []}} if backend == "flashu" else kwargs
         self.compiled = {
+            "embed": torch.compile(self.embed, fullgraph=True, **plain),
             "denoise": torch.compile(self.denoise, fullgraph=True, **kwargs),
             "prefill": torch.compile(understanding.prefill, **kwargs),
             "decode": torch.compile(understanding.decode_step, **kwargs),

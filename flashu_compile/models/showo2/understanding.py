@@ -24,7 +24,8 @@ def prepare(model, tokenizer, image_latents: torch.Tensor, question: str) -> tup
     n = (image_latents.shape[-2] // p) * (image_latents.shape[-1] // p)
     rows = mmu_row(tokenizer, question, n, dtype=model.dtype).to(model.device)
     t = torch.ones(1, device=model.device)
-    embeds, _ = model.embed(rows.text_tokens, image_latents.to(model.device), t, rows.time_positions)
+    embed = model.compiled.get("embed", model.embed)  # compiled by Showo2.compile_tasks(), when present
+    embeds, _ = embed(rows.text_tokens, image_latents.to(model.device), t, rows.time_positions)
     return rows, embeds
 
 
