@@ -13,12 +13,8 @@ from collections.abc import Iterable
 
 import torch.fx
 
-from ..runtime.guards import GUARDS, layer_guard
-
-
-def _guarded(gm: torch.fx.GraphModule) -> bool:
-    return any(n.op == "call_function" and n.target in GUARDS
-               for m in gm.modules() if isinstance(m, torch.fx.GraphModule) for n in m.graph.nodes)
+from ..backends.segmented import copy_graph, has_guards
+from ..runtime.guards import layer_guard
 
 
 def layer_guards(gm: torch.fx.GraphModule) -> list[torch.fx.Node]:
@@ -33,9 +29,7 @@ def resolve_layer_guards(gm: torch.fx.GraphModule, skip: Iterable[int]) -> torch
     guards remain (a head cache or a prefix cache decides per step, so no single graph serves).
     """
     skip = frozenset(skip)
-    graph = torch.fx.Graph()
-    graph.output(graph.graph_copy(gm.graph, {}))
-    out = torch.fx.GraphModule(gm, graph)
+    out = copy_graph(gm)
     for node in layer_guards(out):
         _cid, block, index, carry, *inputs = node.args
         if index in skip and -1 not in carry:
@@ -56,4 +50,4 @@ def resolve_layer_guards(gm: torch.fx.GraphModule, skip: Iterable[int]) -> torch
     out.delete_all_unused_submodules()
     out.graph.lint()
     out.recompile()
-    return None if _guarded(out) else out
+    return None if any(has_guards(m) for m in out.modules() if isinstance(m, torch.fx.GraphModule)) else out
