@@ -489,8 +489,7 @@ def cmd_bench(args) -> int:
     bench = Bench(model, configs, prompts, image, question, max_new_tokens=args.max_new_tokens, seed=args.seed,
                   scenes=scenes[:-1] if scored else None, expected_answer=expected if scored else None)
     results = bench.run(args.runs, progress=not args.no_progress)
-    command = "flashu-compile bench " + " ".join(args.argv)
-    print(write(results, Path(args.out), machine_line(), command.strip()))
+    print(write(results, Path(args.out), machine_line(), args.command_line))
     print(f"-> {args.out}/bench.md, bench.json, bench.png")
     return 0
 

@@ -102,9 +102,8 @@ def cmd_bench_ffn(args) -> int:
                          f"{args.tokens}, {args.ratios}")
     ratios = tuple(sorted(set([0.0, *args.ratios])))
     results = run(args.hidden, args.ffn, args.heads, args.kv_heads, args.tokens, ratios, args.runs)
-    command = "flashu-compile bench-ffn " + " ".join(args.argv)
     print(markdown(results, f"One Qwen2 decoder layer (hidden {args.hidden}, FFN {args.ffn}, {args.tokens} tokens), "
-                            f"Inductor. Machine: {machine_line()}. Command: `{command.strip()}`."))
+                            f"Inductor. Machine: {machine_line()}. Command: `{args.command_line}`."))
     return 0
 
 

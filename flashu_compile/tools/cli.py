@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import shlex
 import sys
 import time
 from pathlib import Path
@@ -153,7 +154,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    args.argv = list(sys.argv[1:] if argv is None else argv)[1:]  # for reports that quote their command
+    # For reports that quote their command: quoted as a shell would need it (names with spaces in --only).
+    args.command_line = shlex.join(["flashu-compile", *(sys.argv[1:] if argv is None else argv)])
     try:
         return args.func(args)
     except (ValueError, RuntimeError, FileNotFoundError) as err:

@@ -724,7 +724,7 @@ def cmd_graph_diff(args: argparse.Namespace) -> int:
               f"--plan DIR reuses a saved one", file=log)
     fn, inputs = sample_call(model, args.task, args.prompt, args.question, args.seed)
     diff = graph_diff(fn, inputs, options, step=args.step, calls=args.steps - 1, tolerance=args.tolerance)
-    title = f"flashu-compile graph-diff {' '.join(args.argv)}".strip()
+    title = args.command_line
     if args.format == "json":
         text = to_json(diff)
     elif args.format == "html":
