@@ -53,16 +53,6 @@ def test_specialized_decode_equals_the_guarded_one(tokenizer, builds, passes):
         assert torch.equal(a, b)
 
 
-def test_answers_outside_a_settled_skip_set_are_not_specialized(tokenizer, builds):
-    """Generation re-measures its skip set every few steps, so its graphs stay guarded."""
-    from tests.passes.reference import compiled_generate, latent_noise
-
-    model, _ = _model(tokenizer)
-    compiled_generate(model, {"passes": ["layer_skip"], "skip_ratio": 0.5, "skip_interval": 2, "lowering": "eager"},
-                      ["a red circle"], 6, latent_noise(model, 1))
-    assert builds == []
-
-
 def test_least_recently_used_specialization_leaves_first(small_model):
     gm = torch.fx.symbolic_trace(torch.nn.Linear(3, 3))
     cache = Specializations(gm, "eager", capacity=2, guarded=gm)
