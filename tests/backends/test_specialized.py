@@ -53,7 +53,7 @@ def test_specialized_decode_equals_the_guarded_one(tokenizer, builds, passes):
         assert torch.equal(a, b)
 
 
-def test_least_recently_used_specialization_leaves_first(small_model):
+def test_least_recently_used_specialization_leaves_first():
     gm = torch.fx.symbolic_trace(torch.nn.Linear(3, 3))
     cache = Specializations(gm, "eager", capacity=2, guarded=gm)
     a, b, c = frozenset({1}), frozenset({2}), frozenset({3})
