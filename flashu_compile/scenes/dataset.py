@@ -6,25 +6,28 @@ Images are 32x32 RGB on black. A scene is one of three kinds:
 - ``relation``: two objects in a stated relation, "a red circle left of a blue square";
 - ``count``: two or three copies of one object, "two green triangles" (a count of one is ``single``).
 
-Objects are filled circles, squares and triangles of 8-12 px in pure red, green, blue or yellow.
-The grammar is small on purpose: a model of a few million parameters trained on a CPU can learn
-it, and simple image analysis (:mod:`flashu_compile.scenes.scoring`) can check it, so the quality
-numbers of a model trained on it mean something.
+Objects are filled circles, squares and triangles of 8 px in pure red, green, blue or yellow, each
+centred in one cell of a 3x3 grid. The world is small on purpose: a model of a few million
+parameters trained for half an hour on a CPU can learn it, and simple image analysis
+(:mod:`flashu_compile.scenes.scoring`) can check it, so the quality numbers of a model trained on
+it mean something. (Free positions and sizes made every 4x4 latent token a different fragment of
+an edge; a model trained for the same time drew blobs.)
 
-Layouts are chosen so that everything said about a scene is unambiguous: objects' bounding boxes
-are at least ``GAP`` pixels apart (so same-coloured copies stay separate connected components),
-and the two objects of a relation are separated along the relation's axis and nearly aligned
-along the other one (so "left of" is never also "above"). The two objects of a relation differ in
-colour and in shape, so "the circle" and "the blue object" each name exactly one of them.
+Layouts are chosen so that everything said about a scene is unambiguous: objects in neighbouring
+cells are ``GAP`` pixels apart (so same-coloured copies stay separate connected components), the
+two objects of a relation share a row ("left of", "right of") or a column ("above", "below"), and
+they differ in colour and in shape, so "the circle" and "the blue object" each name exactly one of
+them. There are 4,140 scenes in all (108 single, 2,592 relation, 1,440 count).
 """
 
 from __future__ import annotations
 
 import hashlib
+import itertools
 import random
 from collections.abc import Sequence
 from dataclasses import dataclass
-from functools import cached_property
+from functools import cache, cached_property
 
 import numpy as np
 import torch
@@ -41,11 +44,12 @@ OPPOSITE = {"left of": "right of", "right of": "left of", "above": "below", "bel
 KINDS = ("single", "relation", "count")
 SPLITS = ("train", "test")
 NUMBER_WORDS = ("zero", "one", "two", "three")
-MIN_OBJECT_SIZE, MAX_OBJECT_SIZE = 8, 12
+OBJECT_SIZE = 8
 MAX_COUNT = 3
-MARGIN = 1  # keeps objects off the border, where a generator's edge artefacts live
-GAP = 2  # minimum pixels between two objects' bounding boxes
-MAX_CROSS_OFFSET = 3.0  # in a relation, largest centre offset across the relation's axis
+# Cell centres along either axis: 8 px objects there keep 2 px from the border, where a generator's
+# edge artefacts live, and 2 px from each other.
+CELLS = (6.0, 16.0, 26.0)
+GAP = 2  # pixels between the bounding boxes of objects in neighbouring cells
 TEST_FRACTION = 0.2
 
 
@@ -59,7 +63,7 @@ class Obj:
     colour: str
     cx: float
     cy: float
-    size: int = 10
+    size: int = OBJECT_SIZE
 
     @property
     def centre(self) -> tuple[float, float]:
@@ -115,12 +119,14 @@ class Scene:
             return f"{NUMBER_WORDS[len(self.objects)]} {first.phrase()}s"
         return f"a {first.phrase()}"
 
+    def layout(self) -> str:
+        """Canonical text of the objects alone: equal layouts mean identical images, whatever the caption
+        ("A left of B" and "B right of A" in the same cells are one image)."""
+        return ";".join(sorted(f"{o.shape},{o.colour},{o.cx:g},{o.cy:g},{o.size}" for o in self.objects))
+
     def key(self) -> str:
-        """Canonical text of caption and layout: equal keys mean identical scenes and images."""
-        parts = [f"{o.shape},{o.colour},{o.cx:g},{o.cy:g},{o.size}" for o in self.objects]
-        if self.relation is None:
-            parts.sort()  # copies of one object are interchangeable
-        return f"{self.caption}|{';'.join(parts)}"
+        """Canonical text of caption and layout: equal keys mean identical scenes."""
+        return f"{self.caption}|{self.layout()}"
 
     @cached_property
     def qa(self) -> tuple[tuple[str, str], ...]:
@@ -208,75 +214,71 @@ def to_tensor(images: np.ndarray) -> torch.Tensor:
     return torch.from_numpy(np.ascontiguousarray(images)).float().div(127.5).sub(1).movedim(-1, -3)
 
 
-def _apart(a: Obj, b: Obj) -> bool:
-    ax0, ay0, ax1, ay1 = a.box()
-    bx0, by0, bx1, by1 = b.box()
-    return max(bx0 - ax1, ax0 - bx1) >= GAP or max(by0 - ay1, ay0 - by1) >= GAP
+def _grid() -> list[tuple[float, float]]:
+    return [(x, y) for y in CELLS for x in CELLS]
 
 
-def _corner(rng: random.Random, size: int) -> int:
-    return rng.randint(MARGIN, SIZE - MARGIN - size)
+def _singles() -> list[Scene]:
+    return [Scene((Obj(shape, colour, x, y),)) for shape in SHAPES for colour in COLOURS for x, y in _grid()]
 
 
-def _size(rng: random.Random) -> int:
-    return rng.randint(MIN_OBJECT_SIZE, MAX_OBJECT_SIZE)
+def _counts() -> list[Scene]:
+    # Copies are listed top to bottom, then left to right, so each set of cells is one scene.
+    return [Scene(tuple(Obj(shape, colour, x, y) for x, y in sorted(cells, key=lambda c: (c[1], c[0]))))
+            for shape in SHAPES for colour in COLOURS for n in range(2, MAX_COUNT + 1)
+            for cells in itertools.combinations(_grid(), n)]
 
 
-def _single(rng: random.Random) -> Scene:
-    s = _size(rng)
-    o = Obj(rng.choice(SHAPES), rng.choice(list(COLOURS)), _corner(rng, s) + s / 2, _corner(rng, s) + s / 2, s)
-    return Scene((o,))
+def _relations() -> list[Scene]:
+    out = []
+    for relation in RELATIONS:
+        for (colour_a, colour_b), (shape_a, shape_b) in itertools.product(
+                itertools.permutations(COLOURS, 2), itertools.permutations(SHAPES, 2)):
+            for line in CELLS:
+                for near, far in itertools.combinations(CELLS, 2):
+                    # objects[0] is the subject: nearer the left/top edge for "left of"/"above".
+                    first, second = (near, far) if relation in ("left of", "above") else (far, near)
+                    if relation in ("left of", "right of"):
+                        centres = ((first, line), (second, line))
+                    else:
+                        centres = ((line, first), (line, second))
+                    (ax, ay), (bx, by) = centres
+                    out.append(Scene((Obj(shape_a, colour_a, ax, ay), Obj(shape_b, colour_b, bx, by)), relation))
+    return out
 
 
-def _count(rng: random.Random) -> Scene:
-    shape, colour, n = rng.choice(SHAPES), rng.choice(list(COLOURS)), rng.randint(2, MAX_COUNT)
-    # Rejection sampling: three 12 px objects fit in 30x30 in many ways, so this ends in a few tries.
-    while True:
-        sizes = [_size(rng) for _ in range(n)]
-        objs = [Obj(shape, colour, _corner(rng, s) + s / 2, _corner(rng, s) + s / 2, s) for s in sizes]
-        if all(_apart(a, b) for i, a in enumerate(objs) for b in objs[i + 1:]):
-            return Scene(tuple(sorted(objs, key=lambda o: (o.cy, o.cx))))
-
-
-def _relation(rng: random.Random) -> Scene:
-    relation = rng.choice(RELATIONS)
-    colour_a, colour_b = rng.sample(list(COLOURS), 2)
-    shape_a, shape_b = rng.sample(SHAPES, 2)
-    size_a, size_b = _size(rng), _size(rng)
-    # Lay out along x as "first left of second", then mirror/transpose into the drawn relation.
-    first, second = (size_a, size_b) if relation in ("left of", "above") else (size_b, size_a)
-    gap = rng.randint(GAP, SIZE - 2 * MARGIN - first - second)
-    start = rng.randint(MARGIN, SIZE - MARGIN - first - gap - second)
-    along = (start + first / 2, start + first + gap + second / 2)
-    across_first = _corner(rng, first) + first / 2
-    nearly_aligned = [c + second / 2 for c in range(MARGIN, SIZE - MARGIN - second + 1)
-                      if abs(c + second / 2 - across_first) <= MAX_CROSS_OFFSET]
-    centres = [(along[0], across_first), (along[1], rng.choice(nearly_aligned))]
-    if relation in ("above", "below"):
-        centres = [(y, x) for x, y in centres]
-    if relation in ("right of", "below"):
-        centres.reverse()
-    (ax, ay), (bx, by) = centres
-    return Scene((Obj(shape_a, colour_a, ax, ay, size_a), Obj(shape_b, colour_b, bx, by, size_b)), relation)
-
-
-_SAMPLERS = {"single": _single, "relation": _relation, "count": _count}
+@cache
+def scenes_of(kind: str) -> tuple[Scene, ...]:
+    """Every scene of one of :data:`KINDS`, in a fixed order."""
+    builders = {"single": _singles, "relation": _relations, "count": _counts}
+    if kind not in builders:
+        raise ValueError(f"unknown kind {kind!r}; expected one of {KINDS}")
+    return tuple(builders[kind]())
 
 
 def random_scene(rng: random.Random, kinds: Sequence[str] = KINDS) -> Scene:
-    """One scene of a kind drawn uniformly from ``kinds`` (repeat a kind to weight it)."""
-    return _SAMPLERS[rng.choice(kinds)](rng)
+    """A kind drawn uniformly from ``kinds`` (repeat a kind to weight it), then one of its scenes."""
+    return rng.choice(scenes_of(rng.choice(kinds)))
+
+
+def draw(split: str, rng: random.Random, kinds: Sequence[str] = KINDS) -> Scene:
+    """One scene of ``split``, drawn as :func:`random_scene` draws; repeats are allowed (training streams)."""
+    while split_of(scene := random_scene(rng, kinds)) != split:
+        pass
+    return scene
 
 
 def split_of(scene: Scene) -> str:
-    """"train" or "test", fixed by a hash of the scene's caption and layout.
+    """"train" or "test", fixed by a hash of the scene's layout.
 
     Why a hash rather than two seeds: the split is a property of the scene itself, so no seed,
-    sample count or kind mix can put the same scene (and so the same image) in both splits. About
-    ``TEST_FRACTION`` of all possible scenes are test scenes. Captions do recur across splits
-    (there are only 324 of them); test scenes are new layouts of them.
+    sample count or kind mix can put the same scene in both splits; and hashing the layout rather
+    than the caption keeps the two captions of one relation image in one split, so no test image
+    is a training image. About ``TEST_FRACTION`` of all possible layouts are test layouts. Captions
+    do recur across splits (there are only 324 of them); test scenes are new layouts of them, and
+    new combinations of shape, colour and cell.
     """
-    return "test" if _digest("split|" + scene.key()) < TEST_FRACTION * 2**64 else "train"
+    return "test" if _digest("split|" + scene.layout()) < TEST_FRACTION * 2**64 else "train"
 
 
 def make_split(split: str, n: int, seed: int = 0, *, kinds: Sequence[str] = KINDS) -> list[Scene]:
@@ -291,12 +293,15 @@ def make_split(split: str, n: int, seed: int = 0, *, kinds: Sequence[str] = KIND
     unknown = set(kinds) - set(KINDS)
     if unknown or not kinds:
         raise ValueError(f"kinds must be a non-empty selection of {KINDS}, got {kinds!r}")
+    available = sum(split_of(scene) == split for kind in set(kinds) for scene in scenes_of(kind))
+    if n > available:
+        raise ValueError(f"the {split} split has {available} scenes of kinds {tuple(kinds)}; {n} were asked for")
     rng = random.Random(f"scenes|{split}|{seed}")
     out, seen = [], set()
     while len(out) < n:
-        scene = random_scene(rng, kinds)
+        scene = draw(split, rng, kinds)
         key = scene.key()
-        if split_of(scene) == split and key not in seen:
+        if key not in seen:
             seen.add(key)
             out.append(scene)
     return out

@@ -26,7 +26,7 @@ from flashu_compile.models.showo2 import Showo2, custom_config
 from flashu_compile.models.showo2.sequences import mmu_row, omni_attention_mask, t2i_rows
 from flashu_compile.models.showo2.tokenizer import SceneTokenizer
 
-from .dataset import make_split, to_tensor
+from .dataset import draw, to_tensor
 
 CFG_DROP = 0.1
 
@@ -43,6 +43,29 @@ def scenes_config():
         # and the model first has to learn that re-routing through attention before the flow loss falls.
         patch_size=1, latent_codec="pixel-unshuffle-4",
     )
+
+
+def grid_position_table(side: int, dim: int, scale: float = 0.5) -> torch.Tensor:
+    """A ``(side * side, dim)`` 2D sin-cos table: the first half of the channels encodes the row, the second
+    half the column, each with frequencies spread from one cycle per token to one per grid.
+
+    Why: the official model inherits SigLIP's pretrained position table, which tells every later layer where
+    a patch sits. A random table at embedding init (std 0.05) is several times weaker than the patch
+    features here, and a model trained from it read images as a bag of tiles: layout questions at chance,
+    objects not placed by the caption. ``scale`` sets the table's amplitude (0.5 is about the patch
+    features' own spread).
+    """
+    if dim % 4:
+        raise ValueError(f"a 2D sin-cos table needs a width divisible by 4, got {dim}")
+    quarter = dim // 4
+    # Periods from 2 tokens (the finest a grid resolves) to 4x the grid, geometrically spaced.
+    periods = 2.0 * (2.0 * side) ** (torch.arange(quarter) / max(quarter - 1, 1))
+    coords = torch.arange(side, dtype=torch.float32)
+    angles = 2 * math.pi * coords[:, None] / periods[None]  # (side, quarter)
+    axis = torch.cat([angles.sin(), angles.cos()], dim=1)  # (side, dim / 2)
+    rows = axis[:, None].expand(side, side, -1)
+    cols = axis[None].expand(side, side, -1)
+    return scale * torch.cat([rows, cols], dim=-1).reshape(side * side, dim)
 
 
 def flow_loss(model: Showo2, tok: SceneTokenizer, scenes, codec, rng: random.Random) -> torch.Tensor:
@@ -122,27 +145,38 @@ def plot_losses(log: dict, path: Path) -> None:
     plt.close(fig)
 
 
-def train(minutes: float, out: Path, batch: int = 32, lr: float = 2e-3, seed: int = 0, n_train: int = 20000,
-          init_from: Path | None = None, answer_batch: int | None = None, answer_weight: float = 0.5) -> dict:
+def train(minutes: float, out: Path, batch: int = 32, lr: float = 2e-3, seed: int = 0,
+          init_from: Path | None = None, answer_batch: int | None = None, answer_weight: float = 0.5,
+          ema_decay: float = 0.998) -> dict:
     """Train for ``minutes`` of wall-clock; each step has ``batch`` text-to-image rows and ``answer_batch``
     understanding rows (default ``batch // 2``), the answer loss weighted by ``answer_weight``.
-    Either batch may be 0 (one task only, e.g. to see how fast that task learns on its own)."""
+    Either batch may be 0 (one task only, e.g. to see how fast that task learns on its own).
+    The saved weights are an exponential moving average with ``ema_decay`` (0: the last step's weights)."""
     answer_batch = batch // 2 if answer_batch is None else answer_batch
     if batch < 0 or answer_batch < 0 or batch + answer_batch == 0:
         raise ValueError(f"batch sizes must be non-negative and not both 0, got {batch} and {answer_batch}")
     torch.manual_seed(seed)
     rng = random.Random(seed)
     # Continuing from saved weights restarts the schedule (optimizer state is not saved).
-    model = Showo2.from_pretrained(str(init_from)) if init_from else Showo2.random(scenes_config(), seed=seed)
+    if init_from:
+        model = Showo2.from_pretrained(str(init_from))
+    else:
+        model = Showo2.random(scenes_config(), seed=seed)
+        with torch.no_grad():
+            table = model.position_embedding.weight
+            table.copy_(grid_position_table(int(round(table.shape[0] ** 0.5)), table.shape[1]))
     model.train()
+    # Sampling quality after a short run is noisy step to step; an exponential moving average of the
+    # weights (saved instead of the last step's) smooths that out at the cost of one copy of the weights.
+    ema = [p.detach().clone() for p in model.parameters()] if ema_decay else None
     tok = SceneTokenizer()
     codec = model.codec
-    data = make_split("train", n_train, seed=seed)
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01, betas=(0.9, 0.98))
     budget = minutes * 60
     start = time.perf_counter()
     log = {"flow": [], "ntp": [], "config": model.config.summary(), "batch": batch, "answer_batch": answer_batch,
-           "answer_weight": answer_weight, "lr": lr, "seed": seed, "init_from": str(init_from) if init_from else None}
+           "answer_weight": answer_weight, "ema_decay": ema_decay, "lr": lr, "seed": seed,
+           "init_from": str(init_from) if init_from else None}
     step = 0
     bar = tqdm(total=int(budget), desc="training (s)", unit="s")
     while (elapsed := time.perf_counter() - start) < budget:
@@ -151,13 +185,18 @@ def train(minutes: float, out: Path, batch: int = 32, lr: float = 2e-3, seed: in
         scale = min(1.0, (step + 1) / 200) * 0.5 * (1 + math.cos(math.pi * frac))
         for group in opt.param_groups:
             group["lr"] = lr * max(scale, 0.02)
-        scenes = rng.sample(data, max(batch, answer_batch))
+        scenes = [draw("train", rng) for _ in range(max(batch, answer_batch))]
         lf = flow_loss(model, tok, scenes[:batch], codec, rng) if batch else torch.zeros(())
         ln = answer_loss(model, tok, scenes[:answer_batch], codec, rng) if answer_batch else torch.zeros(())
         opt.zero_grad(set_to_none=True)
         (lf + answer_weight * ln).backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
+        if ema is not None:
+            decay = min(ema_decay, (1 + step) / (10 + step))  # a young average follows the weights closely
+            with torch.no_grad():
+                for averaged, p in zip(ema, model.parameters(), strict=True):
+                    averaged.lerp_(p, 1 - decay)
         flow, ntp = lf.item(), ln.item()
         if batch:
             log["flow"].append(flow)
@@ -169,6 +208,10 @@ def train(minutes: float, out: Path, batch: int = 32, lr: float = 2e-3, seed: in
     bar.close()
     log["steps"] = step
     log["seconds"] = time.perf_counter() - start
+    if ema is not None:
+        with torch.no_grad():
+            for p, averaged in zip(model.parameters(), ema, strict=True):
+                p.copy_(averaged)
     model.eval()
     out.mkdir(parents=True, exist_ok=True)
     save_weights(model, out, {k: v for k, v in log.items()})
@@ -184,11 +227,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--answer-batch", type=int, help="understanding rows per step (default: half of --batch)")
     parser.add_argument("--answer-weight", type=float, default=0.5, help="weight of the answer loss")
     parser.add_argument("--lr", type=float, default=2e-3)
+    parser.add_argument("--ema", type=float, default=0.998, help="decay of the saved weights' moving average (0: off)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--init-from", type=Path, help="continue from a saved checkpoint folder")
     args = parser.parse_args(argv)
     log = train(args.minutes, args.out, args.batch, args.lr, args.seed, init_from=args.init_from,
-                answer_batch=args.answer_batch, answer_weight=args.answer_weight)
+                answer_batch=args.answer_batch, answer_weight=args.answer_weight, ema_decay=args.ema)
     final = ", ".join(f"{key} {sum(log[key][-50:]) / len(log[key][-50:]):.4f}" for key in ("flow", "ntp") if log[key])
     print(f"{log['steps']} steps in {log['seconds']:.0f} s; final {final} -> {args.out}")
 

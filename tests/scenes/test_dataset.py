@@ -9,15 +9,18 @@ import torch
 
 from flashu_compile.scenes import Obj, Scene, make_split, render, split_of, to_tensor, vocabulary
 from flashu_compile.scenes.dataset import (
+    CELLS,
     COLOURS,
     GAP,
     KINDS,
-    MAX_CROSS_OFFSET,
     NUMBER_WORDS,
+    OBJECT_SIZE,
     RELATIONS,
     SHAPES,
     SIZE,
+    draw,
     random_scene,
+    scenes_of,
 )
 
 _COLOUR = "(red|green|blue|yellow)"
@@ -57,7 +60,8 @@ def test_same_seed_same_scenes_images_and_questions():
 
 def test_different_seeds_give_different_scenes():
     a, b = keys(make_split("train", 60, seed=1)), keys(make_split("train", 60, seed=2))
-    assert len(set(a) & set(b)) < 5
+    # Only 89 single-object scenes are training scenes, so two draws of 60 share a few of them.
+    assert len(set(a) & set(b)) < 12
 
 
 def test_splits_are_disjoint_whatever_the_seeds(train, test):
@@ -85,22 +89,45 @@ def test_all_kinds_appear_and_kinds_can_be_restricted(train):
         make_split("validation", 1)
 
 
-def test_layouts_are_in_bounds_separated_and_unambiguous(train):
+def test_layouts_are_grid_cells_separated_and_unambiguous(train):
     for s in train:
         for o in s.objects:
             x0, y0, x1, y1 = o.box()
-            assert 8 <= o.size <= 12 and x0 >= 1 and y0 >= 1 and x1 <= SIZE - 1 and y1 <= SIZE - 1
+            assert o.size == OBJECT_SIZE and o.cx in CELLS and o.cy in CELLS
+            assert x0 >= 1 and y0 >= 1 and x1 <= SIZE - 1 and y1 <= SIZE - 1
         for i, a in enumerate(s.objects):
             for b in s.objects[i + 1:]:
                 ax0, ay0, ax1, ay1 = a.box()
                 bx0, by0, bx1, by1 = b.box()
                 assert max(bx0 - ax1, ax0 - bx1, by0 - ay1, ay0 - by1) >= GAP
         if s.relation is not None:
-            (ax0, ay0, ax1, ay1), (bx0, by0, bx1, by1) = (o.box() for o in s.objects)
             a, b = s.objects
-            gap, across = {"left of": (bx0 - ax1, a.cy - b.cy), "right of": (ax0 - bx1, a.cy - b.cy),
-                           "above": (by0 - ay1, a.cx - b.cx), "below": (ay0 - by1, a.cx - b.cx)}[s.relation]
-            assert gap >= GAP and abs(across) <= MAX_CROSS_OFFSET
+            along, across = {"left of": (b.cx - a.cx, a.cy - b.cy), "right of": (a.cx - b.cx, a.cy - b.cy),
+                             "above": (b.cy - a.cy, a.cx - b.cx), "below": (a.cy - b.cy, a.cx - b.cx)}[s.relation]
+            assert along > 0 and across == 0
+
+
+def test_the_scene_space_is_enumerated_once_per_scene():
+    counts = {kind: len(scenes_of(kind)) for kind in KINDS}
+    # 3 shapes x 4 colours x 9 cells; x (36 pairs + 84 triples of cells); 4 relations x 12 colour pairs x
+    # 6 shape pairs x 9 (line, near cell, far cell) choices.
+    assert counts == {"single": 108, "count": 1440, "relation": 2592}
+    assert len({s.key() for kind in KINDS for s in scenes_of(kind)}) == sum(counts.values())
+    with pytest.raises(ValueError, match="unknown kind"):
+        scenes_of("many")
+
+
+def test_a_split_cannot_be_asked_for_more_scenes_than_it_has():
+    singles = sum(split_of(s) == "test" for s in scenes_of("single"))
+    assert len(make_split("test", singles, kinds=("single",))) == singles
+    with pytest.raises(ValueError, match=f"has {singles} scenes"):
+        make_split("test", singles + 1, kinds=("single",))
+
+
+def test_training_draws_stay_in_their_split_and_cover_every_kind():
+    rng = random.Random(0)
+    drawn = [draw("train", rng) for _ in range(300)]
+    assert all(split_of(s) == "train" for s in drawn) and {s.kind for s in drawn} == set(KINDS)
 
 
 def test_renders_show_each_object_in_its_colour_without_overlap(test):

@@ -9,7 +9,7 @@ from flashu_compile.scenes.train import train
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
     out = tmp_path_factory.mktemp("run") / "weights"
-    log = train(minutes=0.05, out=out, batch=4, n_train=64)
+    log = train(minutes=0.05, out=out, batch=4)
     return out, log
 
 
@@ -31,7 +31,7 @@ def test_tampered_weights_fail_the_checksum(trained):
 
 
 def test_an_answer_only_run_logs_only_the_answer_loss(tmp_path):
-    log = train(minutes=0.02, out=tmp_path / "weights", batch=0, answer_batch=4, n_train=32)
+    log = train(minutes=0.02, out=tmp_path / "weights", batch=0, answer_batch=4)
     assert log["steps"] >= 1 and log["flow"] == [] and len(log["ntp"]) == log["steps"]
     with pytest.raises(ValueError, match="not both 0"):
         train(minutes=0.01, out=tmp_path / "none", batch=0, answer_batch=0)
