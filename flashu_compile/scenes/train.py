@@ -3,9 +3,9 @@
 Both of Show-o2's losses on the official row layouts: flow matching on text-to-image rows
 (captions dropped 10% of the time so classifier-free guidance works) and next-token
 prediction on understanding rows (the answer after the assistant prefix). Latents are the
-images pixel-unshuffled by 2, so no VAE is involved.
+images pixel-unshuffled by 4, so no VAE is involved.
 
-    python -m flashu_compile.scenes.train --minutes 25 --out flashu_compile/weights/showo2-scenes
+    python -m flashu_compile.scenes.train --out flashu_compile/weights/showo2-scenes
 """
 
 from __future__ import annotations
@@ -145,14 +145,14 @@ def plot_losses(log: dict, path: Path) -> None:
     plt.close(fig)
 
 
-def train(minutes: float, out: Path, batch: int = 32, lr: float = 2e-3, seed: int = 0,
+def train(minutes: float, out: Path, batch: int = 16, lr: float = 1.5e-3, seed: int = 0,
           init_from: Path | None = None, answer_batch: int | None = None, answer_weight: float = 0.5,
           ema_decay: float = 0.998) -> dict:
     """Train for ``minutes`` of wall-clock; each step has ``batch`` text-to-image rows and ``answer_batch``
-    understanding rows (default ``batch // 2``), the answer loss weighted by ``answer_weight``.
+    understanding rows (default ``batch``), the answer loss weighted by ``answer_weight``.
     Either batch may be 0 (one task only, e.g. to see how fast that task learns on its own).
     The saved weights are an exponential moving average with ``ema_decay`` (0: the last step's weights)."""
-    answer_batch = batch // 2 if answer_batch is None else answer_batch
+    answer_batch = batch if answer_batch is None else answer_batch
     if batch < 0 or answer_batch < 0 or batch + answer_batch == 0:
         raise ValueError(f"batch sizes must be non-negative and not both 0, got {batch} and {answer_batch}")
     torch.manual_seed(seed)
@@ -221,12 +221,12 @@ def train(minutes: float, out: Path, batch: int = 32, lr: float = 2e-3, seed: in
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--minutes", type=float, default=25.0)
+    parser.add_argument("--minutes", type=float, default=30.0)
     parser.add_argument("--out", type=Path, default=Path("flashu_compile/weights/showo2-scenes"))
-    parser.add_argument("--batch", type=int, default=32, help="text-to-image rows per step")
-    parser.add_argument("--answer-batch", type=int, help="understanding rows per step (default: half of --batch)")
+    parser.add_argument("--batch", type=int, default=16, help="text-to-image rows per step")
+    parser.add_argument("--answer-batch", type=int, help="understanding rows per step (default: as --batch)")
     parser.add_argument("--answer-weight", type=float, default=0.5, help="weight of the answer loss")
-    parser.add_argument("--lr", type=float, default=2e-3)
+    parser.add_argument("--lr", type=float, default=1.5e-3)
     parser.add_argument("--ema", type=float, default=0.998, help="decay of the saved weights' moving average (0: off)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--init-from", type=Path, help="continue from a saved checkpoint folder")

@@ -1,9 +1,10 @@
 import pytest
+import torch
 
 from flashu_compile.models.showo2 import Showo2
 from flashu_compile.models.showo2.checkpoint import CheckpointError
 from flashu_compile.models.showo2.embedded import verify_checksums
-from flashu_compile.scenes.train import train
+from flashu_compile.scenes.train import grid_position_table, train
 
 
 @pytest.fixture(scope="module")
@@ -35,3 +36,22 @@ def test_an_answer_only_run_logs_only_the_answer_loss(tmp_path):
     assert log["steps"] >= 1 and log["flow"] == [] and len(log["ntp"]) == log["steps"]
     with pytest.raises(ValueError, match="not both 0"):
         train(minutes=0.01, out=tmp_path / "none", batch=0, answer_batch=0)
+
+
+def test_the_position_table_tells_every_cell_apart_by_row_and_column():
+    table = grid_position_table(8, 96).reshape(8, 8, 96)
+    rows, cols = table[..., :48], table[..., 48:]
+    assert torch.equal(rows, rows[:, :1].expand_as(rows)) and torch.equal(cols, cols[:1].expand_as(cols))
+    flat = table.reshape(64, 96)
+    distances = torch.cdist(flat, flat) + torch.eye(64) * 1e9
+    assert distances.min() > 1.0
+    with pytest.raises(ValueError, match="divisible by 4"):
+        grid_position_table(8, 98)
+
+
+def test_a_fresh_run_starts_from_the_grid_position_table(trained):
+    out, log = trained
+    assert log["ema_decay"] > 0
+    table = Showo2.from_pretrained(str(out)).position_embedding.weight
+    # A few steps at a small learning rate move it only a little from where it started.
+    assert torch.allclose(table, grid_position_table(8, table.shape[1]), atol=0.05)
