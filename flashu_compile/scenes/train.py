@@ -23,10 +23,11 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from flashu_compile.models.showo2 import Showo2, custom_config
+from flashu_compile.models.showo2.sampling import shift_time
 from flashu_compile.models.showo2.sequences import mmu_row, omni_attention_mask, t2i_rows
 from flashu_compile.models.showo2.tokenizer import SceneTokenizer
 
-from .dataset import draw, to_tensor
+from .dataset import KINDS, draw, to_tensor
 
 CFG_DROP = 0.1
 
@@ -68,14 +69,28 @@ def grid_position_table(side: int, dim: int, scale: float = 0.5) -> torch.Tensor
     return scale * torch.cat([rows, cols], dim=-1).reshape(side * side, dim)
 
 
-def flow_loss(model: Showo2, tok: SceneTokenizer, scenes, codec, rng: random.Random) -> torch.Tensor:
+def zero_init_flow_head(model: Showo2) -> None:
+    """The official (DiT adaLN-Zero) start for the flow head: every block's gates, shifts and scales and
+    the output layer at zero, so each block starts as the identity on image tokens and the head predicts
+    v = 0. Why: :meth:`Showo2.init_weights` keeps them random so untrained test models exercise every
+    module, but a head that starts as a random function of its input is a slower place to train from."""
+    with torch.no_grad():
+        for layer in [block.adaLN_modulation[1] for block in model.diffusion_head_a] + [
+                model.diffusion_head_b.adaLN_modulation[1], model.diffusion_head_b.linear]:
+            layer.weight.zero_()
+            layer.bias.zero_()
+
+
+def flow_loss(model: Showo2, tok: SceneTokenizer, scenes, codec, rng: random.Random,
+              time_shift: float = 1.0) -> torch.Tensor:
     cfg = model.config
     prompts = ["" if rng.random() < CFG_DROP else s.caption for s in scenes]
     rows = t2i_rows(tok, prompts, cfg.num_image_tokens, cfg.max_text_len, guidance=False)
     x1 = codec.encode(torch.stack([to_tensor(s.render()) for s in scenes]))
     x0 = torch.randn_like(x1)
-    # Logit-normal times concentrate training where the flow is hardest, mid-trajectory.
-    t = torch.sigmoid(torch.randn(len(scenes)))
+    # Logit-normal times concentrate training mid-trajectory; the sampler's shift then moves them towards
+    # the noise end as it moves its grid, where the layout (how many objects, and where) is decided.
+    t = shift_time(torch.sigmoid(torch.randn(len(scenes))), time_shift)
     xt = t[:, None, None, None] * x1 + (1 - t[:, None, None, None]) * x0
     v = model.denoise(rows.text_tokens, xt, t, rows.attention_mask, rows.modality_positions)
     return F.mse_loss(v, x1 - x0)
@@ -105,6 +120,29 @@ def answer_loss(model: Showo2, tok: SceneTokenizer, scenes, codec, rng: random.R
     hidden = model.llm_hidden(embeds, omni_attention_mask(positions, length))
     logits = model.showo.lm_head(hidden)
     return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=-100)
+
+
+def kind_mix(weights: dict[str, int] | None) -> tuple[str, ...]:
+    """The kinds sequence :func:`~.dataset.draw` takes: each kind repeated by its integer weight."""
+    if weights is None:
+        return KINDS
+    unknown = set(weights) - set(KINDS)
+    if unknown:
+        raise ValueError(f"unknown scene kinds {sorted(unknown)}; expected some of {KINDS}")
+    if any(not isinstance(w, int) or w < 0 for w in weights.values()) or not any(weights.values()):
+        raise ValueError(f"kind weights must be non-negative integers, not all 0, got {weights}")
+    return tuple(k for k in KINDS for _ in range(weights.get(k, 0)))
+
+
+def parse_kind_weights(text: str) -> dict[str, int]:
+    """ "single=1,relation=2,count=2" -> {"single": 1, "relation": 2, "count": 2}."""
+    weights = {}
+    for item in text.split(","):
+        name, sep, value = item.partition("=")
+        if not sep or not value.strip().isdigit():
+            raise argparse.ArgumentTypeError(f"expected KIND=WEIGHT pairs such as 'relation=2', got {item!r}")
+        weights[name.strip()] = int(value)
+    return weights
 
 
 def save_weights(model: Showo2, out: Path, log: dict) -> None:
@@ -147,14 +185,19 @@ def plot_losses(log: dict, path: Path) -> None:
 
 def train(minutes: float, out: Path, batch: int = 16, lr: float = 1.5e-3, seed: int = 0,
           init_from: Path | None = None, answer_batch: int | None = None, answer_weight: float = 0.5,
-          ema_decay: float = 0.998) -> dict:
+          ema_decay: float = 0.998, time_shift: float = 1.0, kind_weights: dict[str, int] | None = None,
+          zero_head: bool = False) -> dict:
     """Train for ``minutes`` of wall-clock; each step has ``batch`` text-to-image rows and ``answer_batch``
     understanding rows (default ``batch``), the answer loss weighted by ``answer_weight``.
     Either batch may be 0 (one task only, e.g. to see how fast that task learns on its own).
-    The saved weights are an exponential moving average with ``ema_decay`` (0: the last step's weights)."""
+    The saved weights are an exponential moving average with ``ema_decay`` (0: the last step's weights).
+    Training times are logit-normal, shifted by ``time_shift`` as the sampler shifts its grid (1: unshifted);
+    ``kind_weights`` draws each scene kind in proportion to its weight (default: uniformly); ``zero_head``
+    starts a fresh model's flow head as :func:`zero_init_flow_head` does."""
     answer_batch = batch if answer_batch is None else answer_batch
     if batch < 0 or answer_batch < 0 or batch + answer_batch == 0:
         raise ValueError(f"batch sizes must be non-negative and not both 0, got {batch} and {answer_batch}")
+    kinds = kind_mix(kind_weights)
     torch.manual_seed(seed)
     rng = random.Random(seed)
     # Continuing from saved weights restarts the schedule (optimizer state is not saved).
@@ -165,6 +208,8 @@ def train(minutes: float, out: Path, batch: int = 16, lr: float = 1.5e-3, seed: 
         with torch.no_grad():
             table = model.position_embedding.weight
             table.copy_(grid_position_table(int(round(table.shape[0] ** 0.5)), table.shape[1]))
+        if zero_head:
+            zero_init_flow_head(model)
     model.train()
     # Sampling quality after a short run is noisy step to step; an exponential moving average of the
     # weights (saved instead of the last step's) smooths that out at the cost of one copy of the weights.
@@ -176,6 +221,7 @@ def train(minutes: float, out: Path, batch: int = 16, lr: float = 1.5e-3, seed: 
     start = time.perf_counter()
     log = {"flow": [], "ntp": [], "config": model.config.summary(), "batch": batch, "answer_batch": answer_batch,
            "answer_weight": answer_weight, "ema_decay": ema_decay, "lr": lr, "seed": seed,
+           "time_shift": time_shift, "zero_head": zero_head, "kinds": {k: kinds.count(k) for k in KINDS},
            "init_from": str(init_from) if init_from else None}
     step = 0
     bar = tqdm(total=int(budget), desc="training (s)", unit="s")
@@ -185,8 +231,8 @@ def train(minutes: float, out: Path, batch: int = 16, lr: float = 1.5e-3, seed: 
         scale = min(1.0, (step + 1) / 200) * 0.5 * (1 + math.cos(math.pi * frac))
         for group in opt.param_groups:
             group["lr"] = lr * max(scale, 0.02)
-        scenes = [draw("train", rng) for _ in range(max(batch, answer_batch))]
-        lf = flow_loss(model, tok, scenes[:batch], codec, rng) if batch else torch.zeros(())
+        scenes = [draw("train", rng, kinds) for _ in range(max(batch, answer_batch))]
+        lf = flow_loss(model, tok, scenes[:batch], codec, rng, time_shift) if batch else torch.zeros(())
         ln = answer_loss(model, tok, scenes[:answer_batch], codec, rng) if answer_batch else torch.zeros(())
         opt.zero_grad(set_to_none=True)
         (lf + answer_weight * ln).backward()
@@ -230,9 +276,15 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--ema", type=float, default=0.998, help="decay of the saved weights' moving average (0: off)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--init-from", type=Path, help="continue from a saved checkpoint folder")
+    parser.add_argument("--time-shift", type=float, default=1.0,
+                        help="shift of the logit-normal training times, as the sampler's (3.0) shifts its grid")
+    parser.add_argument("--kinds", type=parse_kind_weights,
+                        help="scene kind weights, e.g. 'single=1,relation=2,count=2' (default: uniform)")
+    parser.add_argument("--zero-head", action="store_true", help="start the flow head at adaLN-Zero (official init)")
     args = parser.parse_args(argv)
     log = train(args.minutes, args.out, args.batch, args.lr, args.seed, init_from=args.init_from,
-                answer_batch=args.answer_batch, answer_weight=args.answer_weight, ema_decay=args.ema)
+                answer_batch=args.answer_batch, answer_weight=args.answer_weight, ema_decay=args.ema,
+                time_shift=args.time_shift, kind_weights=args.kinds, zero_head=args.zero_head)
     final = ", ".join(f"{key} {sum(log[key][-50:]) / len(log[key][-50:]):.4f}" for key in ("flow", "ntp") if log[key])
     print(f"{log['steps']} steps in {log['seconds']:.0f} s; final {final} -> {args.out}")
 

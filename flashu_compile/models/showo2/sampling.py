@@ -19,14 +19,18 @@ from .sequences import Rows, t2i_rows
 DenoiseFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 
 
+def shift_time(s: torch.Tensor, shift: float) -> torch.Tensor:
+    """The official time shift s / (s + k - k s): with k > 1 it moves times towards the noise end (t = 0)."""
+    if shift <= 0:
+        raise ValueError(f"shift must be positive, got {shift}")
+    return s / (s + shift - shift * s)
+
+
 def time_grid(steps: int, shift: float = 3.0) -> torch.Tensor:
     """The official shifted time grid with ``steps`` points from 0 to 1 (fp32)."""
     if steps < 2:
         raise ValueError(f"steps must be >= 2 (grid points, steps - 1 model calls), got {steps}")
-    if shift <= 0:
-        raise ValueError(f"shift must be positive, got {shift}")
-    s = torch.linspace(0, 1, steps)
-    return s / (s + shift - shift * s)
+    return shift_time(torch.linspace(0, 1, steps), shift)
 
 
 def euler_cfg(
