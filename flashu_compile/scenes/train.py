@@ -69,18 +69,6 @@ def grid_position_table(side: int, dim: int, scale: float = 0.5) -> torch.Tensor
     return scale * torch.cat([rows, cols], dim=-1).reshape(side * side, dim)
 
 
-def zero_init_flow_head(model: Showo2) -> None:
-    """The official (DiT adaLN-Zero) start for the flow head: every block's gates, shifts and scales and
-    the output layer at zero, so each block starts as the identity on image tokens and the head predicts
-    v = 0. Why: :meth:`Showo2.init_weights` keeps them random so untrained test models exercise every
-    module, but a head that starts as a random function of its input is a slower place to train from."""
-    with torch.no_grad():
-        for layer in [block.adaLN_modulation[1] for block in model.diffusion_head_a] + [
-                model.diffusion_head_b.adaLN_modulation[1], model.diffusion_head_b.linear]:
-            layer.weight.zero_()
-            layer.bias.zero_()
-
-
 def flow_loss(model: Showo2, tok: SceneTokenizer, scenes, codec, rng: random.Random,
               time_shift: float = 1.0) -> torch.Tensor:
     cfg = model.config
@@ -185,15 +173,13 @@ def plot_losses(log: dict, path: Path) -> None:
 
 def train(minutes: float, out: Path, batch: int = 16, lr: float = 1.5e-3, seed: int = 0,
           init_from: Path | None = None, answer_batch: int | None = None, answer_weight: float = 0.5,
-          ema_decay: float = 0.998, time_shift: float = 1.0, kind_weights: dict[str, int] | None = None,
-          zero_head: bool = False) -> dict:
+          ema_decay: float = 0.998, time_shift: float = 1.0, kind_weights: dict[str, int] | None = None) -> dict:
     """Train for ``minutes`` of wall-clock; each step has ``batch`` text-to-image rows and ``answer_batch``
     understanding rows (default ``batch``), the answer loss weighted by ``answer_weight``.
     Either batch may be 0 (one task only, e.g. to see how fast that task learns on its own).
     The saved weights are an exponential moving average with ``ema_decay`` (0: the last step's weights).
     Training times are logit-normal, shifted by ``time_shift`` as the sampler shifts its grid (1: unshifted);
-    ``kind_weights`` draws each scene kind in proportion to its weight (default: uniformly); ``zero_head``
-    starts a fresh model's flow head as :func:`zero_init_flow_head` does."""
+    ``kind_weights`` draws each scene kind in proportion to its weight (default: uniformly)."""
     answer_batch = batch if answer_batch is None else answer_batch
     if batch < 0 or answer_batch < 0 or batch + answer_batch == 0:
         raise ValueError(f"batch sizes must be non-negative and not both 0, got {batch} and {answer_batch}")
@@ -208,8 +194,6 @@ def train(minutes: float, out: Path, batch: int = 16, lr: float = 1.5e-3, seed: 
         with torch.no_grad():
             table = model.position_embedding.weight
             table.copy_(grid_position_table(int(round(table.shape[0] ** 0.5)), table.shape[1]))
-        if zero_head:
-            zero_init_flow_head(model)
     model.train()
     # Sampling quality after a short run is noisy step to step; an exponential moving average of the
     # weights (saved instead of the last step's) smooths that out at the cost of one copy of the weights.
@@ -221,7 +205,7 @@ def train(minutes: float, out: Path, batch: int = 16, lr: float = 1.5e-3, seed: 
     start = time.perf_counter()
     log = {"flow": [], "ntp": [], "config": model.config.summary(), "batch": batch, "answer_batch": answer_batch,
            "answer_weight": answer_weight, "ema_decay": ema_decay, "lr": lr, "seed": seed,
-           "time_shift": time_shift, "zero_head": zero_head, "kinds": {k: kinds.count(k) for k in KINDS},
+           "time_shift": time_shift, "kinds": {k: kinds.count(k) for k in KINDS},
            "init_from": str(init_from) if init_from else None}
     step = 0
     bar = tqdm(total=int(budget), desc="training (s)", unit="s")
@@ -280,11 +264,10 @@ def main(argv: list[str] | None = None) -> None:
                         help="shift of the logit-normal training times, as the sampler's (3.0) shifts its grid")
     parser.add_argument("--kinds", type=parse_kind_weights,
                         help="scene kind weights, e.g. 'single=1,relation=2,count=2' (default: uniform)")
-    parser.add_argument("--zero-head", action="store_true", help="start the flow head at adaLN-Zero (official init)")
     args = parser.parse_args(argv)
     log = train(args.minutes, args.out, args.batch, args.lr, args.seed, init_from=args.init_from,
                 answer_batch=args.answer_batch, answer_weight=args.answer_weight, ema_decay=args.ema,
-                time_shift=args.time_shift, kind_weights=args.kinds, zero_head=args.zero_head)
+                time_shift=args.time_shift, kind_weights=args.kinds)
     final = ", ".join(f"{key} {sum(log[key][-50:]) / len(log[key][-50:]):.4f}" for key in ("flow", "ntp") if log[key])
     print(f"{log['steps']} steps in {log['seconds']:.0f} s; final {final} -> {args.out}")
 

@@ -6,18 +6,13 @@ import torch
 from flashu_compile.models.showo2 import Showo2
 from flashu_compile.models.showo2.checkpoint import CheckpointError
 from flashu_compile.models.showo2.embedded import verify_checksums
-from flashu_compile.models.showo2.modeling import image_span_mask
-from flashu_compile.models.showo2.modules import rotary_cos_sin
 from flashu_compile.models.showo2.sampling import shift_time
-from flashu_compile.models.showo2.sequences import t2i_rows
 from flashu_compile.scenes.dataset import KINDS
 from flashu_compile.scenes.train import (
     grid_position_table,
     kind_mix,
     parse_kind_weights,
-    scenes_config,
     train,
-    zero_init_flow_head,
 )
 
 
@@ -91,27 +86,8 @@ def test_shifted_training_times_lean_towards_noise_as_the_sampler_grid_does():
     assert float((shifted < 0.25).float().mean()) > 0.4 > float((s < 0.25).float().mean())
 
 
-def test_a_zero_initialised_flow_head_predicts_no_velocity_and_passes_image_tokens_through():
-    model = Showo2.random(scenes_config(), seed=0)
-    zero_init_flow_head(model)
-    tok = model.tokenizer
-    rows = t2i_rows(tok, ["a red circle"], model.config.num_image_tokens, model.config.max_text_len, guidance=False)
-    latents = torch.randn(1, model.config.image_latent_dim, *model.config.latent_size)
-    t = torch.tensor([0.3])
-    hidden, head_out, _, _ = model._multimodal(rows.text_tokens, latents, t, rows.attention_mask,
-                                               rows.modality_positions)
-    assert torch.count_nonzero(head_out) == 0
-    x = model.diff_proj(hidden)
-    span = image_span_mask(rows.modality_positions, rows.seq_len)
-    time_embeds, _ = model.time_embeddings(t)
-    block = model.diffusion_head_a[0]
-    rotary = rotary_cos_sin(model.head_inv_freq, x.shape[1], x.dtype)
-    out = block(x, time_embeds, rows.attention_mask, rotary, span)
-    assert torch.equal(out[span.expand_as(out)], x[span.expand_as(x)])
-
-
 def test_train_options_are_recorded_in_the_log(tmp_path):
     log = train(minutes=0.01, out=tmp_path / "weights", batch=2, answer_batch=2, time_shift=3.0,
-                kind_weights={"relation": 1}, zero_head=True)
-    assert log["time_shift"] == 3.0 and log["zero_head"] is True
+                kind_weights={"relation": 1})
+    assert log["time_shift"] == 3.0
     assert log["kinds"] == {"single": 0, "relation": 1, "count": 0}
