@@ -70,7 +70,7 @@ def grid_position_table(side: int, dim: int, scale: float = 0.5) -> torch.Tensor
 
 
 def flow_loss(model: Showo2, tok: SceneTokenizer, scenes, codec, rng: random.Random,
-              time_shift: float = 1.0) -> torch.Tensor:
+              time_shift: float = 3.0) -> torch.Tensor:
     cfg = model.config
     prompts = ["" if rng.random() < CFG_DROP else s.caption for s in scenes]
     rows = t2i_rows(tok, prompts, cfg.num_image_tokens, cfg.max_text_len, guidance=False)
@@ -173,12 +173,13 @@ def plot_losses(log: dict, path: Path) -> None:
 
 def train(minutes: float, out: Path, batch: int = 16, lr: float = 1.5e-3, seed: int = 0,
           init_from: Path | None = None, answer_batch: int | None = None, answer_weight: float = 0.5,
-          ema_decay: float = 0.998, time_shift: float = 1.0, kind_weights: dict[str, int] | None = None) -> dict:
+          ema_decay: float = 0.998, time_shift: float = 3.0, kind_weights: dict[str, int] | None = None) -> dict:
     """Train for ``minutes`` of wall-clock; each step has ``batch`` text-to-image rows and ``answer_batch``
     understanding rows (default ``batch``), the answer loss weighted by ``answer_weight``.
     Either batch may be 0 (one task only, e.g. to see how fast that task learns on its own).
     The saved weights are an exponential moving average with ``ema_decay`` (0: the last step's weights).
-    Training times are logit-normal, shifted by ``time_shift`` as the sampler shifts its grid (1: unshifted);
+    Training times are logit-normal, shifted by ``time_shift`` as the sampler shifts its grid (default: the
+    sampler's own 3.0; 1: unshifted);
     ``kind_weights`` draws each scene kind in proportion to its weight (default: uniformly)."""
     answer_batch = batch if answer_batch is None else answer_batch
     if batch < 0 or answer_batch < 0 or batch + answer_batch == 0:
@@ -260,8 +261,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--ema", type=float, default=0.998, help="decay of the saved weights' moving average (0: off)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--init-from", type=Path, help="continue from a saved checkpoint folder")
-    parser.add_argument("--time-shift", type=float, default=1.0,
-                        help="shift of the logit-normal training times, as the sampler's (3.0) shifts its grid")
+    parser.add_argument("--time-shift", type=float, default=3.0,
+                        help="shift of the logit-normal training times towards noise, as the sampler shifts its "
+                             "grid (default: the sampler's 3.0; 1: unshifted)")
     parser.add_argument("--kinds", type=parse_kind_weights,
                         help="scene kind weights, e.g. 'single=1,relation=2,count=2' (default: uniform)")
     args = parser.parse_args(argv)
