@@ -179,8 +179,8 @@ def train(minutes: float, out: Path, batch: int = 16, lr: float = 1.5e-3, seed: 
     Either batch may be 0 (one task only, e.g. to see how fast that task learns on its own).
     The saved weights are an exponential moving average with ``ema_decay`` (0: the last step's weights).
     Training times are logit-normal, shifted by ``time_shift`` as the sampler shifts its grid (default: the
-    sampler's own 3.0; 1: unshifted);
-    ``kind_weights`` draws each scene kind in proportion to its weight (default: uniformly)."""
+    sampler's own 3.0; 1: unshifted). ``kind_weights`` draws each scene kind in proportion to its weight
+    (default: uniformly)."""
     answer_batch = batch if answer_batch is None else answer_batch
     if batch < 0 or answer_batch < 0 or batch + answer_batch == 0:
         raise ValueError(f"batch sizes must be non-negative and not both 0, got {batch} and {answer_batch}")
