@@ -23,7 +23,10 @@ PATTERNS = {
     "attention": ("self_attn", ("q_proj", "k_proj", "v_proj", "o_proj")),
     "swiglu": ("mlp", ("gate_proj", "up_proj", "down_proj")),
 }
-_ROOT = re.compile(r"^L\['self'\]\.?|^L\['[^']+'\]\.?")
+# Dynamo names the root module after how the traced frame received it: L['self'] for a method, or an
+# argument such as L['args'][0] when forward runs through a wrapper that takes the module as an argument
+# (transformers 5.24's Llama forward does).
+_ROOT = re.compile(r"^L\['[^']+'\](?:\[\d+\])*\.?")
 
 
 @dataclass
