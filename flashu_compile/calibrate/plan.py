@@ -52,7 +52,7 @@ def decoder_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
     SwiGLU ``mlp`` (gate/up/down projections): Show-o2's ``showo.model.layers``, a transformers
     Qwen2 or Llama model's ``model.layers``; SigLIP's ``layers`` (fc1/fc2) are not one. The paths
     are the model's own ``named_modules`` names, which are also what a dynamo graph's
-    ``nn_module_stack`` gives once its ``L['self']`` root is stripped.
+    ``nn_module_stack`` gives once its root (``L['self']``, or ``L['args'][0]`` through a wrapper) is stripped.
     """
     stacks = [(name, module) for name, module in model.named_modules()
               if isinstance(module, nn.ModuleList) and len(module) and PATTERNS["decoder_layer"].match(f"{name}.0")

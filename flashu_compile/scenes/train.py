@@ -70,7 +70,7 @@ def grid_position_table(side: int, dim: int, scale: float = 0.5) -> torch.Tensor
 
 
 def flow_loss(model: Showo2, tok: SceneTokenizer, scenes, codec, rng: random.Random,
-              time_shift: float = 3.0) -> torch.Tensor:
+              time_shift: float) -> torch.Tensor:
     cfg = model.config
     prompts = ["" if rng.random() < CFG_DROP else s.caption for s in scenes]
     rows = t2i_rows(tok, prompts, cfg.num_image_tokens, cfg.max_text_len, guidance=False)
