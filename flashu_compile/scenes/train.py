@@ -173,18 +173,23 @@ def plot_losses(log: dict, path: Path) -> None:
 
 def train(minutes: float, out: Path, batch: int = 16, lr: float = 1.5e-3, seed: int = 0,
           init_from: Path | None = None, answer_batch: int | None = None, answer_weight: float = 0.5,
-          ema_decay: float = 0.998, time_shift: float = 3.0, kind_weights: dict[str, int] | None = None) -> dict:
+          ema_decay: float = 0.998, time_shift: float = 3.0, kind_weights: dict[str, int] | None = None,
+          answer_kind_weights: dict[str, int] | None = None) -> dict:
     """Train for ``minutes`` of wall-clock; each step has ``batch`` text-to-image rows and ``answer_batch``
     understanding rows (default ``batch``), the answer loss weighted by ``answer_weight``.
     Either batch may be 0 (one task only, e.g. to see how fast that task learns on its own).
     The saved weights are an exponential moving average with ``ema_decay`` (0: the last step's weights).
     Training times are logit-normal, shifted by ``time_shift`` as the sampler shifts its grid (default: the
-    sampler's own 3.0; 1: unshifted). ``kind_weights`` draws each scene kind in proportion to its weight
-    (default: uniformly)."""
+    sampler's own 3.0; 1: unshifted). ``kind_weights`` draws each scene kind of the text-to-image rows in
+    proportion to its weight (default: uniformly), ``answer_kind_weights`` those of the understanding rows
+    (default: as ``kind_weights``). The two tasks need different mixes: a question about two objects
+    trains binding and position, while a drawn relation scene teaches a small generator less per row
+    than a single object or a count."""
     answer_batch = batch if answer_batch is None else answer_batch
     if batch < 0 or answer_batch < 0 or batch + answer_batch == 0:
         raise ValueError(f"batch sizes must be non-negative and not both 0, got {batch} and {answer_batch}")
     kinds = kind_mix(kind_weights)
+    answer_kinds = kinds if answer_kind_weights is None else kind_mix(answer_kind_weights)
     torch.manual_seed(seed)
     rng = random.Random(seed)
     # Continuing from saved weights restarts the schedule (optimizer state is not saved).
@@ -207,6 +212,7 @@ def train(minutes: float, out: Path, batch: int = 16, lr: float = 1.5e-3, seed: 
     log = {"flow": [], "ntp": [], "config": model.config.summary(), "batch": batch, "answer_batch": answer_batch,
            "answer_weight": answer_weight, "ema_decay": ema_decay, "lr": lr, "seed": seed,
            "time_shift": time_shift, "kinds": {k: kinds.count(k) for k in KINDS},
+           "answer_kinds": {k: answer_kinds.count(k) for k in KINDS},
            "init_from": str(init_from) if init_from else None}
     step = 0
     bar = tqdm(total=int(budget), desc="training (s)", unit="s")
@@ -216,9 +222,10 @@ def train(minutes: float, out: Path, batch: int = 16, lr: float = 1.5e-3, seed: 
         scale = min(1.0, (step + 1) / 200) * 0.5 * (1 + math.cos(math.pi * frac))
         for group in opt.param_groups:
             group["lr"] = lr * max(scale, 0.02)
-        scenes = [draw("train", rng, kinds) for _ in range(max(batch, answer_batch))]
-        lf = flow_loss(model, tok, scenes[:batch], codec, rng, time_shift) if batch else torch.zeros(())
-        ln = answer_loss(model, tok, scenes[:answer_batch], codec, rng) if answer_batch else torch.zeros(())
+        drawn = [draw("train", rng, kinds) for _ in range(batch)]
+        asked = [draw("train", rng, answer_kinds) for _ in range(answer_batch)]
+        lf = flow_loss(model, tok, drawn, codec, rng, time_shift) if batch else torch.zeros(())
+        ln = answer_loss(model, tok, asked, codec, rng) if answer_batch else torch.zeros(())
         opt.zero_grad(set_to_none=True)
         (lf + answer_weight * ln).backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -265,11 +272,14 @@ def main(argv: list[str] | None = None) -> None:
                         help="shift of the logit-normal training times towards noise, as the sampler shifts its "
                              "grid (default: the sampler's 3.0; 1: unshifted)")
     parser.add_argument("--kinds", type=parse_kind_weights,
-                        help="scene kind weights, e.g. 'single=1,relation=2,count=2' (default: uniform)")
+                        help="scene kind weights of the text-to-image rows, e.g. 'single=1,relation=2,count=2' "
+                             "(default: uniform)")
+    parser.add_argument("--answer-kinds", type=parse_kind_weights,
+                        help="scene kind weights of the understanding rows (default: as --kinds)")
     args = parser.parse_args(argv)
     log = train(args.minutes, args.out, args.batch, args.lr, args.seed, init_from=args.init_from,
                 answer_batch=args.answer_batch, answer_weight=args.answer_weight, ema_decay=args.ema,
-                time_shift=args.time_shift, kind_weights=args.kinds)
+                time_shift=args.time_shift, kind_weights=args.kinds, answer_kind_weights=args.answer_kinds)
     final = ", ".join(f"{key} {sum(log[key][-50:]) / len(log[key][-50:]):.4f}" for key in ("flow", "ntp") if log[key])
     print(f"{log['steps']} steps in {log['seconds']:.0f} s; final {final} -> {args.out}")
 

@@ -74,3 +74,20 @@ def test_the_oracle_reads_exact_pixels():
     s = make_split("test", 1, seed=0)[0]
     image = (to_tensor(s.render()) + 1) / 2
     assert np.array_equal((image.permute(1, 2, 0) * 255).round().to(torch.uint8).numpy(), s.render())
+
+
+class EvenSeedsOnly(Oracle):
+    """Draws a caption's scene for even seeds and an empty image for odd ones."""
+
+    def generate_images(self, prompts, steps, guidance, seed, progress):
+        images = super().generate_images(prompts, steps, guidance, seed, progress)
+        return images if seed % 2 == 0 else torch.zeros_like(images)
+
+
+def test_every_prompt_gets_its_own_images_each_from_its_own_seed():
+    result = evaluate(EvenSeedsOnly(60), n_prompts=15, n_questions=60, batch=1, images_per_prompt=4)
+    assert result["images_per_prompt"] == 4 and result["prompts"] == 15
+    # Batch 1 gives image i the seed i: half of each caption's four images are drawn, half are empty.
+    assert result["geneval"]["correct"] == 0.5
+    with pytest.raises(ValueError, match="images_per_prompt must be at least 1"):
+        evaluate(Oracle(60), n_prompts=6, n_questions=60, images_per_prompt=0)

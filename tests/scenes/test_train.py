@@ -91,3 +91,22 @@ def test_train_options_are_recorded_in_the_log(tmp_path):
                 kind_weights={"relation": 1})
     assert log["time_shift"] == 2.0
     assert log["kinds"] == {"single": 0, "relation": 1, "count": 0}
+    assert log["answer_kinds"] == log["kinds"]  # the answer rows follow --kinds unless told otherwise
+
+
+def test_each_task_draws_its_own_kind_mix(tmp_path, monkeypatch):
+    from flashu_compile.scenes import train as train_module
+
+    seen = {"flow": set(), "answer": set()}
+    for name, task in (("flow_loss", "flow"), ("answer_loss", "answer")):
+        loss = getattr(train_module, name)
+
+        def recording(model, tok, scenes, *args, loss=loss, task=task):
+            seen[task].update(s.kind for s in scenes)
+            return loss(model, tok, scenes, *args)
+
+        monkeypatch.setattr(train_module, name, recording)
+    log = train(minutes=0.01, out=tmp_path / "weights", batch=3, answer_batch=3, kind_weights={"count": 1},
+                answer_kind_weights={"relation": 2})
+    assert seen == {"flow": {"count"}, "answer": {"relation"}}
+    assert log["answer_kinds"] == {"single": 0, "relation": 2, "count": 0}
