@@ -181,15 +181,14 @@ def train(minutes: float, out: Path, batch: int = 16, lr: float = 1.5e-3, seed: 
     The saved weights are an exponential moving average with ``ema_decay`` (0: the last step's weights).
     Training times are logit-normal, shifted by ``time_shift`` as the sampler shifts its grid (default: the
     sampler's own 3.0; 1: unshifted). ``kind_weights`` draws each scene kind of the text-to-image rows in
-    proportion to its weight (default: uniformly), ``answer_kind_weights`` those of the understanding rows
-    (default: as ``kind_weights``). The two tasks need different mixes: a question about two objects
-    trains binding and position, while a drawn relation scene teaches a small generator less per row
-    than a single object or a count."""
+    proportion to its weight (default: uniformly). ``answer_kind_weights`` gives the understanding rows
+    scenes of their own in that mix; by default they ask about the text-to-image rows' scenes."""
     answer_batch = batch if answer_batch is None else answer_batch
     if batch < 0 or answer_batch < 0 or batch + answer_batch == 0:
         raise ValueError(f"batch sizes must be non-negative and not both 0, got {batch} and {answer_batch}")
     kinds = kind_mix(kind_weights)
-    answer_kinds = kinds if answer_kind_weights is None else kind_mix(answer_kind_weights)
+    shared = answer_kind_weights is None
+    answer_kinds = kinds if shared else kind_mix(answer_kind_weights)
     torch.manual_seed(seed)
     rng = random.Random(seed)
     # Continuing from saved weights restarts the schedule (optimizer state is not saved).
@@ -222,9 +221,9 @@ def train(minutes: float, out: Path, batch: int = 16, lr: float = 1.5e-3, seed: 
         scale = min(1.0, (step + 1) / 200) * 0.5 * (1 + math.cos(math.pi * frac))
         for group in opt.param_groups:
             group["lr"] = lr * max(scale, 0.02)
-        drawn = [draw("train", rng, kinds) for _ in range(batch)]
-        asked = [draw("train", rng, answer_kinds) for _ in range(answer_batch)]
-        lf = flow_loss(model, tok, drawn, codec, rng, time_shift) if batch else torch.zeros(())
+        drawn = [draw("train", rng, kinds) for _ in range(max(batch, answer_batch) if shared else batch)]
+        asked = drawn[:answer_batch] if shared else [draw("train", rng, answer_kinds) for _ in range(answer_batch)]
+        lf = flow_loss(model, tok, drawn[:batch], codec, rng, time_shift) if batch else torch.zeros(())
         ln = answer_loss(model, tok, asked, codec, rng) if answer_batch else torch.zeros(())
         opt.zero_grad(set_to_none=True)
         (lf + answer_weight * ln).backward()

@@ -94,19 +94,32 @@ def test_train_options_are_recorded_in_the_log(tmp_path):
     assert log["answer_kinds"] == log["kinds"]  # the answer rows follow --kinds unless told otherwise
 
 
-def test_each_task_draws_its_own_kind_mix(tmp_path, monkeypatch):
+def record_scenes(monkeypatch) -> dict[str, list]:
+    """Per task, the scenes of each step's rows, recorded as the trainer hands them to its losses."""
     from flashu_compile.scenes import train as train_module
 
-    seen = {"flow": set(), "answer": set()}
+    seen = {"flow": [], "answer": []}
     for name, task in (("flow_loss", "flow"), ("answer_loss", "answer")):
         loss = getattr(train_module, name)
 
         def recording(model, tok, scenes, *args, loss=loss, task=task):
-            seen[task].update(s.kind for s in scenes)
+            seen[task].append(list(scenes))
             return loss(model, tok, scenes, *args)
 
         monkeypatch.setattr(train_module, name, recording)
+    return seen
+
+
+def test_by_default_both_tasks_read_the_same_scenes(tmp_path, monkeypatch):
+    seen = record_scenes(monkeypatch)
+    train(minutes=0.01, out=tmp_path / "weights", batch=3, answer_batch=2)
+    assert seen["flow"] and [scenes[:2] for scenes in seen["flow"]] == seen["answer"]
+
+
+def test_each_task_draws_its_own_kind_mix(tmp_path, monkeypatch):
+    seen = record_scenes(monkeypatch)
     log = train(minutes=0.01, out=tmp_path / "weights", batch=3, answer_batch=3, kind_weights={"count": 1},
                 answer_kind_weights={"relation": 2})
-    assert seen == {"flow": {"count"}, "answer": {"relation"}}
+    kinds = {task: {s.kind for scenes in steps for s in scenes} for task, steps in seen.items()}
+    assert kinds == {"flow": {"count"}, "answer": {"relation"}}
     assert log["answer_kinds"] == {"single": 0, "relation": 2, "count": 0}
