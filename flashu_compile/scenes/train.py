@@ -221,6 +221,7 @@ def train(minutes: float, out: Path, batch: int = 16, lr: float = 1.5e-3, seed: 
         scale = min(1.0, (step + 1) / 200) * 0.5 * (1 + math.cos(math.pi * frac))
         for group in opt.param_groups:
             group["lr"] = lr * max(scale, 0.02)
+        # Shared, the answer rows ask about the first of the drawn scenes (the recipe of the shipped weights).
         drawn = [draw("train", rng, kinds) for _ in range(max(batch, answer_batch) if shared else batch)]
         asked = drawn[:answer_batch] if shared else [draw("train", rng, answer_kinds) for _ in range(answer_batch)]
         lf = flow_loss(model, tok, drawn[:batch], codec, rng, time_shift) if batch else torch.zeros(())
@@ -274,7 +275,8 @@ def main(argv: list[str] | None = None) -> None:
                         help="scene kind weights of the text-to-image rows, e.g. 'single=1,relation=2,count=2' "
                              "(default: uniform)")
     parser.add_argument("--answer-kinds", type=parse_kind_weights,
-                        help="scene kind weights of the understanding rows (default: as --kinds)")
+                        help="scene kind weights of the understanding rows, which then draw scenes of their own "
+                             "(default: they ask about the text-to-image rows' scenes)")
     args = parser.parse_args(argv)
     log = train(args.minutes, args.out, args.batch, args.lr, args.seed, init_from=args.init_from,
                 answer_batch=args.answer_batch, answer_weight=args.answer_weight, ema_decay=args.ema,
