@@ -68,6 +68,20 @@ def test_guidance_schedule_without_passes_runs_through_the_sampler(results):
     assert by_name["guidance 6"].fidelity > 0
 
 
+def test_guidance_reaches_the_sampler(tokenizer):
+    """Scale 0 runs the conditional rows only: half the FLOPs of a guided request, and a different result."""
+    model = Showo2.random(small_config(num_layers=2), seed=3).attach(tokenizer=tokenizer)
+    image = torch.zeros(1, model.config.image_latent_dim, *model.config.latent_size)
+    flops = {}
+    for scale in (7.5, 0.0):
+        bench = Bench(model, [Config("eager 3", "t2i", "eager", 3)], ["a red circle"], image, "what colour?",
+                      guidance=scale)
+        flops[scale] = bench.run(runs=1, progress=False)[0].flops
+    assert flops[0.0] / flops[7.5] == pytest.approx(0.5, rel=1e-3)
+    with pytest.raises(ValueError, match="guidance must be >= 0"):
+        Bench(model, [], ["a red circle"], image, "what colour?", guidance=-1)
+
+
 def test_compile_times(results):
     by_name = {r.name: r for r in results}
     assert all(r.compile_cold_s > 0 for r in results)
