@@ -173,7 +173,7 @@ class Bench:
         """``image`` is a latent (1, c, h, w); ``scenes`` (one per prompt) and ``expected_answer``
         switch on the scenes scorers. ``guidance`` is the constant scale of every text-to-image row
         whose options set no guidance schedule."""
-        if guidance < 0:
+        if guidance < 0:  # the sampler would say so too, but only after every configuration has compiled
             raise ValueError(f"guidance must be >= 0, got {guidance}")
         self.guidance = guidance
         self.model, self.configs = model, configs

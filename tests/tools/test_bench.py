@@ -69,7 +69,7 @@ def test_guidance_schedule_without_passes_runs_through_the_sampler(results):
 
 
 def test_guidance_reaches_the_sampler(tokenizer):
-    """Scale 0 runs the conditional rows only: half the FLOPs of a guided request, and a different result."""
+    """Scale 0 runs the conditional rows only: half the FLOPs of a guided request."""
     model = Showo2.random(small_config(num_layers=2), seed=3).attach(tokenizer=tokenizer)
     image = torch.zeros(1, model.config.image_latent_dim, *model.config.latent_size)
     flops = {}
