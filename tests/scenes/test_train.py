@@ -19,7 +19,7 @@ from flashu_compile.scenes.train import (
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
     out = tmp_path_factory.mktemp("run") / "weights"
-    log = train(minutes=0.05, out=out, batch=4)
+    log = train(minutes=0.05, out=out, batch=4, answer_batch=4)
     return out, log
 
 
