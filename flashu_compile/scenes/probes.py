@@ -12,11 +12,20 @@
   model that ignores the relation word (0 if it draws both captions identically: ties do not
   count as followed), 1.0 for one that follows it. Colour mass needs no shape to
   be recognised, so this isolates placement from shape quality.
+- ``relation_sensitivity``: no sampling at all. The model's one-step estimate of the clean image
+  from pure noise (x0 + v at t = 0), averaged over noises, is its estimate of the mean image of
+  the caption; the data's mean image of "A left of B" has A's colour well left of B's. The probe
+  measures how far A's colour centroid moves against B's between "left of" and "right of" (and
+  "above" and "below") in the model's mean, as a fraction of how far it moves in the data's:
+  1 for a model that learned where the relation word puts objects, 0 for one that ignores it.
+  Sampling cannot place objects by the relation if this is 0; if it is high and ``relation_swap``
+  low, the sampler loses what the model knows.
 """
 
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 from collections import defaultdict
 
@@ -24,7 +33,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .dataset import COLOURS, QUESTION_TYPES, make_split, question_type, to_tensor
+from .dataset import COLOURS, QUESTION_TYPES, SHAPES, make_split, question_type, scenes_of, to_tensor
 from .evaluate import vqa_items
 from .scoring import colour_classes, normalise_answer
 
@@ -84,6 +93,63 @@ def relation_swap(model, n: int = 20, steps: int = 50, guidance: float = 5.0, se
     return {"pairs": len(pairs), "measured": measured, "followed": followed / measured if measured else float("nan")}
 
 
+# Red, green and blue share no channel, so each one's weight below counts no other palette colour's pixels.
+_EXCLUSIVE = ("red", "green", "blue")
+
+
+def soft_centroid(image: torch.Tensor, colour: str) -> torch.Tensor:
+    """(x, y) of a (3, H, W) image in [0, 1], each pixel weighted by how far it leans towards ``colour``
+    (one of :data:`_EXCLUSIVE`): it works on mean images, whose pixels are mixtures and not palette colours."""
+    if colour not in _EXCLUSIVE:
+        raise ValueError(f"soft centroids are defined for {_EXCLUSIVE}, got {colour!r}")
+    sign = torch.tensor(COLOURS[colour], dtype=image.dtype) / 127.5 - 1  # +1 on the colour's channel, -1 elsewhere
+    weight = (image * sign[:, None, None]).sum(0).clamp(min=0)
+    ys, xs = torch.meshgrid(torch.arange(image.shape[1], dtype=image.dtype),
+                            torch.arange(image.shape[2], dtype=image.dtype), indexing="ij")
+    return torch.stack([(weight * xs).sum(), (weight * ys).sum()]) / weight.sum().clamp(min=1e-6)
+
+
+def _relation_captions(n: int) -> list[tuple[str, str, str, str]]:
+    """``(colour_a, shape_a, colour_b, shape_b)`` for up to ``n`` captions, in a fixed order."""
+    combos = [(ca, sa, cb, sb) for ca, cb in itertools.permutations(_EXCLUSIVE, 2)
+              for sa, sb in itertools.permutations(SHAPES, 2)]
+    return combos[:n]
+
+
+def data_mean_image(caption: str) -> torch.Tensor:
+    """(3, H, W) in [0, 1]: the mean render of every scene (both splits) with this caption."""
+    renders = [s.render() for s in scenes_of("relation") if s.caption == caption]
+    if not renders:
+        raise ValueError(f"no relation scene has the caption {caption!r}")
+    return (to_tensor(np.stack(renders)).mean(0) + 1) / 2
+
+
+@torch.no_grad()
+def relation_sensitivity(model, n: int = 12, noises: int = 8, seed: int = 0) -> dict:
+    from flashu_compile.models.showo2.sequences import t2i_rows
+
+    cfg = model.config
+    noise = torch.randn(noises, cfg.image_latent_dim, *cfg.latent_size, generator=torch.Generator().manual_seed(seed))
+
+    def model_mean(caption: str) -> torch.Tensor:
+        rows = t2i_rows(model.tokenizer, [caption] * noises, cfg.num_image_tokens, cfg.max_text_len, guidance=False)
+        v = model.denoise(rows.text_tokens, noise, torch.zeros(noises), rows.attention_mask, rows.modality_positions)
+        return model.codec.decode(noise + v).mean(0)
+
+    out = {}
+    for axis, (first, second) in enumerate((("left of", "right of"), ("above", "below"))):
+        moved = {"model": 0.0, "data": 0.0}
+        for ca, sa, cb, sb in _relation_captions(n):
+            for source, mean_image in (("model", model_mean), ("data", data_mean_image)):
+                offsets = []
+                for relation in (first, second):
+                    image = mean_image(f"a {ca} {sa} {relation} a {cb} {sb}")
+                    offsets.append(float(soft_centroid(image, ca)[axis] - soft_centroid(image, cb)[axis]))
+                moved[source] += offsets[1] - offsets[0]
+        out[f"{first}/{second}"] = moved["model"] / moved["data"]
+    return out
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("model", help="checkpoint folder, or 'default'")
@@ -94,7 +160,8 @@ def main(argv: list[str] | None = None) -> None:
 
     model = Showo2.default() if args.model == "default" else Showo2.from_pretrained(args.model)
     print(json.dumps({"vqa_layout_sensitivity": vqa_layout_sensitivity(model, args.questions),
-                      "relation_swap": relation_swap(model, args.pairs)}, indent=1))
+                      "relation_swap": relation_swap(model, args.pairs),
+                      "relation_sensitivity": relation_sensitivity(model)}, indent=1))
 
 
 if __name__ == "__main__":

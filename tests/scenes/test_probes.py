@@ -1,12 +1,24 @@
 """The layout probes tell a model that reads (or draws) layout from one that does not."""
 
 import re
+from types import SimpleNamespace
 
 import numpy as np
+import pytest
 import torch
 
+from flashu_compile.models.showo2.codecs import PixelUnshuffleCodec
+from flashu_compile.models.showo2.tokenizer import SceneTokenizer
 from flashu_compile.scenes import Obj, Scene, make_split, to_tensor
-from flashu_compile.scenes.probes import colour_centroid, relation_swap, shuffle_tiles, vqa_layout_sensitivity
+from flashu_compile.scenes.probes import (
+    colour_centroid,
+    data_mean_image,
+    relation_sensitivity,
+    relation_swap,
+    shuffle_tiles,
+    soft_centroid,
+    vqa_layout_sensitivity,
+)
 
 
 def tiles_of(image: torch.Tensor) -> list[bytes]:
@@ -76,3 +88,40 @@ def test_colour_centroid():
     assert colour_centroid(image, "red") == (7.5, 19.5)  # pixel indices, not pixel-centre units
     assert colour_centroid(image, "blue") is None
     assert np.isclose(colour_centroid((to_tensor(image) + 1) / 2, "red")[0], 7.5)
+
+
+class MeanPredictor:
+    """Predicts, from any noise, the data's mean image of its caption (a model that learned the conditional
+    mean), or (``ignores_relation``) the mean image of the caption with "left of" or "above" whatever it says."""
+
+    def __init__(self, ignores_relation: bool):
+        self.ignores_relation = ignores_relation
+        self.tokenizer = SceneTokenizer()
+        self.codec = PixelUnshuffleCodec(4)
+        self.config = SimpleNamespace(image_latent_dim=48, latent_size=(8, 8), num_image_tokens=64, max_text_len=12)
+
+    def denoise(self, text_tokens, noise, t, attention_mask, modality_positions):
+        assert bool((t == 0).all())
+        targets = []
+        for row in text_tokens.tolist():
+            caption = self.tokenizer.decode(row)
+            if self.ignores_relation:
+                caption = caption.replace("right of", "left of").replace("below", "above")
+            targets.append(self.codec.encode(data_mean_image(caption)[None] * 2 - 1)[0])
+        return torch.stack(targets) - noise
+
+
+def test_relation_sensitivity_is_one_for_the_conditional_mean_and_zero_without_the_relation_word():
+    learned = relation_sensitivity(MeanPredictor(ignores_relation=False), n=3, noises=2)
+    assert learned.keys() == {"left of/right of", "above/below"}
+    assert all(abs(v - 1) < 1e-4 for v in learned.values())
+    ignored = relation_sensitivity(MeanPredictor(ignores_relation=True), n=3, noises=2)
+    assert all(abs(v) < 1e-4 for v in ignored.values())
+
+
+def test_soft_centroid_follows_the_colour_and_refuses_shared_channels():
+    scene = Scene((Obj("square", "red", 8, 20, 8), Obj("circle", "blue", 26, 6, 8)), "left of")
+    image = (to_tensor(scene.render()) + 1) / 2
+    assert torch.allclose(soft_centroid(image, "red"), torch.tensor([7.5, 19.5]))
+    with pytest.raises(ValueError, match="soft centroids"):
+        soft_centroid(image, "yellow")

@@ -9,6 +9,7 @@ from flashu_compile.models.showo2.embedded import verify_checksums
 from flashu_compile.models.showo2.sampling import shift_time
 from flashu_compile.scenes.dataset import KINDS
 from flashu_compile.scenes.train import (
+    ANSWERS_FROM,
     grid_position_table,
     kind_mix,
     parse_kind_weights,
@@ -19,7 +20,7 @@ from flashu_compile.scenes.train import (
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
     out = tmp_path_factory.mktemp("run") / "weights"
-    log = train(minutes=0.05, out=out, batch=4, answer_batch=4)
+    log = train(minutes=0.05, out=out, batch=4, answer_batch=4, answers_from=0)
     return out, log
 
 
@@ -112,14 +113,31 @@ def record_scenes(monkeypatch) -> dict[str, list]:
 
 def test_by_default_both_tasks_read_the_same_scenes(tmp_path, monkeypatch):
     seen = record_scenes(monkeypatch)
-    train(minutes=0.01, out=tmp_path / "weights", batch=3, answer_batch=2)
+    train(minutes=0.01, out=tmp_path / "weights", batch=3, answer_batch=2, answers_from=0)
     assert seen["flow"] and [scenes[:2] for scenes in seen["flow"]] == seen["answer"]
 
 
 def test_each_task_draws_its_own_kind_mix(tmp_path, monkeypatch):
     seen = record_scenes(monkeypatch)
     log = train(minutes=0.01, out=tmp_path / "weights", batch=3, answer_batch=3, kind_weights={"count": 1},
-                answer_kind_weights={"relation": 2})
+                answer_kind_weights={"relation": 2}, answers_from=0)
     kinds = {task: {s.kind for scenes in steps for s in scenes} for task, steps in seen.items()}
     assert kinds == {"flow": {"count"}, "answer": {"relation"}}
     assert log["answer_kinds"] == {"single": 0, "relation": 2, "count": 0}
+
+
+def test_answer_rows_join_after_the_stated_fraction_of_the_budget(tmp_path, monkeypatch):
+    seen = record_scenes(monkeypatch)
+    log = train(minutes=0.05, out=tmp_path / "weights", batch=2, answer_batch=2, answers_from=0.5)
+    first = log["answers_from_step"]
+    # The first step runs at 0% of the budget, so it is text-to-image only; later steps answer too.
+    assert first is not None and first >= 1
+    assert len(seen["flow"]) == log["steps"] == len(log["flow"])
+    assert len(seen["answer"]) == len(log["ntp"]) == log["steps"] - first
+    for bad in (1.0, -0.1):
+        with pytest.raises(ValueError, match="answers_from must be in"):
+            train(minutes=0.01, out=tmp_path / "bad", batch=2, answer_batch=2, answers_from=bad)
+    with pytest.raises(ValueError, match="needs both batch sizes"):
+        train(minutes=0.01, out=tmp_path / "bad", batch=0, answer_batch=2, answers_from=0.5)
+    assert train(minutes=0.01, out=tmp_path / "one task", batch=0, answer_batch=2)["answers_from"] == 0
+    assert train(minutes=0.01, out=tmp_path / "both", batch=2, answer_batch=2)["answers_from"] == ANSWERS_FROM
