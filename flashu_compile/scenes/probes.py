@@ -33,6 +33,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from flashu_compile.models.showo2.sequences import t2i_rows
+
 from .dataset import COLOURS, QUESTION_TYPES, SHAPES, make_split, question_type, scenes_of, to_tensor
 from .evaluate import vqa_items
 from .scoring import colour_classes, normalise_answer
@@ -125,9 +127,9 @@ def data_mean_image(caption: str) -> torch.Tensor:
 
 
 @torch.no_grad()
-def relation_sensitivity(model, n: int = 12, noises: int = 8, seed: int = 0) -> dict:
-    from flashu_compile.models.showo2.sequences import t2i_rows
-
+def relation_sensitivity(model, n: int = 12, noises: int = 8, seed: int = 0) -> dict[str, float]:
+    """Per axis, the fraction of the data's relation-driven centroid shift that the model's mean prediction at
+    t = 0 reproduces, over ``n`` captions and ``noises`` noises (see the module doc)."""
     cfg = model.config
     noise = torch.randn(noises, cfg.image_latent_dim, *cfg.latent_size, generator=torch.Generator().manual_seed(seed))
 
