@@ -128,7 +128,7 @@ def test_each_task_draws_its_own_kind_mix(tmp_path, monkeypatch):
 
 def test_answer_rows_join_after_the_stated_fraction_of_the_budget(tmp_path, monkeypatch):
     seen = record_scenes(monkeypatch)
-    log = train(minutes=0.05, out=tmp_path / "weights", batch=2, answer_batch=2, answers_from=0.5)
+    log = train(minutes=0.1, out=tmp_path / "weights", batch=2, answer_batch=2, answers_from=0.5)
     first = log["answers_from_step"]
     # The first step runs at 0% of the budget, so it is text-to-image only; later steps answer too.
     assert first is not None and first >= 1
