@@ -119,6 +119,13 @@ class Scene:
             return f"{NUMBER_WORDS[len(self.objects)]} {first.phrase()}s"
         return f"a {first.phrase()}"
 
+    def in_reading_order(self) -> Scene:
+        """The same image stated with the subject first in reading order: "B right of A" becomes "A left of B"
+        and "B below A" becomes "A above B"; other scenes are returned as they are."""
+        if self.relation in ("right of", "below"):
+            return Scene(self.objects[::-1], OPPOSITE[self.relation])
+        return self
+
     def layout(self) -> str:
         """Canonical text of the objects alone: equal layouts mean identical images, whatever the caption
         ("A left of B" and "B right of A" in the same cells are one image)."""

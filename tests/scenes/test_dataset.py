@@ -236,3 +236,20 @@ def test_to_tensor_maps_to_the_models_pixel_range(test):
     assert batch.min() == -1 and batch.max() == 1  # black background and full-intensity channels
     back = ((batch + 1) * 127.5).round().to(torch.uint8).movedim(-3, -1).numpy()
     assert np.array_equal(back, images)
+
+
+def test_reading_order_restates_the_same_image_with_the_subject_left_or_above():
+    relations = scenes_of("relation")
+    known = {s.key() for s in relations}
+    for scene in relations:
+        restated = scene.in_reading_order()
+        assert restated.key() in known and split_of(restated) == split_of(scene)
+        assert np.array_equal(restated.render(), scene.render())
+        assert restated.relation in ("left of", "above")
+        first, second = restated.objects
+        assert first.cx < second.cx if restated.relation == "left of" else first.cy < second.cy
+        if scene.relation in ("left of", "above"):
+            assert restated is scene
+    for kind in ("single", "count"):
+        scene = scenes_of(kind)[0]
+        assert scene.in_reading_order() is scene

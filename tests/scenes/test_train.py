@@ -1,5 +1,6 @@
 import argparse
 
+import numpy as np
 import pytest
 import torch
 
@@ -7,12 +8,13 @@ from flashu_compile.models.showo2 import Showo2
 from flashu_compile.models.showo2.checkpoint import CheckpointError
 from flashu_compile.models.showo2.embedded import verify_checksums
 from flashu_compile.models.showo2.sampling import shift_time
-from flashu_compile.scenes.dataset import KINDS
+from flashu_compile.scenes.dataset import KINDS, Obj, Scene
 from flashu_compile.scenes.train import (
     ANSWERS_FROM,
     grid_position_table,
     kind_mix,
     parse_kind_weights,
+    relation_captions,
     train,
 )
 
@@ -141,3 +143,27 @@ def test_answer_rows_join_after_the_stated_fraction_of_the_budget(tmp_path, monk
         train(minutes=0.01, out=tmp_path / "bad", batch=0, answer_batch=2, answers_from=0.5)
     assert train(minutes=0.01, out=tmp_path / "one task", batch=0, answer_batch=2)["answers_from"] == 0
     assert train(minutes=0.01, out=tmp_path / "both", batch=2, answer_batch=2)["answers_from"] == ANSWERS_FROM
+
+
+def test_relation_images_are_captioned_in_reading_order_for_the_stated_fraction_of_the_budget(tmp_path, monkeypatch):
+    seen = record_scenes(monkeypatch)
+    log = train(minutes=0.1, out=tmp_path / "weights", batch=4, answer_batch=0, kind_weights={"relation": 1},
+                reading_order_until=0.5)
+    assert log["reading_order_until"] == 0.5
+    captions = [[s.relation for s in scenes] for scenes in seen["flow"]]
+    # The first step runs at 0% of the budget: reading order only. Steps past half the budget see all four words.
+    assert set(captions[0]) <= {"left of", "above"}
+    assert {r for step in captions for r in step} == {"left of", "right of", "above", "below"}
+    with pytest.raises(ValueError, match="reading_order_until must be in"):
+        train(minutes=0.01, out=tmp_path / "bad", batch=2, answer_batch=0, reading_order_until=1.5)
+
+
+def test_relation_captions_keep_images_and_leave_other_kinds_alone():
+    scenes = [Scene((Obj("circle", "red", 26, 16), Obj("square", "blue", 6, 16)), "right of"),
+              Scene((Obj("circle", "red", 16, 6),)),
+              Scene((Obj("circle", "red", 16, 26), Obj("square", "blue", 16, 6)), "below")]
+    assert relation_captions(scenes, reading_order=False) == scenes
+    restated = relation_captions(scenes, reading_order=True)
+    assert [s.caption for s in restated] == ["a blue square left of a red circle", "a red circle",
+                                             "a blue square above a red circle"]
+    assert all(np.array_equal(a.render(), b.render()) for a, b in zip(scenes, restated, strict=True))
