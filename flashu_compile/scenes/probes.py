@@ -111,7 +111,7 @@ def soft_centroid(image: torch.Tensor, colour: str) -> torch.Tensor:
     return torch.stack([(weight * xs).sum(), (weight * ys).sum()]) / weight.sum().clamp(min=1e-6)
 
 
-def _relation_captions(n: int) -> list[tuple[str, str, str, str]]:
+def _object_pairs(n: int) -> list[tuple[str, str, str, str]]:
     """``(colour_a, shape_a, colour_b, shape_b)`` for up to ``n`` captions, in a fixed order."""
     combos = [(ca, sa, cb, sb) for ca, cb in itertools.permutations(_EXCLUSIVE, 2)
               for sa, sb in itertools.permutations(SHAPES, 2)]
@@ -141,7 +141,7 @@ def relation_sensitivity(model, n: int = 12, noises: int = 8, seed: int = 0) -> 
     out = {}
     for axis, (first, second) in enumerate((("left of", "right of"), ("above", "below"))):
         moved = {"model": 0.0, "data": 0.0}
-        for ca, sa, cb, sb in _relation_captions(n):
+        for ca, sa, cb, sb in _object_pairs(n):
             for source, mean_image in (("model", model_mean), ("data", data_mean_image)):
                 offsets = []
                 for relation in (first, second):
