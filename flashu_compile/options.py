@@ -12,6 +12,8 @@ import dataclasses
 from dataclasses import dataclass, fields
 from typing import Any
 
+from .validate import check_float, check_int, check_schedule
+
 TASKS = ("auto", "t2i", "mmu")
 LOWERINGS = ("inductor", "eager", "tensorrt")
 PASSES = ("prune_channels", "token_drop", "prefix_cache", "layer_skip", "head_cache")  # in the order they run
@@ -48,6 +50,7 @@ class FlashUOptions:
         _choice("token_drop_order", self.token_drop_order, TOKEN_DROP_ORDERS)
         _choice("step_semantics", self.step_semantics, ("project", "flashu-reference"))
         _choice("preset", self.preset, tuple(PRESETS))
+        _check_passes(self.passes)
         for name in self.passes:
             _choice("passes", name, PASSES)
         if len(set(self.passes)) != len(self.passes):
@@ -58,20 +61,11 @@ class FlashUOptions:
             raise ValueError("option 'passes': prefix_cache does not compose with layer_skip (skipping a layer "
                              "changes the cached prefix, and layer importance is measured over all tokens); "
                              "enable one of them")
-        for name in ("prune_ratio", "skip_ratio", "token_drop_ratio"):
-            value = getattr(self, name)
-            if not 0.0 <= value < 1.0:
-                raise ValueError(f"option {name!r} must be in [0, 1), got {value!r}")
-        for name, low in (("prune_multiple", 1), ("hybrid_tau", 0), ("skip_interval", 1), ("cache_interval", 1),
-                          ("token_drop_layer", 0), ("decode_graphs", 0)):
-            value = getattr(self, name)
-            if value < low:
-                raise ValueError(f"option {name!r} must be >= {low}, got {value!r}")
-        if self.guidance_schedule is not None:
-            for steps, scale in self.guidance_schedule:
-                if steps < 1 or scale < 0:
-                    raise ValueError(f"option 'guidance_schedule' needs (steps >= 1, scale >= 0) segments, "
-                                     f"got {(steps, scale)!r}")
+        for name in _FLOAT_FIELDS:
+            check_float(f"option {name!r}", getattr(self, name), 0.0, 1.0, high_open=True)
+        for name, low in _INT_FIELDS.items():
+            check_int(f"option {name!r}", getattr(self, name), low)
+        check_schedule("option 'guidance_schedule'", self.guidance_schedule)
 
     @classmethod
     def from_dict(cls, options: dict[str, Any] | FlashUOptions | None) -> FlashUOptions:
@@ -83,7 +77,7 @@ class FlashUOptions:
         if not isinstance(options, dict):
             raise ValueError(f"flashu options must be a dict, got {type(options).__name__}")
         known = {f.name: f for f in fields(cls)}
-        unknown = sorted(set(options) - set(known))
+        unknown = sorted(set(options) - set(known), key=repr)  # keys of any type: never a TypeError
         if unknown:
             raise ValueError(f"unknown flashu option(s) {unknown}; valid options: {sorted(known)}")
         preset = options.get("preset", "off")
@@ -98,12 +92,23 @@ class FlashUOptions:
 
 
 def _choice(name: str, value: Any, valid: tuple[str, ...]) -> None:
-    if value not in valid:
+    # Not ``in``: an unhashable or oddly comparing value must get this error, not a TypeError.
+    if not isinstance(value, str) or value not in valid:
         raise ValueError(f"option {name!r} must be one of {list(valid)}, got {value!r}")
 
 
-_INT_FIELDS = {"prune_multiple", "hybrid_tau", "skip_interval", "cache_interval", "token_drop_layer", "decode_graphs"}
-_FLOAT_FIELDS = {"prune_ratio", "skip_ratio", "token_drop_ratio"}
+def _check_passes(value: Any) -> list[str]:
+    """``passes`` is a list or tuple of names (``None`` or a single string is a mistake, not "no passes")."""
+    if not isinstance(value, (list, tuple)) or not all(isinstance(v, str) for v in value):
+        raise ValueError(f"option 'passes' must be a list of pass names from {list(PASSES)}, "
+                         f"got {type(value).__name__} {value!r}")
+    return list(value)
+
+
+# Integer options and their smallest value; the ratios are fractions in [0, 1).
+_INT_FIELDS = {"prune_multiple": 1, "hybrid_tau": 0, "skip_interval": 1, "cache_interval": 1, "token_drop_layer": 0,
+               "decode_graphs": 0}
+_FLOAT_FIELDS = ("prune_ratio", "skip_ratio", "token_drop_ratio")
 _STR_FIELDS = {"task", "lowering", "token_drop_order", "step_semantics", "preset"}
 
 
@@ -113,13 +118,9 @@ def _coerce(key: str, value: Any, spec: dataclasses.Field) -> Any:
         return ValueError(f"option {key!r} must be {expected}, got {type(value).__name__} {value!r}")
 
     if key in _INT_FIELDS:
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise wrong("an int")
-        return value
+        return check_int(f"option {key!r}", value)
     if key in _FLOAT_FIELDS:
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise wrong("a float")
-        return float(value)
+        return check_float(f"option {key!r}", value)
     if key in _STR_FIELDS:
         if not isinstance(value, str):
             raise wrong("a str")
@@ -133,16 +134,9 @@ def _coerce(key: str, value: Any, spec: dataclasses.Field) -> Any:
             raise wrong("a str path or None")
         return value
     if key == "passes":
-        if isinstance(value, str) or not all(isinstance(v, str) for v in value):
-            raise wrong(f"a list of pass names from {list(PASSES)}")
-        return tuple(value)
+        return tuple(_check_passes(value))
     if key == "guidance_schedule":
-        if value is None:
-            return None
-        try:
-            return tuple((int(s), float(g)) for s, g in value)
-        except (TypeError, ValueError):
-            raise wrong("a list of (steps, scale) pairs") from None
+        return check_schedule("option 'guidance_schedule'", value)
     return value  # plan: validated when a pass loads it
 
 
