@@ -18,6 +18,7 @@ TASKS = ("auto", "t2i", "mmu")
 LOWERINGS = ("inductor", "eager", "tensorrt")
 PASSES = ("prune_channels", "token_drop", "prefix_cache", "layer_skip", "head_cache")  # in the order they run
 TOKEN_DROP_ORDERS = ("highest", "lowest")
+TRT_PRECISIONS = ("explicit", "bf16", "fp16")  # explicit: the graph's own dtypes
 
 
 @dataclass(frozen=True)
@@ -42,6 +43,9 @@ class FlashUOptions:
     decode_graphs: int = 8  # guard-free decode graphs kept, one per answer skip set (0: always the guarded graph)
     strict: bool = False  # raise instead of falling back when a pass does not apply
     debug_dir: str | None = None  # dump every graph before and after every pass here
+    trt_precision: str = "explicit"  # lowering="tensorrt": the graph's dtypes, or autocast to bf16 / fp16
+    trt_cache_dir: str | None = None  # TensorRT engine cache (None: $FLASHU_TRT_CACHE or ~/.cache/flashu-compile/trt)
+    trt_max_size: int = 4096  # TensorRT: declared upper bound of a size dynamo made symbolic (a cache length)
     preset: str = "off"
 
     def __post_init__(self) -> None:
@@ -49,6 +53,7 @@ class FlashUOptions:
         _choice("lowering", self.lowering, LOWERINGS)
         _choice("token_drop_order", self.token_drop_order, TOKEN_DROP_ORDERS)
         _choice("step_semantics", self.step_semantics, ("project", "flashu-reference"))
+        _choice("trt_precision", self.trt_precision, TRT_PRECISIONS)
         _choice("preset", self.preset, tuple(PRESETS))
         _check_passes(self.passes)
         for name in self.passes:
@@ -107,9 +112,9 @@ def _check_passes(value: Any) -> list[str]:
 
 # Integer options and their smallest value; the ratios are fractions in [0, 1).
 _INT_FIELDS = {"prune_multiple": 1, "hybrid_tau": 0, "skip_interval": 1, "cache_interval": 1, "token_drop_layer": 0,
-               "decode_graphs": 0}
+               "decode_graphs": 0, "trt_max_size": 1}
 _FLOAT_FIELDS = ("prune_ratio", "skip_ratio", "token_drop_ratio")
-_STR_FIELDS = {"task", "lowering", "token_drop_order", "step_semantics", "preset"}
+_STR_FIELDS = {"task", "lowering", "token_drop_order", "step_semantics", "preset", "trt_precision"}
 
 
 def _coerce(key: str, value: Any, spec: dataclasses.Field) -> Any:
@@ -129,7 +134,7 @@ def _coerce(key: str, value: Any, spec: dataclasses.Field) -> Any:
         if not isinstance(value, bool):
             raise wrong("a bool")
         return value
-    if key == "debug_dir":
+    if key in ("debug_dir", "trt_cache_dir"):
         if value is not None and not isinstance(value, str):
             raise wrong("a str path or None")
         return value
