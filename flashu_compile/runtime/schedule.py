@@ -10,6 +10,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from ..validate import MAX_GUIDANCE, check_float, check_int, check_schedule
+
 REFERENCE = "flashu-reference"
 
 
@@ -53,7 +55,10 @@ def guidance_scales(schedule: tuple[tuple[int, float], ...] | None, calls: int, 
     ``default`` (the public rule). ``project``: the segments are stretched over the actual
     number of calls, so a schedule written for 35 grid points keeps its proportions at 50.
     """
-    if not schedule:
+    schedule = check_schedule("guidance_schedule", schedule)
+    calls = check_int("calls", calls, low=0)
+    default = check_float("guidance", default, low=0.0, high=MAX_GUIDANCE)
+    if schedule is None:
         return [default] * calls
     if semantics == REFERENCE:
         ends, bound = [], 0

@@ -1,3 +1,6 @@
+import warnings
+
+import numpy as np
 import pytest
 import torch
 
@@ -11,7 +14,7 @@ def test_time_grid_is_the_shifted_official_grid():
     torch.testing.assert_close(grid, s / (s + 3 - 3 * s))
     assert grid[0] == 0 and grid[-1] == 1
     assert torch.equal(time_grid(4, shift=1.0), torch.linspace(0, 1, 4))
-    with pytest.raises(ValueError, match="steps must be >= 2"):
+    with pytest.raises(ValueError, match="steps must be an int >= 2"):
         time_grid(1)
 
 
@@ -69,7 +72,7 @@ def test_generate_images_decodes_with_the_pixel_codec(small_model):
 
 
 def test_bad_generation_arguments(small_model, tokenizer):
-    with pytest.raises(ValueError, match="guidance must be >= 0"):
+    with pytest.raises(ValueError, match="guidance must be a number >= 0.0"):
         generate_latents(small_model, tokenizer, ["red"], steps=3, guidance=-1.0)
     with pytest.raises(ValueError, match="noise must be"):
         generate_latents(small_model, tokenizer, ["red"], steps=3, noise=torch.zeros(1, 3, 3, 3))
@@ -96,3 +99,55 @@ def test_inputs_follow_the_model_device(tokenizer):
     rows, embeds = prepare(model, tokenizer, torch.zeros(1, c, h, w), "what colour is the circle?")
     assert {rows.text_tokens.device.type, rows.attention_mask.device.type, rows.time_positions.device.type,
             embeds.device.type} == {"meta"}
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    ({"guidance": float("nan")}, "guidance must be a finite number, got nan"),  # was silently unguided
+    ({"guidance": float("inf")}, "guidance must be a finite number, got inf"),  # was a black image
+    ({"shift": float("nan")}, "shift must be a finite number, got nan"),  # were NaN images
+    ({"shift": float("inf")}, "shift must be a finite number, got inf"),
+    ({"shift": 0.0}, r"shift must be a number > 0.0"),
+    ({"steps": 2.7}, "steps must be an int, got float 2.7"),
+    ({"steps": True}, "steps must be an int, got bool True"),
+    ({"steps": "3"}, "steps must be an int, got str '3'"),
+    ({"steps": 10**9}, "steps must be an int >= 2 and <= 10000"),
+    ({"seed": -1}, "seed must be an int >= 0"),
+    ({"seed": 1.5}, "seed must be an int, got float"),
+    ({"max_text_len": -5}, "max_text_len must be an int >= 1, got -5"),
+    ({"prompts": []}, "prompts must be a str or a non-empty list"),
+    ({"prompts": ["red", None]}, r"prompts\[1\] must be a str, got NoneType"),
+])
+def test_generation_arguments_are_checked_before_any_work(small_model, tokenizer, kwargs, message):
+    def denoise(*args):
+        raise AssertionError("the model ran before the arguments were checked")
+
+    kwargs = {"prompts": ["red"], "steps": 3, **kwargs}
+    with pytest.raises(ValueError, match=message):
+        generate_latents(small_model, tokenizer, denoise=denoise, progress=False, **kwargs)
+
+
+def test_numpy_scalars_are_accepted_as_numbers(small_model, tokenizer):
+    ref = generate_latents(small_model, tokenizer, ["red"], steps=3, guidance=2.0, shift=3.0, seed=1, progress=False)
+    out = generate_latents(small_model, tokenizer, ["red"], steps=np.int64(3), guidance=np.float32(2.0),
+                           shift=np.float64(3.0), seed=np.uint8(1), progress=False)
+    assert torch.equal(ref, out)
+
+
+def test_euler_cfg_rejects_non_finite_scales(tokenizer):
+    rows = t2i_rows(tokenizer, ["red"], 4, 3, guidance=True)
+    with pytest.raises(ValueError, match=r"guidance\[1\] must be a finite number, got nan"):
+        euler_cfg(lambda *a: a[1], rows, torch.zeros(1, 2, 2, 2), torch.tensor([0.0, 0.5, 1.0]),
+                  guidance=[1.0, float("nan")], progress=False)
+
+
+def test_a_guidance_schedule_does_not_silently_override_an_explicit_guidance(small_model, tokenizer):
+    """With the paper preset's schedule, ``guidance=`` cannot take effect: say so instead of ignoring it."""
+    from flashu_compile.options import FlashUOptions
+
+    paper = FlashUOptions.from_dict({"preset": "paper"})
+    with pytest.warns(UserWarning, match=r"guidance=3.0 is ignored: .*guidance_schedule \[\(24, 7.5\), \(11, 10.0\)\]"):
+        generate_latents(small_model, tokenizer, ["red"], steps=3, guidance=3.0, options=paper, progress=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the schedule alone, or guidance without a schedule: no warning
+        generate_latents(small_model, tokenizer, ["red"], steps=3, options=paper, progress=False)
+        generate_latents(small_model, tokenizer, ["red"], steps=3, guidance=3.0, progress=False)

@@ -1,3 +1,6 @@
+import warnings
+
+import pytest
 import torch
 
 from flashu_compile.models.showo2.sequences import MASK_VALUE, mmu_row, omni_attention_mask, t2i_rows
@@ -42,8 +45,9 @@ def test_t2i_rows_layout(tokenizer):
     assert torch.equal(rows.attention_mask, omni_attention_mask(rows.modality_positions, rows.seq_len))
 
 
-def test_t2i_rows_truncate_long_prompts(tokenizer):
-    rows = t2i_rows(tokenizer, ["red " * 20], num_image_tokens=4, max_text_len=3, guidance=False)
+def test_t2i_rows_truncate_long_prompts_with_a_warning(tokenizer):
+    with pytest.warns(UserWarning, match=r"has 20 tokens but the text budget is 3: its last 17 token\(s\) are cut"):
+        rows = t2i_rows(tokenizer, ["red " * 20], num_image_tokens=4, max_text_len=3, guidance=False)
     assert rows.text_tokens.shape == (1, 3 + 4 + 5)
     assert rows.modality_positions[0, 0].tolist() == [5, 5]
 
@@ -60,3 +64,15 @@ def test_mmu_row_reproduces_official_span_offset(tokenizer):
     ok = allowed(row.attention_mask)[0]
     assert ok[time_pos + 1, time_pos + 5]  # image token sees eoi (inside the shifted span)
     assert not ok[time_pos, time_pos + 1]  # the time token stays causal
+
+
+def test_a_prompt_within_the_budget_is_not_warned_about(tokenizer):
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        t2i_rows(tokenizer, ["red circle"], num_image_tokens=4, max_text_len=2, guidance=True)
+
+
+@pytest.mark.parametrize("budget", [-5, 0, 2.5, True])
+def test_t2i_rows_reject_a_bad_text_budget(tokenizer, budget):
+    with pytest.raises(ValueError, match="max_text_len must be an int"):
+        t2i_rows(tokenizer, ["red"], num_image_tokens=4, max_text_len=budget, guidance=False)

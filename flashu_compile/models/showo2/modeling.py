@@ -27,6 +27,10 @@ from .modules import (
 )
 from .sequences import span_membership
 
+# Float rounding in a caller's conversion (e.g. (x + 1) / 2) moves [0, 1] pixels by a hair; anything
+# further is another value range.
+_PIXEL_SLACK = 1e-3
+
 
 def image_span_mask(modality_positions: torch.Tensor, seq_len: int) -> torch.Tensor:
     """(B, S, 1) bool: positions inside any (offset, length) span of their row."""
@@ -333,10 +337,14 @@ class Showo2(nn.Module):
 
     @torch.no_grad()
     def generate_images(
-        self, prompts: list[str] | str, steps: int = 50, guidance: float = 7.5, shift: float = 3.0,
+        self, prompts: list[str] | str, steps: int = 50, guidance: float | None = None, shift: float = 3.0,
         seed: int = 0, progress: bool = True, denoise=None,
     ) -> torch.Tensor:
-        """Images (B, 3, H, W) in [0, 1]; without a decoder, a preview of the latents."""
+        """Images (B, 3, H, W) in [0, 1]; without a decoder, a preview of the latents.
+
+        ``guidance`` defaults to 7.5, or to the guidance schedule of the flashu options the model
+        was compiled with (see :func:`sampling.generate_latents`).
+        """
         from .codecs import preview
         from .sampling import generate_latents
 
@@ -345,15 +353,30 @@ class Showo2(nn.Module):
         return self.codec.decode(latents) if self.codec is not None else preview(latents)
 
     def encode_image(self, image) -> torch.Tensor:
-        """A PIL image or (3, H, W) tensor in [0, 1] -> the model's latent (1, c, h, w)."""
+        """A PIL image or (3, H, W) tensor -> the model's latent (1, c, h, w).
+
+        A float tensor holds pixels in [0, 1]; a uint8 tensor holds 0..255 and is scaled. A float
+        tensor outside [0, 1] (0..255 values, or [-1, 1]) is refused rather than guessed at.
+        """
         import numpy as np
         import torch.nn.functional as F
 
         codec = self._require("codec")
         if not isinstance(image, torch.Tensor):
+            if not hasattr(image, "convert"):
+                raise ValueError(f"image must be a PIL image or a (3, H, W) tensor, got {type(image).__name__}")
             image = torch.from_numpy(np.asarray(image.convert("RGB"), dtype=np.float32) / 255.0).permute(2, 0, 1)
         if image.dim() != 3 or image.shape[0] != 3:
             raise ValueError(f"image must be RGB (3, H, W), got {tuple(image.shape)}")
+        if image.dtype == torch.uint8:
+            image = image.float() / 255.0
+        elif not image.is_floating_point():
+            raise ValueError(f"image must be a float tensor in [0, 1] or a uint8 tensor, got dtype {image.dtype}")
+        elif image.numel():
+            low, high = float(image.min()), float(image.max())
+            if not (-_PIXEL_SLACK <= low and high <= 1 + _PIXEL_SLACK):  # NaN fails both comparisons
+                raise ValueError(f"image values must be finite and in [0, 1], got [{low}, {high}]; divide 0..255 "
+                                 "pixels by 255, map [-1, 1] with (x + 1) / 2")
         h, w = self.config.latent_size
         size = (h * codec.spatial_factor, w * codec.spatial_factor)
         if tuple(image.shape[-2:]) != size:
@@ -362,9 +385,13 @@ class Showo2(nn.Module):
 
     @torch.no_grad()
     def answer(self, image, question: str, max_new_tokens: int = 300) -> str:
-        """Greedy answer to ``question`` about ``image``, decoded with a KV cache."""
+        """Greedy answer to ``question`` (a non-empty str) about ``image``, decoded with a KV cache."""
+        from ...validate import check_int, check_text
         from .understanding import answer_tokens
 
+        check_text("question", question)
+        # The answer's positions must stay inside the LLM's rotary table.
+        check_int("max_new_tokens", max_new_tokens, 1, self.config.llm.max_position_embeddings)
         tokenizer = self._require("tokenizer")
         ids = answer_tokens(self, tokenizer, self.encode_image(image), question, max_new_tokens=max_new_tokens)
         return tokenizer.decode(ids)

@@ -7,13 +7,18 @@ as in the official evaluation scripts (``num_inference_steps`` counts grid point
 
 from __future__ import annotations
 
+import numbers
+import warnings
 from collections.abc import Callable
 
 import torch
 from tqdm.auto import tqdm
 
 from ...runtime import guidance_scales, request
+from ...validate import MAX_GUIDANCE, MAX_SEED, MAX_SHIFT, MAX_STEPS, check_float, check_int
 from .sequences import Rows, t2i_rows
+
+DEFAULT_GUIDANCE = 7.5  # the official evaluation scripts' scale
 
 # (text_tokens, latents, t, attention_mask, modality_positions) -> velocity
 DenoiseFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
@@ -21,15 +26,14 @@ DenoiseFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, to
 
 def shift_time(s: torch.Tensor, shift: float) -> torch.Tensor:
     """The official time shift s / (s + k - k s): with k > 1 it moves times towards the noise end (t = 0)."""
-    if shift <= 0:
-        raise ValueError(f"shift must be positive, got {shift}")
+    shift = check_float("shift", shift, 0.0, MAX_SHIFT, low_open=True)
     return s / (s + shift - shift * s)
 
 
 def time_grid(steps: int, shift: float = 3.0) -> torch.Tensor:
     """The official shifted time grid with ``steps`` points from 0 to 1 (fp32)."""
-    if steps < 2:
-        raise ValueError(f"steps must be >= 2 (grid points, steps - 1 model calls), got {steps}")
+    # Grid points: steps - 1 model calls, so at least 2.
+    steps = check_int("steps", steps, 2, MAX_STEPS)
     return shift_time(torch.linspace(0, 1, steps), shift)
 
 
@@ -50,7 +54,10 @@ def euler_cfg(
     """
     x = noise.float()
     calls = len(grid) - 1
-    scales = [float(guidance)] * calls if isinstance(guidance, (int, float)) else [float(s) for s in guidance]
+    if isinstance(guidance, numbers.Real):
+        scales = [check_float("guidance", guidance, 0.0, MAX_GUIDANCE)] * calls
+    else:
+        scales = [check_float(f"guidance[{i}]", s, 0.0, MAX_GUIDANCE) for i, s in enumerate(guidance)]
     if len(scales) != calls:
         raise ValueError(f"{len(scales)} guidance scales for {calls} model calls")
     b = x.shape[0]
@@ -80,7 +87,7 @@ def generate_latents(
     tokenizer,
     prompts: list[str],
     steps: int = 50,
-    guidance: float = 7.5,
+    guidance: float | None = None,
     shift: float = 3.0,
     seed: int = 0,
     noise: torch.Tensor | None = None,
@@ -91,22 +98,37 @@ def generate_latents(
 ) -> torch.Tensor:
     """Latents (B, c, H, W) for ``prompts`` at the model's default resolution.
 
-    ``options`` (a FlashUOptions; default: the ones the model was compiled with) supply the
-    guidance schedule s(t), which overrides the constant ``guidance`` per step.
+    ``guidance`` is the constant scale (default :data:`DEFAULT_GUIDANCE`). ``options`` (a
+    FlashUOptions; default: the ones the model was compiled with) may carry a guidance schedule,
+    which fixes the scale of every step: a ``guidance`` given with one is ignored, with a warning.
+    Every argument is checked before any work.
     """
     options = options if options is not None else getattr(model, "flashu_options", None)
-    if isinstance(prompts, str):
-        prompts = [prompts]
-    if guidance < 0:
-        raise ValueError(f"guidance must be >= 0, got {guidance}")
+    prompts = [prompts] if isinstance(prompts, str) else prompts
+    if not isinstance(prompts, (list, tuple)) or not prompts:
+        raise ValueError(f"prompts must be a str or a non-empty list of str, got {type(prompts).__name__}")
+    for i, prompt in enumerate(prompts):
+        if not isinstance(prompt, str):
+            raise ValueError(f"prompts[{i}] must be a str, got {type(prompt).__name__} {prompt!r}")
+    schedule = options.guidance_schedule if options is not None else None
+    if schedule is not None and guidance is not None:
+        warnings.warn(f"guidance={guidance!r} is ignored: the compiled flashu options' guidance_schedule "
+                      f"{list(schedule)} sets every step's scale (compile with guidance_schedule=None for a "
+                      "constant scale)", stacklevel=2)
+    guidance = check_float("guidance", DEFAULT_GUIDANCE if guidance is None else guidance, 0.0, MAX_GUIDANCE)
+    steps = check_int("steps", steps, 2, MAX_STEPS)
+    shift = check_float("shift", shift, 0.0, MAX_SHIFT, low_open=True)
+    seed = check_int("seed", seed, 0, MAX_SEED)
     cfg = model.config
+    if max_text_len is not None:
+        max_text_len = check_int("max_text_len", max_text_len, 1)
     c, (h, w) = cfg.image_latent_dim, cfg.latent_size
     if noise is None:
         gen = torch.Generator().manual_seed(seed)
         noise = torch.randn(len(prompts), c, h, w, generator=gen)
     elif noise.shape != (len(prompts), c, h, w):
         raise ValueError(f"noise must be {(len(prompts), c, h, w)}, got {tuple(noise.shape)}")
-    scales = guidance_scales(options.guidance_schedule, steps - 1, guidance, options.step_semantics) \
+    scales = guidance_scales(schedule, steps - 1, guidance, options.step_semantics) \
         if options is not None else [guidance] * (steps - 1)
     rows = t2i_rows(tokenizer, prompts, cfg.num_image_tokens, max_text_len or cfg.max_text_len,
                     guidance=any(s > 0 for s in scales), dtype=model.dtype)

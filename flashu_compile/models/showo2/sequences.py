@@ -10,10 +10,13 @@ are evaluated with it.
 
 from __future__ import annotations
 
+import reprlib
+import warnings
 from dataclasses import dataclass, fields
 
 import torch
 
+from ...validate import check_int
 from .tokenizer import ASSISTANT_PREFIX, SYSTEM_PROMPT, USER_PREFIX, Showo2Tokenizer
 
 # The official inverted mask is filled with iinfo(int64).min and cast to the model dtype.
@@ -79,21 +82,29 @@ def t2i_rows(
     """Text-to-image rows; with ``guidance`` the unconditional rows follow the conditional ones."""
     if not prompts:
         raise ValueError("at least one prompt is needed")
+    max_text_len = check_int("max_text_len", max_text_len, 1)
     span = num_image_tokens + 1  # the time token leads the image span
 
     def row(ids: list[int]) -> tuple[list[int], int]:
-        ids = ids[:max_text_len]
         tokens = ([tokenizer.bos_id, *ids, tokenizer.boi_id] + [tokenizer.img_pad_id] * span
                   + [tokenizer.eoi_id, tokenizer.eos_id] + [tokenizer.pad_id] * (max_text_len - len(ids)))
         return tokens, len(ids) + 2
 
-    rows = [row(tokenizer.encode(p)) for p in prompts]
+    rows = [row(_fit(tokenizer.encode(p), max_text_len, p)) for p in prompts]
     if guidance:
         rows += [row([]) for _ in prompts]
     tokens = torch.tensor([r[0] for r in rows], dtype=torch.long)
     offsets = torch.tensor([r[1] for r in rows], dtype=torch.long)
     positions = torch.stack([offsets, torch.full_like(offsets, span)], dim=-1)[:, None]
     return Rows(tokens, positions, omni_attention_mask(positions, tokens.shape[1], dtype), offsets)
+
+
+def _fit(ids: list[int], max_text_len: int, prompt: str) -> list[int]:
+    """The prompt's ids within the row's text budget; what does not fit is cut, with a warning."""
+    if len(ids) > max_text_len:
+        warnings.warn(f"prompt {reprlib.repr(prompt)} has {len(ids)} tokens but the text budget is {max_text_len}: "
+                      f"its last {len(ids) - max_text_len} token(s) are cut", stacklevel=2)
+    return ids[:max_text_len]
 
 
 def mmu_row(

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import os
 import re
+import reprlib
+import warnings
 from typing import Protocol
 
 # Roles as the official Qwen2.5 setup assigns them.
@@ -47,7 +49,9 @@ class SceneTokenizer:
     SPECIALS = (PAD, BOS, EOS, BOI, EOI, IMG_PAD, *SHOWO2_ADDED, "<unk>")
     PUNCTUATION = ("\n", ".", ",", "?", "!", "'", ":")
     CHAT_WORDS = ("system", "you", "are", "a", "helpful", "assistant", "user")
-    _split = re.compile(r"(<\|[a-z_]+\|>|\[PAD\]|<image>|<unk>|\n|[.,?!':]|[A-Za-z0-9]+)")
+    # Every character but whitespace lands in some piece: letters and digits of any script form words,
+    # any other symbol (an emoji, a dash) is a piece of its own. Pieces outside the vocabulary become <unk>.
+    _split = re.compile(r"(<\|[a-z_]+\|>|\[PAD\]|<image>|<unk>|\n|[.,?!':]|[^\W_]+|\S)")
 
     def __init__(self, words: list[str] | None = None) -> None:
         if words is None:
@@ -68,10 +72,16 @@ class SceneTokenizer:
         return len(self.id_to_token)
 
     def encode(self, text: str) -> list[int]:
-        ids = []
+        """Token ids of ``text``; words and symbols outside the vocabulary become ``<unk>``, with a warning."""
+        ids, unknown = [], []
         for piece in self._split.findall(text):
             key = piece if piece in self.token_to_id else piece.lower()
+            if key not in self.token_to_id:
+                unknown.append(piece)
             ids.append(self.token_to_id.get(key, self.unk_id))
+        if unknown:
+            warnings.warn(f"{len(unknown)} piece(s) of {reprlib.repr(text)} are not in the scenes vocabulary and "
+                          f"are encoded as <unk>: {list(dict.fromkeys(unknown))}", stacklevel=2)
         return ids
 
     def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str:
