@@ -15,6 +15,7 @@ from typing import Any
 import torch
 
 from .backends import lower
+from .backends.registry import lowering_for
 from .backends.segmented import LazyLowered, copy_graph, is_symbolic
 from .backends.specialized import Specializations
 from .graph import build_index
@@ -82,15 +83,16 @@ def _load_plan(plan: Any):
 def flashu_backend(gm: torch.fx.GraphModule, example_inputs: list, options: Any = None) -> Callable:
     """Dynamo backend entry: ``options`` is the dict given to ``torch.compile``."""
     opts = FlashUOptions.from_dict(options)
+    lowering = lowering_for(opts)  # a name, or the TensorRT lowering's settings
     if not build_pass_list(opts):
-        return counted(lower(gm, example_inputs, opts.lowering))
+        return counted(lower(gm, example_inputs, lowering))
     index = build_index(gm, example_inputs)
     if not index.applicable:
         if opts.strict:
             raise RuntimeError(f"flashu cannot rewrite this graph: {index.report()}")
         # A graph the index does not understand is lowered unchanged rather than guessed at.
         warnings.warn(f"flashu passes skipped for this graph, {index.report()}", stacklevel=2)
-        return counted(lower(gm, example_inputs, opts.lowering))
+        return counted(lower(gm, example_inputs, lowering))
     task = opts.task if opts.task != "auto" else ("t2i" if index.head_blocks else "mmu")
     passes = build_pass_list(opts, task)
     phased = task == "t2i" and opts.hybrid_tau > 0 and any(name in GENERATION_PASSES for name, _ in passes)
@@ -103,11 +105,11 @@ def flashu_backend(gm: torch.fx.GraphModule, example_inputs: list, options: Any 
     gm = manager.run(gm, PassContext(index, task, controller, _load_plan(opts.plan)), opts)
     # Kept before lowering, which may rewrite the graph it is given.
     rewritten = copy_graph(gm) if _specializable(gm, controller, opts) else None
-    compiled = lower(gm, example_inputs, opts.lowering)
-    specialized = Specializations(rewritten, opts.lowering, opts.decode_graphs, compiled) if rewritten else None
+    compiled = lower(gm, example_inputs, lowering)
+    specialized = Specializations(rewritten, lowering, opts.decode_graphs, compiled) if rewritten else None
     # The program holds its controller: guard nodes only name it by id (a weak registry).
-    return PhasedProgram(controller, compiled, LazyLowered(full, opts.lowering) if full is not None else None,
-                         specialized)
+    return PhasedProgram(controller, compiled,
+                         LazyLowered(full, lowering, example_inputs) if full is not None else None, specialized)
 
 
 def _specializable(gm: torch.fx.GraphModule, controller: Controller, opts: FlashUOptions) -> bool:

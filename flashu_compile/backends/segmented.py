@@ -78,13 +78,26 @@ def unbound_symbols(example_inputs: list) -> list[tuple[int, int, int]]:
 
 
 class LazyLowered:
-    """A graph lowered on first call, with that call's arguments as example inputs."""
+    """A graph lowered on first call, with that call's arguments as example inputs.
 
-    def __init__(self, gm: torch.fx.GraphModule, lowering: str) -> None:
+    Given the example inputs of a graph dynamo traced with symbolic sizes, it compiles at once
+    instead, on fakes carrying dynamo's symbols: dynamo reuses such a graph for every size its
+    guards admit, and a piece compiled from one call's real inputs would serve only that call's sizes.
+    """
+
+    def __init__(self, gm: torch.fx.GraphModule, lowering: str, example_inputs: list | None = None) -> None:
         self.gm = gm
         self.lowering = lowering
         self.fn: Callable | None = None
         self.recover: list[tuple[int, int, int]] = []  # extra symbol inputs, see ``unbound_symbols``
+        fakes = symbolic_inputs(gm, example_inputs) if example_inputs is not None and lowering != "eager" else None
+        if fakes is not None:
+            try:
+                self.compile(fakes)
+            except Exception as error:  # any lowering failure has the same remedy
+                warnings.warn(f"compiling a graph with symbolic sizes failed ({type(error).__name__}: {error}); "
+                              f"it runs eagerly", stacklevel=2)
+                self.fall_back_to_eager()
 
     def compile(self, example_inputs: list) -> None:
         from .registry import lower
