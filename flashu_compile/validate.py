@@ -27,12 +27,15 @@ def _describe(value: Any) -> str:
 
 
 def _bounds(low: float | None, high: float | None, low_open: bool = False, high_open: bool = False) -> str:
-    parts = []
+    """The allowed range as text: ``in [0, 1)``, ``>= 1`` or ``<= 10``."""
+    def text(x: float) -> str:
+        return f"{x:g}" if isinstance(x, float) else str(x)
+
+    if low is not None and high is not None:
+        return f"in {'(' if low_open else '['}{text(low)}, {text(high)}{')' if high_open else ']'}"
     if low is not None:
-        parts.append(f"> {low}" if low_open else f">= {low}")
-    if high is not None:
-        parts.append(f"< {high}" if high_open else f"<= {high}")
-    return " and ".join(parts)
+        return f"{'>' if low_open else '>='} {text(low)}"
+    return f"{'<' if high_open else '<='} {text(high)}"
 
 
 def check_int(name: str, value: Any, low: int | None = None, high: int | None = None) -> int:
@@ -59,7 +62,7 @@ def check_float(name: str, value: Any, low: float | None = None, high: float | N
     too_low = low is not None and (value <= low if low_open else value < low)
     too_high = high is not None and (value >= high if high_open else value > high)
     if too_low or too_high:
-        raise ValueError(f"{name} must be a number {_bounds(low, high, low_open, high_open)}, got {value!r}")
+        raise ValueError(f"{name} must be {_bounds(low, high, low_open, high_open)}, got {value!r}")
     return value
 
 

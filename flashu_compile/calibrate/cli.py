@@ -5,16 +5,25 @@ from __future__ import annotations
 import argparse
 import sys
 import time
-from pathlib import Path
 
 
 def cmd_calibrate(args: argparse.Namespace) -> int:
     """Calibrate, save the plan to ``--out``, print the specialization table, draw ``<out>-specialization.png``."""
-    from flashu_compile.tools.cli import _load
+    from flashu_compile.tools.cli import _load, check_output
+    from flashu_compile.validate import MAX_GUIDANCE, MAX_SEED, MAX_STEPS, check_float, check_int
 
     from .report import draw_specialization, format_specialization
     from .scores import calibrate
 
+    # Calibrating takes minutes: every argument and the output folder are checked first.
+    check_float("--prune-ratio", args.prune_ratio, 0.0, 1.0, high_open=True)
+    check_int("--multiple", args.multiple, 1)
+    check_int("--steps", args.steps, 2, MAX_STEPS)
+    check_float("--guidance", args.guidance, 0.0, MAX_GUIDANCE)
+    check_int("--seed", args.seed, 0, MAX_SEED)
+    check_int("--samples", args.samples, 1)
+    check_int("--batch-size", args.batch_size, 1)
+    out = check_output("--out", args.out, folder=True, whole=True)
     t0 = time.perf_counter()
     model = _load(args)
     print(f"model: {args.model} ({sum(p.numel() for p in model.parameters()) / 1e6:.2f} M parameters), "
@@ -25,7 +34,6 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
                      batch_size=args.batch_size)
     tokens = ", ".join(f"{task} {n} tokens" for task, n in plan.settings["tokens"].items())
     print(f"calibrated in {time.perf_counter() - t0:.2f} s ({tokens})")
-    out = Path(str(args.out).rstrip("/\\") or ".")
     plan.save(out)
     print(f"plan -> {out}")
     print(plan.summary())

@@ -474,10 +474,15 @@ def load_plan(args, model):
 
 def cmd_bench(args) -> int:
     from ..scenes.dataset import make_split, to_tensor
-    from .cli import _load
+    from ..validate import MAX_GUIDANCE, MAX_SEED, check_float, check_int
+    from .cli import _load, check_output
 
-    if args.runs < 1 or args.prompts < 1:
-        raise ValueError(f"--runs and --prompts must be at least 1, got {args.runs} and {args.prompts}")
+    check_int("--runs", args.runs, 1)
+    check_int("--prompts", args.prompts, 1)
+    check_int("--max-new-tokens", args.max_new_tokens, 1)
+    check_float("--guidance", args.guidance, 0.0, MAX_GUIDANCE)
+    check_int("--seed", args.seed, 0, MAX_SEED)
+    check_output("--out", args.out, folder=True)
     # Up to fourteen configurations compile the same entry points with different backends and options.
     torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
     model = _load(args)

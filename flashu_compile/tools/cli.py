@@ -5,10 +5,21 @@ from __future__ import annotations
 import argparse
 import shlex
 import sys
+import tempfile
 import time
+import warnings
 from pathlib import Path
 
 import torch
+from huggingface_hub.errors import StrictDataclassError
+
+from flashu_compile.files import write_atomic
+from flashu_compile.validate import MAX_GUIDANCE, MAX_SEED, MAX_STEPS, check_float, check_int, check_text
+
+# What a user's input can cause: bad values (ValueError, with PlanError and CheckpointError), unusable paths
+# (OSError), and a transformers config that rejects a value of a checkpoint's sub-config files. Anything else is
+# a bug and keeps its traceback.
+USER_ERRORS = (ValueError, OSError, StrictDataclassError)
 
 
 def _load(args: argparse.Namespace):
@@ -17,8 +28,42 @@ def _load(args: argparse.Namespace):
     if args.model == "default":
         return Showo2.default()
     if Path(args.model).is_dir():
-        return Showo2.from_pretrained(args.model, tokenizer_path=args.tokenizer, vae_path=args.vae)
-    return Showo2.from_preset(args.model)
+        model = Showo2.from_pretrained(args.model, tokenizer_path=args.tokenizer, vae_path=args.vae)
+    else:
+        model = Showo2.from_preset(args.model)
+    for part, flag in (("tokenizer", "--tokenizer"), ("codec", "--vae")):
+        if getattr(model, part) is None:
+            raise ValueError(f"model {args.model!r} has no {part}: give one with {flag}")
+    return model
+
+
+def check_output(flag: str, value: str, *, folder: bool, whole: bool = False) -> Path:
+    """An output path that can be written, checked before any work; returns it as a Path.
+
+    ``folder``: the command writes files inside it (created if missing); otherwise it is one file.
+    ``whole``: the folder is replaced as a whole (a plan), so it must be named and must not hold
+    the working directory, which ``.`` or ``..`` would.
+    """
+    path = Path(value)
+    if whole and (not path.name or path.name in (".", "..") or Path.cwd().resolve().is_relative_to(path.resolve())):
+        raise ValueError(f"{flag} {value!r} must name a new or earlier output folder, not one that holds the "
+                         "working directory (it is replaced as a whole)")
+    if path.exists() and path.is_dir() != folder:
+        raise ValueError(f"{flag} {value!r} exists and is {'a file' if folder else 'a folder'}; "
+                         f"give {'a folder' if folder else 'a file'} path")
+    # Writes happen in the folder itself when it exists and is filled in place, else where it will be created.
+    parent = path if folder and not whole and path.is_dir() else path.parent
+    while not parent.exists():
+        parent = parent.parent
+    if not parent.is_dir():
+        raise ValueError(f"{flag} {value!r} cannot be created: {str(parent)!r} is a file")
+    try:
+        # A real write: permission bits say nothing for root, and nothing about read-only file systems.
+        with tempfile.TemporaryFile(dir=parent):
+            pass
+    except OSError as err:
+        raise ValueError(f"{flag} {value!r} is not writable: {err.strerror or err} in {str(parent)!r}") from None
+    return path
 
 
 def _save_grid(images: torch.Tensor, path: Path, upscale: int) -> None:
@@ -33,21 +78,30 @@ def _save_grid(images: torch.Tensor, path: Path, upscale: int) -> None:
         grid.paste(p, (x, 0))
         x += p.width
     path.parent.mkdir(parents=True, exist_ok=True)
-    grid.save(path)
+    write_atomic(path, lambda tmp: grid.save(tmp, format="PNG"))
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
+    """Generate and answer; ``--out`` is a folder whose ``t2i.png`` is replaced atomically (a file there is refused)."""
+    for i, prompt in enumerate(args.prompt):
+        check_text(f"--prompt #{i + 1}", prompt)
+    check_text("--question", args.question)
+    check_int("--steps", args.steps, 2, MAX_STEPS)
+    check_float("--guidance", args.guidance, 0.0, MAX_GUIDANCE)
+    check_int("--seed", args.seed, 0, MAX_SEED)
+    check_int("--upscale", args.upscale, 1, 64)
+    out = check_output("--out", args.out, folder=True)
     torch.manual_seed(args.seed)
     t0 = time.perf_counter()
     model = _load(args)
     load_s = time.perf_counter() - t0
+    check_int("--max-new-tokens", args.max_new_tokens, 1, model.config.llm.max_position_embeddings)
     params = sum(p.numel() for p in model.parameters())
     print(f"model: {args.model} ({params / 1e6:.2f} M parameters), loaded in {load_s:.2f} s")
 
     t0 = time.perf_counter()
     images = model.generate_images(args.prompt, steps=args.steps, guidance=args.guidance, seed=args.seed)
     gen_s = time.perf_counter() - t0
-    out = Path(args.out)
     _save_grid(images, out / "t2i.png", args.upscale)
     calls = args.steps - 1
     print(f"text-to-image: {len(args.prompt)} prompt(s), {args.steps} grid points ({calls} model calls, "
@@ -69,9 +123,12 @@ def _read_image(path: str) -> torch.Tensor:
     if not Path(path).is_file():
         raise FileNotFoundError(f"no image at {path}")
     try:
-        with Image.open(path) as image:
-            pixels = np.asarray(image.convert("RGB"), dtype=np.float32) / 255.0
-    except (UnidentifiedImageError, OSError) as err:
+        # Pillow only warns up to twice its pixel limit; an image that large is no input for a model either.
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(path) as image:
+                pixels = np.asarray(image.convert("RGB"), dtype=np.float32) / 255.0
+    except (UnidentifiedImageError, OSError, Image.DecompressionBombError, Image.DecompressionBombWarning) as err:
         raise ValueError(f"{path} is not a readable image: {err}") from None
     return torch.from_numpy(pixels).permute(2, 0, 1)
 
@@ -83,16 +140,21 @@ def cmd_ask(args: argparse.Namespace) -> int:
 
     options = {"preset": args.preset, "lowering": args.lowering}
     checked = FlashUOptions.from_dict(options)  # a bad preset or lowering fails before the model loads
+    check_int("--scene", args.scene, 0)
+    if args.question is not None:
+        check_text("--question", args.question)  # an empty question is a mistake, not a request for the default
     expected = None
     if args.image:
-        image, question = _read_image(args.image), args.question or "what colour is the circle?"
+        image = _read_image(args.image)
+        question = args.question if args.question is not None else "what colour is the circle?"
     else:
         # A held-out scene of the embedded model's dataset, with one of its questions.
         scene = make_split("test", args.scene + 1, seed=0)[args.scene]
         image = (to_tensor(scene.render()) + 1) / 2
-        question, expected = (args.question, None) if args.question else scene.qa[0]
+        question, expected = (args.question, None) if args.question is not None else scene.qa[0]
         print(f"image: held-out scene {args.scene}: {scene.caption!r}")
     model = _load(args)
+    check_int("--max-new-tokens", args.max_new_tokens, 1, model.config.llm.max_position_embeddings)
     if "prune_channels" in checked.passes:
         options["plan"] = load_plan(args, model)
     fast = model.compile_tasks("flashu", options)
@@ -153,12 +215,16 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    """Run one command; a user's mistake is reported as ``error: ...`` with exit status 2, never a traceback."""
+    try:
+        args = build_parser().parse_args(argv)
+    except SystemExit as done:  # argparse's own usage errors (status 2) and --help (status 0), as a return value
+        return done.code if isinstance(done.code, int) else 2
     # For reports that quote their command: quoted as a shell would need it (names with spaces in --only).
     args.command_line = shlex.join(["flashu-compile", *(sys.argv[1:] if argv is None else argv)])
     try:
         return args.func(args)
-    except (ValueError, RuntimeError, FileNotFoundError) as err:
+    except USER_ERRORS as err:
         print(f"flashu-compile {args.command}: error: {err}", file=sys.stderr)
         return 2
 

@@ -700,9 +700,16 @@ def _parse_option(text: str) -> tuple[str, Any]:
 
 
 def cmd_graph_diff(args: argparse.Namespace) -> int:
-    from .cli import _load
+    from ..validate import MAX_SEED, MAX_STEPS, check_float, check_int
+    from .cli import _load, check_output
     from .graph_diff_render import render_html, render_terminal
 
+    steps = check_int("--steps", args.steps, 2, MAX_STEPS)
+    check_int("--step", args.step, 1, steps - 1)  # a model call of the request: steps - 1 of them
+    check_float("--tolerance", args.tolerance, 0.0, low_open=True)
+    check_int("--seed", args.seed, 0, MAX_SEED)
+    if args.out:
+        check_output("--out", args.out, folder=False)
     options: dict[str, Any] = {"preset": args.preset, "task": args.task}
     if args.passes is not None:
         options["passes"] = args.passes

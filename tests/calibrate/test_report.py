@@ -102,5 +102,5 @@ def test_cli_reports_bad_arguments(tmp_path, capsys):
 
     code = main(["calibrate", "--model", "tiny", "--prune-ratio", "1.5", "--out", str(tmp_path / "p")])
     assert code == 2
-    assert "prune_ratio must be in [0, 1)" in capsys.readouterr().err
+    assert "--prune-ratio must be in [0, 1)" in capsys.readouterr().err
     assert not (tmp_path / "p").exists()

@@ -14,7 +14,7 @@ def test_time_grid_is_the_shifted_official_grid():
     torch.testing.assert_close(grid, s / (s + 3 - 3 * s))
     assert grid[0] == 0 and grid[-1] == 1
     assert torch.equal(time_grid(4, shift=1.0), torch.linspace(0, 1, 4))
-    with pytest.raises(ValueError, match="steps must be an int >= 2"):
+    with pytest.raises(ValueError, match=r"steps must be an int in \[2, 10000\], got 1"):
         time_grid(1)
 
 
@@ -72,7 +72,7 @@ def test_generate_images_decodes_with_the_pixel_codec(small_model):
 
 
 def test_bad_generation_arguments(small_model, tokenizer):
-    with pytest.raises(ValueError, match="guidance must be a number >= 0.0"):
+    with pytest.raises(ValueError, match=r"guidance must be in \[0, 1000\], got -1.0"):
         generate_latents(small_model, tokenizer, ["red"], steps=3, guidance=-1.0)
     with pytest.raises(ValueError, match="noise must be"):
         generate_latents(small_model, tokenizer, ["red"], steps=3, noise=torch.zeros(1, 3, 3, 3))
@@ -106,12 +106,12 @@ def test_inputs_follow_the_model_device(tokenizer):
     ({"guidance": float("inf")}, "guidance must be a finite number, got inf"),  # was a black image
     ({"shift": float("nan")}, "shift must be a finite number, got nan"),  # were NaN images
     ({"shift": float("inf")}, "shift must be a finite number, got inf"),
-    ({"shift": 0.0}, r"shift must be a number > 0.0"),
+    ({"shift": 0.0}, r"shift must be in \(0, 1e\+06\]"),
     ({"steps": 2.7}, "steps must be an int, got float 2.7"),
     ({"steps": True}, "steps must be an int, got bool True"),
     ({"steps": "3"}, "steps must be an int, got str '3'"),
-    ({"steps": 10**9}, "steps must be an int >= 2 and <= 10000"),
-    ({"seed": -1}, "seed must be an int >= 0"),
+    ({"steps": 10**9}, r"steps must be an int in \[2, 10000\]"),
+    ({"seed": -1}, r"seed must be an int in \[0, 18446744073709551615\], got -1"),
     ({"seed": 1.5}, "seed must be an int, got float"),
     ({"max_text_len": -5}, "max_text_len must be an int >= 1, got -5"),
     ({"prompts": []}, "prompts must be a str or a non-empty list"),

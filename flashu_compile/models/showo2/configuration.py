@@ -13,6 +13,8 @@ from typing import Any
 
 from transformers import Qwen2Config, SiglipVisionConfig
 
+from ...validate import check_int
+
 
 @dataclass
 class FlowHeadConfig:
@@ -39,11 +41,8 @@ class FlowHeadConfig:
     OVERRIDABLE = ("hidden_size", "head_dim", "intermediate_size", "num_attention_heads", "num_key_value_heads")
 
     def __post_init__(self) -> None:
-        for name in ("hidden_size", "head_dim", "intermediate_size", "num_attention_heads",
-                     "num_key_value_heads"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
-                raise ValueError(f"diffusion_head.{name} must be a positive int, got {value!r}")
+        for name in self.OVERRIDABLE:
+            check_int(f"diffusion_head.{name}", getattr(self, name), 1)
         if self.num_attention_heads % self.num_key_value_heads:
             raise ValueError(
                 f"diffusion_head.num_attention_heads ({self.num_attention_heads}) must be a multiple of "
@@ -90,8 +89,17 @@ class Showo2Config:
     extra: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
+        _check_sub_config("llm", self.llm, _LLM_INTS)
+        _check_sub_config("vision", self.vision, _VISION_INTS)
         if self.llm_vocab_size is None:
             self.llm_vocab_size = self.llm.vocab_size
+        for name in ("llm_vocab_size", "image_latent_dim", "image_latent_height", "image_latent_width", "patch_size",
+                     "num_diffusion_layers", "max_text_len"):
+            check_int(name, getattr(self, name), 1)
+        if not isinstance(self.add_time_embeds, bool):
+            raise ValueError(f"add_time_embeds must be a bool, got {self.add_time_embeds!r}")
+        if not isinstance(self.latent_codec, str):
+            raise ValueError(f"latent_codec must be a str, got {self.latent_codec!r}")
         # The official model resizes the LLM's embeddings to the tokenizer length.
         self.llm.vocab_size = self.llm_vocab_size
         # Show-o2 passes a ready 4D additive mask; SDPA consumes it as is.
@@ -180,6 +188,24 @@ class Showo2Config:
             "num_diffusion_layers": self.num_diffusion_layers,
             "token_grid": (self.image_latent_height, self.image_latent_width),
         }
+
+
+# Sub-config dimensions that must be positive ints, and (numerator, denominator) pairs that must divide.
+_LLM_INTS = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+             "num_key_value_heads", "max_position_embeddings")
+_VISION_INTS = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "image_size",
+                "patch_size")
+_DIVISIBLE = (("hidden_size", "num_attention_heads"), ("num_attention_heads", "num_key_value_heads"))
+
+
+def _check_sub_config(kind: str, config: Any, names: tuple[str, ...]) -> None:
+    """The LLM or SigLIP config's dimensions: positive ints that split into whole heads (named ``llm.hidden_size``)."""
+    for name in names:
+        check_int(f"{kind}.{name}", getattr(config, name, None), 1)
+    for whole, part in _DIVISIBLE:
+        if part in names and getattr(config, whole) % getattr(config, part):
+            raise ValueError(f"{kind}.{whole} ({getattr(config, whole)}) must be a multiple of {kind}.{part} "
+                             f"({getattr(config, part)})")
 
 
 def _unshuffle_factor(codec: str) -> int:

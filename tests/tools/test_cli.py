@@ -1,0 +1,105 @@
+"""``flashu-compile``: every bad input is ``error: ...`` with exit status 2, before any expensive work."""
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+from flashu_compile.tools import cli
+from flashu_compile.tools.cli import main
+
+
+@pytest.fixture
+def no_model(monkeypatch):
+    """Fails the test if a command gets as far as loading a model."""
+    def load(args):
+        raise AssertionError("the model was loaded before the arguments were checked")
+
+    monkeypatch.setattr(cli, "_load", load)
+
+
+def run(argv, capsys) -> str:
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    return err
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["ask", "--scene", "-1"], r"--scene must be an int >= 0, got -1"),  # was an IndexError
+    (["ask", "--question", ""], "--question must not be empty"),  # was replaced by the scene's question
+    (["ask", "--question", "  "], "--question must not be empty"),
+    (["demo", "--guidance", "nan"], "--guidance must be a finite number, got nan"),
+    (["demo", "--steps", "1"], r"--steps must be an int in \[2, 10000\], got 1"),
+    (["demo", "--prompt", ""], "--prompt #1 must not be empty"),
+    (["calibrate", "--out", "."], "--out '.' must name a new or earlier output folder"),  # a traceback after minutes
+    (["calibrate", "--out", ".."], "--out '..' must name"),
+    (["calibrate", "--guidance", "inf"], "--guidance must be a finite number, got inf"),
+    (["calibrate", "--batch-size", "0"], "--batch-size must be an int >= 1, got 0"),
+    (["graph-diff", "-O", "passes=null"], "option 'passes' must be a list of pass names"),  # was a TypeError
+    (["graph-diff", "-O", "guidance_schedule=[[2.7, 7.5]]"], r"'guidance_schedule'\[0\] steps must be an int"),
+    (["graph-diff", "--step", "99"], r"--step must be an int in \[1, 49\], got 99"),
+    (["graph-diff", "--tolerance", "nan"], "--tolerance must be a finite number"),
+    (["bench", "--runs", "0"], "--runs must be an int >= 1, got 0"),
+    (["bench", "--guidance=-inf"], "--guidance must be a finite number"),
+])
+def test_bad_arguments_are_errors_before_the_model_loads(argv, message, no_model, capsys):
+    import re
+
+    err = run(argv, capsys)
+    assert err.startswith(f"flashu-compile {argv[0]}: error: ") and re.search(message, err), err
+
+
+def test_demo_refuses_an_existing_file_as_its_output_folder(tmp_path, no_model, capsys):
+    """--out is a folder whose t2i.png is replaced atomically; a file there is never overwritten."""
+    taken = tmp_path / "taken"
+    taken.write_text("keep me")
+    assert "exists and is a file" in run(["demo", "--out", str(taken)], capsys)
+    assert taken.read_text() == "keep me"
+    assert "is a file" in run(["demo", "--out", str(taken / "sub")], capsys)
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root writes into read-only folders")
+def test_calibrate_refuses_a_read_only_folder(tmp_path, no_model, capsys):
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    locked.chmod(0o555)
+    try:
+        assert "is not writable" in run(["calibrate", "--out", str(locked / "plan")], capsys)
+    finally:
+        locked.chmod(0o755)
+
+
+@pytest.mark.skipif(not Path("/proc/self").is_dir(), reason="needs a folder nobody can write into")
+def test_calibrate_refuses_a_folder_nobody_can_write(no_model, capsys):
+    assert "is not writable" in run(["calibrate", "--out", "/proc/self/plan"], capsys)
+
+
+def test_a_decompression_bomb_is_a_readable_error(tmp_path, monkeypatch, no_model, capsys):
+    bomb = tmp_path / "bomb.png"
+    Image.new("RGB", (64, 64)).save(bomb)
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 64 * 64 // 4)  # 64x64 is then a bomb (over twice the limit)
+    assert "is not a readable image" in run(["ask", "--image", str(bomb)], capsys)
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 64 * 64 - 1)  # over the limit: Pillow only warns
+    assert "is not a readable image" in run(["ask", "--image", str(bomb)], capsys)
+
+
+def test_an_inconsistent_llm_config_is_an_error(tmp_path, capsys):
+    from flashu_compile.models.showo2 import Showo2
+
+    folder = tmp_path / "ckpt"
+    Showo2.from_preset("tiny").save_pretrained(str(folder))
+    llm = folder / "llm" / "config.json"
+    original = json.loads(llm.read_text())
+    for change, message in (({"num_key_value_heads": 3}, "must be a multiple of llm.num_key_value_heads"),
+                            ({"hidden_size": "64"}, "hidden_size"), ({"num_hidden_layers": -1}, "num_hidden_layers")):
+        llm.write_text(json.dumps({**original, **change}))
+        assert message in run(["ask", "--model", str(folder), "--preset", "off", "--lowering", "eager"], capsys)
+
+
+def test_usage_errors_and_help_return_instead_of_exiting(capsys):
+    assert main(["demo", "--steps", "many"]) == 2
+    assert "invalid int value" in capsys.readouterr().err
+    assert main(["--help"]) == 0
