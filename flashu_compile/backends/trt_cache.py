@@ -1,55 +1,38 @@
-"""On-disk cache of serialised TensorRT programs, keyed by what the engine depends on.
+"""Where TensorRT engines are kept, and the key of a lowered program: its graph's structure and settings.
 
-A key combines a hash of the graph (node ops, targets and argument structure, tensor shapes and
-dtypes, and the values of the weights) with the lowering settings, so a changed weight, shape
-or setting never reuses a stale engine, while renamed nodes or a new process do. Entries are
-written atomically (temporary file, then ``os.replace``) with a metadata file holding the
-payload's checksum, written last: an entry without it, or whose payload no longer matches it,
-is discarded with a warning and rebuilt. Nothing here needs TensorRT.
+Engines themselves live in Torch-TensorRT's engine cache (``cache_built_engines`` /
+``reuse_cached_engines`` under :func:`default_root`), which hashes each TensorRT subgraph by its
+structure, input ranges and engine settings and refits a hit with the current weights. The key
+here names a whole lowered program within a process: two graphs with the same key are lowered
+once. A key never reads a tensor's values, only shapes and dtypes, because the lowering hands
+every tensor (weights, and constants a pass wrote onto the graph) to its program as an input:
+a program holds no values, so graphs that differ only in weights (identical layers) share it.
+Nothing here needs TensorRT.
 """
 
 from __future__ import annotations
 
-import functools
 import hashlib
 import json
 import os
-import warnings
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import torch
 import torch.fx
 
-from ..files import sha256_file, write_atomic
-
 ENV_VAR = "FLASHU_TRT_CACHE"
-SUFFIX = ".ep"  # Torch-TensorRT's serialised ExportedProgram
 
 
 def default_root() -> Path:
+    """``$FLASHU_TRT_CACHE``, else ``~/.cache/flashu-compile/trt``."""
     return Path(os.environ.get(ENV_VAR) or Path.home() / ".cache" / "flashu-compile" / "trt")
 
 
-def _tensor_digest(t: torch.Tensor) -> str:
-    data = t.detach().cpu().contiguous().reshape(-1).view(torch.uint8)
-    return hashlib.sha256(data.numpy().tobytes()).hexdigest()
-
-
-def _is_weight(node: torch.fx.Node, value: Any) -> bool:
-    """Weights (parameters and module buffers) are hashed by value; activations by shape and dtype only.
-
-    Buffers are recognised by dynamo's record of a placeholder's source, present while dynamo
-    calls the backend; a segment lowered later receives them as plain tensors, keyed by shape
-    and dtype only (in Show-o2 these are rotary frequency tables, fixed by the configuration).
-    """
-    if isinstance(value, torch.nn.Parameter):
-        return True
-    # dynamo records where each placeholder came from; module attributes are weights or buffers.
-    source = getattr(node.meta.get("grapharg"), "source", None)
-    guard = getattr(source, "guard_source", None)
-    return guard is not None and (guard.is_unspecialized_nn_module() or guard.is_specialized_nn_module())
+def engine_entries(root: str | Path) -> set[str]:
+    """The engines Torch-TensorRT's disk cache holds under ``root``: one folder per subgraph hash."""
+    root = Path(root)
+    return {p.name for p in root.iterdir() if p.is_dir()} if root.is_dir() else set()
 
 
 def _qualified(fn: Any) -> str:
@@ -58,16 +41,15 @@ def _qualified(fn: Any) -> str:
     return f"{getattr(fn, '__module__', '')}.{getattr(fn, '__qualname__', type(fn).__qualname__)}"
 
 
-def _describe(value: Any, weight: bool) -> Any:
+def _describe(value: Any) -> Any:
     """A JSON-able description; never a default repr, whose memory addresses differ between processes."""
     if isinstance(value, torch.Tensor):
-        desc = [list(value.shape), str(value.dtype)]
-        return desc + [_tensor_digest(value)] if weight else desc
+        return [[str(d) for d in value.shape], str(value.dtype)]  # symbolic sizes by their expression
     if isinstance(value, (bool, int, float, str, type(None))):
         return value
     if callable(value):
         return _qualified(value)
-    return repr(value)  # dtypes, devices, slices, symbolic sizes
+    return repr(value)  # dtypes, devices, slices, symbolic scalars, input ranges
 
 
 def _target(node: torch.fx.Node, gm: torch.fx.GraphModule) -> Any:
@@ -76,40 +58,40 @@ def _target(node: torch.fx.Node, gm: torch.fx.GraphModule) -> Any:
     if node.op == "call_method":
         return node.target
     if node.op in ("get_attr", "call_module"):
-        attr = gm.get_submodule(node.target) if node.op == "call_module" else _attr(gm, node.target)
+        attr = gm.get_submodule(node.target) if node.op == "call_module" else attribute(gm, node.target)
         if isinstance(attr, torch.fx.GraphModule):
             return ["graph", graph_hash(attr)]
         if isinstance(attr, torch.nn.Module):
-            return [type(attr).__qualname__, [_describe(v, True) for _, v in sorted(attr.state_dict().items())]]
-        return _describe(attr, True)  # constants written by passes (pruned weights) are weights
+            return [type(attr).__qualname__, [[k, _describe(v)] for k, v in sorted(attr.state_dict().items())]]
+        return _describe(attr)
     return _qualified(node.target)
 
 
-def _attr(gm: torch.fx.GraphModule, qualname: str) -> Any:
+def attribute(gm: torch.nn.Module, qualname: str) -> Any:
+    """The object a ``get_attr`` node's dotted ``qualname`` names on ``gm``."""
     obj: Any = gm
     for part in qualname.split("."):
         obj = getattr(obj, part)
     return obj
 
 
-def graph_hash(gm: torch.fx.GraphModule, example_inputs: list | None = None) -> str:
-    """A hex digest of ``gm`` and its inputs that ignores node names.
+def graph_hash(gm: torch.fx.GraphModule, inputs: list | None = None) -> str:
+    """A hex digest of ``gm``'s structure and its inputs' descriptions that ignores node names and values.
 
-    Nodes are numbered in graph order and arguments refer to those numbers. Inputs are described
-    by shape and dtype, weights also by a digest of their values (``example_inputs`` gives the
-    placeholders' values; without it, each placeholder's recorded example value is used).
+    Nodes are numbered in graph order and arguments refer to those numbers. ``inputs`` describes the
+    placeholders (tensors by shape and dtype; anything else by its repr, e.g. declared input ranges);
+    without it, each placeholder's recorded example value is used.
     """
     placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
-    if example_inputs is None:
-        example_inputs = [n.meta.get("example_value", n.meta.get("val")) for n in placeholders]
-    if len(example_inputs) != len(placeholders):
-        raise ValueError(f"{len(example_inputs)} example inputs for {len(placeholders)} placeholders")
+    if inputs is None:
+        inputs = [n.meta.get("example_value", n.meta.get("val")) for n in placeholders]
+    if len(inputs) != len(placeholders):
+        raise ValueError(f"{len(inputs)} inputs for {len(placeholders)} placeholders")
     number = {node: i for i, node in enumerate(gm.graph.nodes)}
-    values = dict(zip(placeholders, example_inputs, strict=True))
+    values = dict(zip(placeholders, inputs, strict=True))
 
     def arg(a: Any) -> Any:
-        # A tensor written into the graph as an argument is a constant: its value matters.
-        return ["node", number[a]] if isinstance(a, torch.fx.Node) else _describe(a, True)
+        return ["node", number[a]] if isinstance(a, torch.fx.Node) else _describe(a)
 
     nodes = []
     for node in gm.graph.nodes:
@@ -117,75 +99,12 @@ def graph_hash(gm: torch.fx.GraphModule, example_inputs: list | None = None) -> 
         kwargs = {k: torch.fx.node.map_aggregate(v, arg) for k, v in sorted(node.kwargs.items())}
         entry = [node.op, _target(node, gm), repr(args), repr(kwargs)]
         if node in values:
-            entry.append(_describe(values[node], _is_weight(node, values[node])))
+            entry.append(_describe(values[node]))
         nodes.append(entry)
     return hashlib.sha256(json.dumps(nodes, default=repr).encode()).hexdigest()
 
 
 def cache_key(graph: str, settings: dict[str, Any]) -> str:
-    """The entry name for a graph hash under lowering ``settings`` (JSON-serialisable values)."""
+    """The key of a graph hash under lowering ``settings`` (JSON-serialisable values)."""
     payload = json.dumps({"graph": graph, "settings": settings}, sort_keys=True, default=repr)
     return hashlib.sha256(payload.encode()).hexdigest()[:32]
-
-
-class EngineCache:
-    """Serialised programs under ``root``: ``<key>.ep`` and its metadata ``<key>.json``."""
-
-    def __init__(self, root: str | Path | None = None) -> None:
-        self.root = Path(root) if root is not None else default_root()
-        self.used: list[str] = []  # keys read or written by this process, in order
-
-    def payload(self, key: str) -> Path:
-        return self.root / f"{key}{SUFFIX}"
-
-    def _meta(self, key: str) -> Path:
-        return self.root / f"{key}.json"
-
-    def get(self, key: str) -> Path | None:
-        """The payload of a complete, intact entry, or None (a damaged entry is discarded with a warning)."""
-        payload, meta = self.payload(key), self._meta(key)
-        if not meta.exists():
-            return None
-        try:
-            expected = json.loads(meta.read_text())["sha256"]
-            intact = sha256_file(payload) == expected
-        except (OSError, ValueError, KeyError, TypeError) as err:
-            intact, expected = False, err
-        if not intact:
-            self.discard(key, f"its payload does not match its checksum ({expected})")
-            return None
-        self.used.append(key)
-        return payload
-
-    def put(self, key: str, write: Callable[[Path], None], meta: dict[str, Any]) -> Path:
-        """Store an entry: ``write(path)`` serialises the program to ``path``; ``meta`` is kept beside it."""
-        self.root.mkdir(parents=True, exist_ok=True)
-        payload = self.payload(key)
-        write_atomic(payload, write)
-        record = meta | {"key": key, "file": payload.name, "sha256": sha256_file(payload)}
-        # The metadata, written last, is what makes the entry visible to get().
-        write_atomic(self._meta(key), lambda p: p.write_text(json.dumps(record, indent=2, default=repr) + "\n"))
-        self.used.append(key)
-        return payload
-
-    def discard(self, key: str, why: str) -> None:
-        warnings.warn(f"TensorRT cache entry {key} in {self.root} is discarded and will be rebuilt: {why}",
-                      stacklevel=2)
-        self._meta(key).unlink(missing_ok=True)
-        self.payload(key).unlink(missing_ok=True)
-
-    def entries(self) -> dict[str, dict[str, Any]]:
-        """Metadata of every complete entry, by key."""
-        if not self.root.is_dir():
-            return {}
-        return {p.stem: json.loads(p.read_text()) for p in sorted(self.root.glob("*.json"))}
-
-
-def engine_cache() -> EngineCache:
-    """The process's cache for the current root (``$FLASHU_TRT_CACHE`` or ``~/.cache/flashu-compile/trt``)."""
-    return _cache_at(str(default_root()))
-
-
-@functools.cache
-def _cache_at(root: str) -> EngineCache:
-    return EngineCache(root)

@@ -1,33 +1,33 @@
 """``flashu-compile build-trt``: build the TensorRT engines of every flashu graph ahead of time.
 
-It compiles the denoising, prefill and decode entry points with ``lowering="tensorrt"``, runs
-one text-to-image request and one answer so every graph (and every segment between guards) is
-lowered, and leaves the serialised programs in ``OUT/engines``, the engine cache
-(:mod:`flashu_compile.backends.trt_cache`), with ``OUT/manifest.json`` naming the entries each
-entry point uses. Serve with ``FLASHU_TRT_CACHE=OUT/engines`` and the same model, preset and
-plan to load them instead of building.
+It compiles every entry point ``Showo2.compile_tasks`` compiles with ``lowering="tensorrt"`` and
+``trt_cache_dir=OUT/engines``, runs one text-to-image request and one answer so every graph (and
+every segment between guards) is lowered, and leaves the engines in Torch-TensorRT's engine cache
+under ``OUT/engines``, with ``OUT/manifest.json`` naming the programs each entry point lowered and
+the engines built. Serve with ``FLASHU_TRT_CACHE=OUT/engines`` (or the same ``trt_cache_dir``)
+and the same model, preset and plan: Torch-TensorRT then loads the engines instead of building them.
 """
 
 from __future__ import annotations
 
 import json
-import os
+import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from ..backends.tensorrt import engine_settings, tensorrt_unavailable_reason
-from ..backends.trt_cache import ENV_VAR, EngineCache, engine_cache
-from ..options import PRESETS, FlashUOptions
+from ..backends import tensorrt
+from ..backends.trt_cache import ENV_VAR, engine_entries
+from ..options import PRESETS, TRT_PRECISIONS, FlashUOptions
 
 
-def _recording(fn: Callable, cache: EngineCache, keys: list[str]) -> Callable:
-    """``fn``, noting the cache entries its calls read or write into ``keys``."""
+def _recording(fn: Callable, keys: list[str]) -> Callable:
+    """``fn``, noting into ``keys`` the TensorRT programs its calls lower (compiled, or shared with a twin)."""
 
     def run(*args: Any, **kwargs: Any) -> Any:
-        start = len(cache.used)
+        start = len(tensorrt.LOWERED)
         out = fn(*args, **kwargs)
-        keys.extend(k for k in cache.used[start:] if k not in keys)
+        keys.extend(k for k in tensorrt.LOWERED[start:] if k not in keys)
         return out
 
     return run
@@ -41,35 +41,35 @@ def cmd_build_trt(args) -> int:
     from .bench import load_plan
     from .cli import _load
 
-    reason = tensorrt_unavailable_reason()
-    if reason is not None:  # before loading or calibrating anything
-        raise RuntimeError(f"TensorRT engines cannot be built on this machine: {reason}")
+    reason = tensorrt.tensorrt_unavailable_reason()
+    if reason is not None:  # before loading or calibrating anything; a missing library is the user's to install
+        print(f"flashu-compile build-trt: error: TensorRT engines cannot be built on this machine: {reason}",
+              file=sys.stderr)
+        return 2
     out = Path(args.out)
     engines = out / "engines"
-    os.environ[ENV_VAR] = str(engines)  # the lowering reads the cache folder from here
     model = _load(args).to("cuda")
-    options: dict[str, Any] = {"preset": args.preset, "lowering": "tensorrt"}
+    options: dict[str, Any] = {"preset": args.preset, "lowering": "tensorrt", "trt_cache_dir": str(engines),
+                               "trt_precision": args.precision}
     if "prune_channels" in FlashUOptions.from_dict(options).passes:
         options["plan"] = load_plan(args, model)
     model.compile_tasks("flashu", options)
-    cache = engine_cache()
     used: dict[str, list[str]] = {name: [] for name in model.compiled}
-    model.compiled = {name: _recording(fn, cache, used[name]) for name, fn in model.compiled.items()}
+    model.compiled = {name: _recording(fn, used[name]) for name, fn in model.compiled.items()}
     with torch.no_grad():
         latents = generate_latents(model, model.tokenizer, [args.prompt], steps=args.steps,
                                    progress=not args.no_progress)
         understanding.answer_tokens(model, model.tokenizer, latents[:1].to(model.dtype), args.question,
                                     max_new_tokens=args.max_new_tokens)
-    entries = cache.entries()
     manifest = {
         "model": args.model, "preset": args.preset, "plan": args.plan or "calibrated by build-trt",
-        "settings": engine_settings(), "engines": engines.name,
-        "entry_points": {name: [{k: entries[key][k] for k in ("key", "file", "graph")} for key in keys]
-                         for name, keys in used.items()},
+        "precision": args.precision, "environment": tensorrt.environment(), "engines": engines.name,
+        "engine_entries": sorted(engine_entries(engines)), "entry_points": used,
     }
+    out.mkdir(parents=True, exist_ok=True)
     (out / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
-    count = sum(len(keys) for keys in used.values())
-    print(f"{count} TensorRT programs in {engines} -> {out / 'manifest.json'}; serve with {ENV_VAR}={engines}")
+    count = len(manifest["engine_entries"])
+    print(f"{count} TensorRT engines in {engines} -> {out / 'manifest.json'}; serve with {ENV_VAR}={engines}")
     return 0
 
 
@@ -82,6 +82,8 @@ def add_parser(sub) -> None:
     model_args(p)
     p.add_argument("--preset", default="paper", choices=sorted(PRESETS))
     p.add_argument("--plan", help="a saved calibration plan (default: calibrate the model first)")
+    p.add_argument("--precision", default="explicit", choices=list(TRT_PRECISIONS),
+                   help="explicit: the model's own dtypes; bf16/fp16: Torch-TensorRT's autocast to that type")
     p.add_argument("--steps", type=int, default=50, help="time-grid points of the text-to-image request")
     p.add_argument("--prompt", default="a red circle left of a blue square")
     p.add_argument("--question", default="what colour is the circle?")
