@@ -16,7 +16,6 @@ import torch
 
 from .backends import lower
 from .backends.registry import lowering_for
-from .backends.registry import lowering_for
 from .backends.segmented import LazyLowered, copy_graph, is_symbolic
 from .backends.specialized import Specializations
 from .graph import build_index
@@ -84,7 +83,6 @@ def _load_plan(plan: Any):
 def flashu_backend(gm: torch.fx.GraphModule, example_inputs: list, options: Any = None) -> Callable:
     """Dynamo backend entry: ``options`` is the dict given to ``torch.compile``."""
     opts = FlashUOptions.from_dict(options)
-    lowering = lowering_for(opts)  # a name, or the TensorRT lowering's settings
     lowering = lowering_for(opts)  # a name, or the TensorRT lowering's settings
     if not build_pass_list(opts):
         return counted(lower(gm, example_inputs, lowering))
