@@ -1,5 +1,7 @@
 """Step rules, with the expected steps written out by hand from the method description."""
 
+import pytest
+
 from flashu_compile.runtime.schedule import StepRules, guidance_scales
 
 
@@ -43,3 +45,15 @@ def test_guidance_schedules():
     stretched = guidance_scales(schedule, 49, 5.0)
     assert len(stretched) == 49 and stretched.count(10.0) == 15  # 11/35 of 49 calls, rounded
     assert guidance_scales(None, 3, 4.0) == [4.0] * 3
+
+
+@pytest.mark.parametrize("schedule, message", [
+    (((24, float("nan")),), r"guidance_schedule\[0\] scale must be a finite number"),
+    (((2.7, 7.5),), r"guidance_schedule\[0\] steps must be an int, got float 2.7"),
+    (((True, 7.5),), r"guidance_schedule\[0\] steps must be an int, got bool"),
+    ((("3", 7.5),), r"guidance_schedule\[0\] steps must be an int, got str"),
+])
+def test_guidance_scales_refuse_what_options_refuse(schedule, message):
+    """The schedule was coerced with int() and float(): 2.7 / True / "3" became 2 / 1 / 3, NaN stayed NaN."""
+    with pytest.raises(ValueError, match=message):
+        guidance_scales(schedule, 10, 5.0)

@@ -391,7 +391,7 @@ class Showo2(nn.Module):
 
         check_text("question", question)
         # The answer's positions must stay inside the LLM's rotary table.
-        check_int("max_new_tokens", max_new_tokens, 1, self.config.llm.max_position_embeddings)
+        max_new_tokens = check_int("max_new_tokens", max_new_tokens, 1, self.config.llm.max_position_embeddings)
         tokenizer = self._require("tokenizer")
         ids = answer_tokens(self, tokenizer, self.encode_image(image), question, max_new_tokens=max_new_tokens)
         return tokenizer.decode(ids)
