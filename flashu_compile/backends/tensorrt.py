@@ -38,6 +38,7 @@ from typing import Any
 import sympy
 import torch
 import torch.fx
+import torch.utils._pytree as pytree
 from torch._guards import tracing
 from torch._subclasses.fake_tensor import FakeTensor, unset_fake_temporarily
 
@@ -161,6 +162,27 @@ def _lift_constants(gm: torch.fx.GraphModule) -> list[torch.Tensor]:
     return constants
 
 
+def _flatten_tuple_inputs(gm: torch.fx.GraphModule, view: list) -> list:
+    """Replace each tuple input (a guard's output reaching a segment) by one input per element; returns the
+    flattened view, in ``pytree.tree_leaves`` order, as the program flattens its arguments."""
+    flat = []
+    for node, value in zip([n for n in gm.graph.nodes if n.op == "placeholder"], view, strict=True):
+        if not isinstance(value, (tuple, list)):
+            flat.append(value)
+            continue
+        if any(isinstance(v, (tuple, list)) for v in value) or not all(
+                u.target is operator.getitem and isinstance(u.args[1], int) for u in node.users):
+            raise NotLowerable(f"input {node.name} is a nested or sliced sequence")
+        with gm.graph.inserting_before(node):
+            elements = [gm.graph.placeholder(f"{node.name}_{k}") for k in range(len(value))]
+        for user in list(node.users):
+            user.replace_all_uses_with(elements[user.args[1]])
+            gm.graph.erase_node(user)
+        gm.graph.erase_node(node)
+        flat.extend(value)
+    return flat
+
+
 def _sizes(value: Any) -> list[Any]:
     return list(value.shape) if isinstance(value, torch.Tensor) else []
 
@@ -242,7 +264,7 @@ def prepare(gm: torch.fx.GraphModule, example_inputs: list, max_size: int) -> Pr
     """The graph as Torch-TensorRT gets it (see the module docstring); ``gm`` itself is not changed."""
     gm = copy_graph(gm)
     strip_markers(gm)
-    view = _symbolic_view(gm, example_inputs)
+    view = _flatten_tuple_inputs(gm, _symbolic_view(gm, example_inputs))
     dropped = _symbol_inputs(gm, view)
     constants = _lift_constants(gm)
     gm.graph.eliminate_dead_code()
@@ -263,13 +285,15 @@ def _example(value: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
 
 
 class TensorRTProgram:
-    """A compiled program called with the graph's original inputs: drops the recomputed ones, appends constants."""
+    """A compiled program called with the graph's original inputs: flattens them, drops the recomputed ones,
+    appends the lifted constants."""
 
     def __init__(self, module: Callable, dropped: list[int], constants: list[torch.Tensor], key: str) -> None:
         self.module, self.dropped, self.constants, self.key = module, set(dropped), constants, key
 
     def __call__(self, *args: Any) -> Any:
-        return self.module(*(a for i, a in enumerate(args) if i not in self.dropped), *self.constants)
+        flat = pytree.tree_leaves(args)
+        return self.module(*(a for i, a in enumerate(flat) if i not in self.dropped), *self.constants)
 
 
 # Programs compiled in this process, by key (see trt_cache): identical graphs are compiled once.
@@ -284,7 +308,7 @@ def _compile(prepared: Prepared, example_inputs: list, settings: TensorRTSetting
     LOWERED.append(key)
     if key in PROGRAMS:
         return PROGRAMS[key], key
-    kept = [x for i, x in enumerate(example_inputs) if i not in prepared.dropped]
+    kept = [x for i, x in enumerate(pytree.tree_leaves(example_inputs)) if i not in prepared.dropped]
     args = tuple(_example(x, r.opt) for x, r in zip([*kept, *prepared.constants], prepared.ranges, strict=True))
     # Outside dynamo's tracing context: export would otherwise trace in dynamo's fake mode and add its
     # own assumptions to the guards of the frame being compiled.
