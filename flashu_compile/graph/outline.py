@@ -12,9 +12,32 @@ import operator
 from collections.abc import Callable, Iterable
 
 import torch.fx
-from torch.fx.passes.utils.fuser_utils import fuse_as_graphmodule, topo_sort
 
-from ..passes.manager import tag
+from ..passes.manager import PassNotApplicable, tag
+from .compat import fuse_as_graphmodule, topo_sort
+
+
+def region_cycle(region: Iterable[torch.fx.Node]) -> tuple[torch.fx.Node, torch.fx.Node] | None:
+    """A dataflow path that leaves ``region`` and re-enters it, as (the first node outside, the node it re-enters),
+    or None when the region is convex: only a convex region can become one call without a cycle.
+    """
+    inside = set(region)
+    if not inside:
+        return None
+    order = {node: i for i, node in enumerate(next(iter(inside)).graph.nodes)}
+    last = max(order[node] for node in inside)
+    # Graph order is topological, so nothing after the region's last node can lead back into it.
+    frontier = [(user, user) for node in inside for user in node.users if user not in inside and order[user] < last]
+    seen = {user for user, _ in frontier}
+    while frontier:
+        node, exit_node = frontier.pop()
+        for user in node.users:
+            if user in inside:
+                return exit_node, user
+            if user not in seen and order[user] < last:
+                seen.add(user)
+                frontier.append((user, exit_node))
+    return None
 
 
 def outline(
@@ -29,12 +52,19 @@ def outline(
 ) -> dict[torch.fx.Node, torch.fx.Node]:
     """Replace ``nodes`` by a guard call; returns each former output of the region -> the node now standing for it.
 
+    Raises PassNotApplicable, before changing anything, when the region is not convex (a value computed
+    from it flows back into it outside it).
+
     ``consts`` starts with the controller id; the rest are passed between the submodule and the
     inputs. ``first_input`` is moved to the front of the inputs. ``carry`` (for regions a guard may
     skip) maps each output to the input it equals when skipped, or None if it has none; the guard
     then gets one more constant, the input position per output (-1 for none).
     """
     region = topo_sort(list(dict.fromkeys(nodes)))
+    if (cycle := region_cycle(region)) is not None:
+        leaves, reenters = cycle
+        raise PassNotApplicable(f"region {name} is not convex: {leaves.name} depends on the region and feeds its "
+                                f"node {reenters.name}, so outlining it would create a cycle")
     sub, inputs, outputs = fuse_as_graphmodule(gm, region, name)
     inputs, outputs = list(inputs), list(outputs)
     if first_input is not None:

@@ -10,7 +10,7 @@ a guess.
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import networkx as nx
 import torch
@@ -23,10 +23,10 @@ PATTERNS = {
     "attention": ("self_attn", ("q_proj", "k_proj", "v_proj", "o_proj")),
     "swiglu": ("mlp", ("gate_proj", "up_proj", "down_proj")),
 }
-# Dynamo names the root module after how the traced frame received it: L['self'] for a method, or an
+# Dynamo names the root module after how the traced frame received it: L['self'] for a method, an
 # argument such as L['args'][0] when forward runs through a wrapper that takes the module as an argument
-# (transformers 5.24's Llama forward does).
-_ROOT = re.compile(r"^L\['[^']+'\](?:\[\d+\])*\.?")
+# (transformers 5.24's Llama forward does), or G['name'] for a model the frame reads as a global.
+_ROOT = re.compile(r"^(?P<root>[LG]\['[^']+'\](?:\[\d+\])*)\.?")
 
 
 @dataclass
@@ -75,6 +75,26 @@ class StructureIndex:
             if layer.input is old:
                 layer.input = new
 
+    def remap(self, nodes: dict[torch.fx.Node, torch.fx.Node]) -> StructureIndex:
+        """The same index over a copy of its graph (``nodes``: original -> copy, as ``Graph.graph_copy`` fills it).
+
+        A node the copy lacks (one a pass already erased) is kept as it is: it was stale before too.
+        """
+
+        def node(n: torch.fx.Node | None) -> torch.fx.Node | None:
+            return nodes.get(n, n) if n is not None else None
+
+        def linear(ref: LinearRef) -> LinearRef:
+            return replace(ref, node=node(ref.node), weight=node(ref.weight), bias=node(ref.bias))
+
+        def layer(ref: LayerRef) -> LayerRef:
+            return replace(ref, attention={k: linear(v) for k, v in ref.attention.items()},
+                           mlp={k: linear(v) for k, v in ref.mlp.items()}, input=node(ref.input),
+                           output=node(ref.output), nodes=[node(n) for n in ref.nodes])
+
+        return StructureIndex([layer(x) for x in self.layers], [layer(x) for x in self.head_blocks],
+                              list(self.problems))
+
     @property
     def applicable(self) -> bool:
         return bool(self.layers or self.head_blocks) and not self.problems
@@ -88,12 +108,25 @@ class StructureIndex:
 
 
 def module_path(node: torch.fx.Node) -> str | None:
-    """The innermost module path of a call, without dynamo's ``L['self']`` root."""
+    """The innermost module of the model's own tree that a call ran in, without dynamo's root (``L['self']``).
+
+    Entries of ``nn_module_stack`` rooted at a global other than the model's own root are skipped:
+    such a module is a wrapper the model's code calls, not a part of the model. transformers with
+    ``kernels`` installed runs ``apply_rotary_pos_emb`` as a module-level hub-kernel module
+    (``G['__import_...'].apply_rotary_pos_emb``); its nodes still belong to the attention that called it.
+    """
     stack = node.meta.get("nn_module_stack")
     if not stack:
         return None
-    raw = list(stack.values())[-1][0]
-    return _ROOT.sub("", raw)
+    paths = [entry[0] for entry in stack.values()]
+    model_root = _root(paths[0])
+    own = [p for p in paths if p.startswith("L[") or _root(p) == model_root]  # never empty: paths[0] is kept
+    return _ROOT.sub("", own[-1])
+
+
+def _root(raw: str) -> str | None:
+    match = _ROOT.match(raw)
+    return match.group("root") if match else None
 
 
 def _placeholder_values(gm: torch.fx.GraphModule, example_inputs: list | None) -> dict[torch.fx.Node, torch.Tensor]:

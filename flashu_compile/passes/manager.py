@@ -18,6 +18,8 @@ from typing import Any
 
 import torch.fx
 
+from ..graph.structure import StructureIndex
+
 PROVENANCE_KEY = "flashu_pass"
 
 
@@ -76,7 +78,11 @@ def tag(node: torch.fx.Node, pass_name: str, replaces: str | None = None) -> tor
 
 
 class PassManager:
-    """Ordered passes; a pass that does not apply is skipped with a warning (strict: an error)."""
+    """Ordered passes; a pass that does not apply, or fails, is skipped with a warning (strict: an error).
+
+    A skipped pass leaves no trace: the graph, its attributes and the context's structure index are
+    restored to what they were before it ran.
+    """
 
     def __init__(self, passes: list[tuple[str, Pass]], strict: bool = False, dump_dir: str | None = None) -> None:
         self.passes = passes
@@ -97,13 +103,24 @@ class PassManager:
             if observer is not None:
                 observer(name, "before", gm, context, None)
             start = time.perf_counter()
+            before = _Snapshot(gm, context)
             try:
                 result = fn(gm, context, options)
-            except PassNotApplicable as why:
-                if self.strict:
-                    raise RuntimeError(f"flashu pass {name!r} does not apply: {why}") from why
-                warnings.warn(f"flashu pass {name!r} skipped: {why}", stacklevel=2)
-                self.records.append(PassRecord(name, False, time.perf_counter() - start, {}, str(why)))
+            except Exception as error:
+                # Whatever the pass changed before it stopped is undone: later passes and the lowering
+                # see the graph (and index) as they were.
+                before.restore(gm, context)
+                if isinstance(error, PassNotApplicable):
+                    if self.strict:
+                        raise RuntimeError(f"flashu pass {name!r} does not apply: {error}") from error
+                    why = str(error)
+                    warnings.warn(f"flashu pass {name!r} skipped: {why}", stacklevel=2)
+                else:
+                    if self.strict:
+                        raise
+                    why = f"failed with {type(error).__name__}: {error}"
+                    warnings.warn(f"flashu pass {name!r} {why}; the graph continues without it", stacklevel=2)
+                self.records.append(PassRecord(name, False, time.perf_counter() - start, {}, why))
                 if observer is not None:
                     observer(name, "after", gm, context, self.records[-1])
                 continue
@@ -115,3 +132,32 @@ class PassManager:
             if observer is not None:
                 observer(name, "after", gm, context, self.records[-1])
         return gm
+
+
+class _Snapshot:
+    """A graph module's graph, attribute names and (for a :class:`PassContext`) structure index before a pass.
+
+    The graph is a copy; the index is remapped onto the copy's nodes, since a pass may have rewired
+    the original's nodes (and the index with them) before it failed. Attributes are not copied: a pass
+    only adds new ones (outlined regions, sliced weights), which a restore removes.
+    """
+
+    def __init__(self, gm: torch.fx.GraphModule, context: Any) -> None:
+        self.nodes: dict[torch.fx.Node, torch.fx.Node] = {}
+        self.graph = torch.fx.Graph()
+        self.graph.output(self.graph.graph_copy(gm.graph, self.nodes))
+        self.names = {kind: set(getattr(gm, kind)) for kind in _ATTRIBUTE_KINDS}
+        index = getattr(context, "index", None)
+        self.index = index.remap(self.nodes) if isinstance(index, StructureIndex) else None
+
+    def restore(self, gm: torch.fx.GraphModule, context: Any) -> None:
+        for kind, names in self.names.items():
+            for name in set(getattr(gm, kind)) - names:
+                delattr(gm, name)
+        gm.graph = self.graph
+        gm.recompile()
+        if self.index is not None:
+            context.index = self.index
+
+
+_ATTRIBUTE_KINDS = ("_modules", "_parameters", "_buffers")

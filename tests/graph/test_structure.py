@@ -105,3 +105,63 @@ def test_non_swiglu_mlp_is_reported_not_guessed():
     index = build_index(gm, inputs)
     assert not index.applicable
     assert "layers.0.mlp is not a SwiGLU" in index.report()
+
+
+class Rotate(torch.nn.Module):
+    def forward(self, q, k):
+        return q * 2, k.flip(-1)
+
+
+# A module-level instance the attention calls, as transformers does with a hub kernel's function module when
+# `kernels` is installed: dynamo records it in the stack as G['ROTATE'], inside the attention that called it.
+ROTATE = Rotate()
+
+
+class SwiGLUBlock(torch.nn.Module):
+    def __init__(self, width=8):
+        super().__init__()
+        self.self_attn, self.mlp = torch.nn.Module(), torch.nn.Module()
+        for name in ("q_proj", "k_proj", "v_proj", "o_proj"):
+            setattr(self.self_attn, name, torch.nn.Linear(width, width))
+        for name in ("gate_proj", "up_proj", "down_proj"):
+            setattr(self.mlp, name, torch.nn.Linear(width, width))
+
+    def forward(self, x):
+        a = self.self_attn
+        q, k = ROTATE(a.q_proj(x), a.k_proj(x))
+        x = x + a.o_proj(q + k + a.v_proj(x))
+        m = self.mlp
+        return x + m.down_proj(torch.nn.functional.silu(m.gate_proj(x)) * m.up_proj(x))
+
+
+class TwoLayers(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.layers = torch.nn.ModuleList([SwiGLUBlock(), SwiGLUBlock()])
+
+    def forward(self, x):
+        for layer in self.layers:
+            x = layer(x)
+        return x
+
+
+GLOBAL_NET = TwoLayers()
+
+
+@pytest.mark.parametrize("root", ["local", "global"])
+def test_calls_into_a_global_wrapper_belong_to_the_layer_that_made_them(root):
+    from flashu_compile.graph.outline import region_cycle
+    from flashu_compile.graph.structure import module_path
+
+    net = TwoLayers() if root == "local" else GLOBAL_NET
+    gm, inputs = capture(net if root == "local" else lambda x: GLOBAL_NET(x), torch.randn(2, 3, 8))
+    flips = [n for n in gm.graph.nodes if n.op == "call_method" and n.target == "flip"]
+    assert len(flips) == 2
+    assert any("ROTATE" in path for path, _ in flips[0].meta["nn_module_stack"].values())
+    assert [module_path(n) for n in flips] == ["layers.0", "layers.1"]
+    index = build_index(gm, inputs)
+    assert index.applicable, index.report()
+    assert [layer.path for layer in index.layers] == ["layers.0", "layers.1"]
+    check_chain(index.layers)
+    for layer, flip in zip(index.layers, flips, strict=True):
+        assert flip in layer.nodes and region_cycle(layer.nodes) is None

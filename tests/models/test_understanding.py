@@ -1,7 +1,11 @@
+import inspect
+import warnings
+
 import pytest
 import torch
+from transformers import DynamicCache
 
-from flashu_compile.models.showo2.understanding import answer_tokens, prefill, prepare
+from flashu_compile.models.showo2.understanding import CACHE_ARGUMENT, answer_tokens, decode_step, prefill, prepare
 
 
 @pytest.fixture(scope="module")
@@ -20,10 +24,7 @@ def test_cached_decoding_equals_full_recompute(small_model, tokenizer, latents):
 
 
 def test_cached_logits_match_recompute_at_every_step(small_model, tokenizer, latents):
-    from transformers import DynamicCache
-
     from flashu_compile.models.showo2.sequences import omni_attention_mask
-    from flashu_compile.models.showo2.understanding import decode_step
 
     rows, embeds = prepare(small_model, tokenizer, latents, "what shape is the red object?")
     cache = DynamicCache(config=small_model.config.llm)
@@ -68,3 +69,15 @@ def test_answer_text_and_bad_inputs(small_model, latents):
         answer_tokens(small_model, small_model.tokenizer, latents.repeat(2, 1, 1, 1), "what?")
     with pytest.raises(ValueError, match="max_new_tokens must be >= 1"):
         answer_tokens(small_model, small_model.tokenizer, latents, "what?", max_new_tokens=0)
+
+
+def test_cache_is_passed_under_the_llm_s_current_argument_name(small_model, tokenizer, latents):
+    assert CACHE_ARGUMENT in inspect.signature(type(small_model.showo.model).forward).parameters
+    rows, embeds = prepare(small_model, tokenizer, latents, "what colour is the circle?")
+    cache = DynamicCache(config=small_model.config.llm)
+    with torch.no_grad(), warnings.catch_warnings():
+        # transformers deprecates the old spelling (past_key_values) with a FutureWarning naming it.
+        warnings.filterwarnings("error", message=".*past_key_values")
+        prefill(small_model, embeds, rows.attention_mask, cache)
+        decode_step(small_model, torch.tensor([5]), cache)
+    assert cache.get_seq_length() == embeds.shape[1] + 1  # both calls wrote into the cache they were given

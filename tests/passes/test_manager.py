@@ -51,3 +51,78 @@ def test_not_applicable_warns_or_raises_in_strict_mode():
     assert manager.records[0].skipped_reason == "no decoder layers found" and manager.records[1].changed
     with pytest.raises(RuntimeError, match="flashu pass 'skip' does not apply: no decoder layers found"):
         PassManager([("skip", never_applies)], strict=True).run(traced(), None, None)
+
+
+def rewrite_then_fail(gm, index, options):
+    # Changes the graph and adds an attribute before failing: the manager must undo both.
+    relu_to_gelu(gm, index, options)
+    gm.register_buffer("half_made", torch.zeros(1))
+    raise KeyError("bug in the pass")
+
+
+def test_failing_pass_leaves_the_graph_unrewritten_with_a_warning():
+    gm = traced()
+    code = gm.code
+    manager = PassManager([("broken", rewrite_then_fail)])
+    with pytest.warns(UserWarning, match="flashu pass 'broken' failed with KeyError: 'bug in the pass'"):
+        out = manager.run(gm, None, None)
+    x = torch.randn(5)
+    assert out.code == code and not hasattr(out, "half_made")
+    torch.testing.assert_close(out(x), torch.relu(x) * 2)
+    assert manager.records[0].skipped_reason == "failed with KeyError: 'bug in the pass'"
+    with pytest.raises(KeyError, match="bug in the pass"):
+        PassManager([("broken", rewrite_then_fail)], strict=True).run(traced(), None, None)
+
+
+def test_failing_pass_restores_the_structure_index(small_model, tokenizer):
+    from flashu_compile.graph import build_index
+    from flashu_compile.passes.manager import PassContext
+    from tests.graph.test_structure import capture
+    from tests.models.test_compile_friendly import t2i_inputs
+
+    gm, inputs = capture(small_model.denoise, *t2i_inputs(small_model, tokenizer))
+    context = PassContext(build_index(gm, inputs), "t2i")
+
+    def rewire_then_fail(gm, ctx, options):
+        first = ctx.index.layers[0]
+        ctx.index.replace_input(first.input, first.output)
+        down = first.mlp["down_proj"].node
+        with gm.graph.inserting_after(down):
+            negated = gm.graph.call_function(torch.neg, (down,))
+        down.replace_all_uses_with(negated, delete_user_cb=lambda user: user is not negated)
+        raise RuntimeError("half done")
+
+    with pytest.warns(UserWarning, match="flashu pass 'rewire' failed with RuntimeError: half done"):
+        out = PassManager([("rewire", rewire_then_fail)]).run(gm, context, None)
+    out.graph.lint()
+    assert not any(n.target is torch.neg for n in out.graph.nodes)
+    live = set(out.graph.nodes)
+    for layer in context.index.layers:
+        assert layer.input in live and layer.output in live and set(layer.nodes) <= live
+        assert all(ref.node in live for ref in (*layer.attention.values(), *layer.mlp.values()))
+    assert context.index.layers[0].input is not context.index.layers[0].output
+
+
+def test_failing_pass_in_a_compiled_program_runs_it_unrewritten(monkeypatch, small_model, tokenizer):
+    from flashu_compile import backend
+    from tests.models.test_compile_friendly import t2i_inputs
+
+    real = backend.AVAILABLE_PASSES["layer_skip"]
+
+    def broken(gm, ctx, options):
+        real(gm, ctx, options)  # outlines every layer, then fails
+        raise IndexError("pass bug")
+
+    monkeypatch.setitem(backend.AVAILABLE_PASSES, "layer_skip", broken)
+    args = t2i_inputs(small_model, tokenizer)
+    options = {"passes": ["layer_skip"], "skip_ratio": 0.5, "hybrid_tau": 0, "lowering": "eager"}
+    with torch.no_grad():
+        expected = small_model.denoise(*args)
+        torch._dynamo.reset()
+        with pytest.warns(UserWarning, match="flashu pass 'layer_skip' failed with IndexError: pass bug"):
+            got = torch.compile(small_model.denoise, backend="flashu", options=options)(*args)
+        torch.testing.assert_close(got, expected, rtol=0, atol=0)
+        torch._dynamo.reset()
+        with pytest.raises(IndexError, match="pass bug"):  # dynamo re-raises the backend's own error
+            torch.compile(small_model.denoise, backend="flashu", options={**options, "strict": True})(*args)
+    torch._dynamo.reset()

@@ -8,12 +8,18 @@ for comparison.
 
 from __future__ import annotations
 
+import inspect
+
 import torch
-from transformers import DynamicCache
+from transformers import DynamicCache, Qwen2Model
 
 from ...runtime.markers import mark_visual
 from ...runtime.request import request
 from .sequences import Rows, mmu_row, omni_attention_mask
+
+# The LLM's name for its KV cache argument: ``cache`` since transformers 5.24 (``past_key_values`` is
+# deprecated for removal in 5.40), ``past_key_values`` before. Read once here, not in the traced calls.
+CACHE_ARGUMENT = "cache" if "cache" in inspect.signature(Qwen2Model.forward).parameters else "past_key_values"
 
 
 def prepare(model, tokenizer, image_latents: torch.Tensor, question: str) -> tuple[Rows, torch.Tensor]:
@@ -40,14 +46,14 @@ def prefill(
     """
     if image_positions is not None:
         embeds = mark_visual(embeds, image_positions)
-    hidden = model.llm_hidden(embeds, attention_mask, past_key_values=cache, use_cache=True)
+    hidden = model.llm_hidden(embeds, attention_mask, use_cache=True, **{CACHE_ARGUMENT: cache})
     return model.showo.lm_head(hidden[:, -1:])[:, -1]
 
 
 def decode_step(model, token: torch.Tensor, cache: DynamicCache) -> torch.Tensor:
     """One cached step: the new token sees every cached position, so no mask is needed."""
     embeds = model.showo.model.embed_tokens(token.view(1, 1))
-    hidden = model.llm_hidden(embeds, None, past_key_values=cache, use_cache=True)
+    hidden = model.llm_hidden(embeds, None, use_cache=True, **{CACHE_ARGUMENT: cache})
     return model.showo.lm_head(hidden)[:, -1]
 
 

@@ -1,0 +1,49 @@
+"""The torch internals flashu relies on beyond torch's public API, in one place.
+
+Dynamo's tracing context, fake tensors and the FX fuser are private and move between releases.
+Everything in the package reaches them through this module, which checks at import that the
+installed torch still offers what the callers use, so an unsupported release fails here with
+its version and the missing piece named, not deep inside a compilation. Supporting a new torch
+release means making :func:`missing_internals` come back empty for it (tests/graph/test_compat.py).
+
+What callers rely on:
+- ``TracingContext.try_get()``, the context of the compilation in progress (None outside one), with
+  ``fake_mode`` and ``tensor_to_context`` (the symbolic context dynamo recorded per input tensor);
+- ``FakeTensorMode.from_tensor(tensor, symbolic_context=...)``, remaking a fake with dynamo's symbols;
+- ``detect_fake_mode(values)``, the fake mode of fake values;
+- ``fuse_as_graphmodule(gm, nodes, name, always_return_tuple=...)`` -> (submodule, inputs, outputs),
+  and ``topo_sort(nodes)``.
+"""
+
+from __future__ import annotations
+
+import inspect
+
+import torch
+from torch._guards import TracingContext, detect_fake_mode
+from torch._subclasses.fake_tensor import FakeTensor, FakeTensorMode
+from torch.fx.passes.utils.fuser_utils import fuse_as_graphmodule, topo_sort
+
+__all__ = ["FakeTensor", "TracingContext", "detect_fake_mode", "fuse_as_graphmodule", "missing_internals",
+           "topo_sort"]
+
+
+def _accepts(fn, parameter: str) -> bool:
+    return parameter in inspect.signature(fn).parameters
+
+
+def missing_internals() -> list[str]:
+    """What of the internals listed in this module's docstring the installed torch lacks (empty: all present)."""
+    context = TracingContext(None)
+    checks = {
+        "TracingContext.try_get": hasattr(TracingContext, "try_get"),
+        "TracingContext.fake_mode": hasattr(context, "fake_mode"),
+        "TracingContext.tensor_to_context": hasattr(context, "tensor_to_context"),
+        "FakeTensorMode.from_tensor(symbolic_context=)": _accepts(FakeTensorMode.from_tensor, "symbolic_context"),
+        "fuse_as_graphmodule(always_return_tuple=)": _accepts(fuse_as_graphmodule, "always_return_tuple"),
+    }
+    return [name for name, present in checks.items() if not present]
+
+
+if _missing := missing_internals():
+    raise ImportError(f"flashu_compile does not support torch {torch.__version__}: it lacks {', '.join(_missing)}")
