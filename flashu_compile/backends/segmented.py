@@ -19,10 +19,8 @@ from typing import Any
 import sympy
 import torch.fx
 import torch.utils._pytree as pytree
-from torch._guards import TracingContext, detect_fake_mode
-from torch._subclasses.fake_tensor import FakeTensor
-from torch.fx.passes.utils.fuser_utils import fuse_as_graphmodule
 
+from ..graph.compat import FakeTensor, TracingContext, detect_fake_mode, fuse_as_graphmodule
 from ..runtime.guards import GUARDS
 
 
