@@ -1,6 +1,7 @@
 """flashu-compile: a task-aware torch.compile backend for unified multimodal models."""
 
+from .calibrate.lm import calibrate_lm
 from .models.showo2 import Showo2, Showo2Config
 
-__all__ = ["Showo2", "Showo2Config"]
+__all__ = ["Showo2", "Showo2Config", "calibrate_lm"]
 __version__ = "0.1.0"

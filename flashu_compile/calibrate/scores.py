@@ -46,17 +46,28 @@ def select_keep(scores: torch.Tensor, count: int) -> torch.Tensor:
 
 class DownProjInputs:
     """Context manager: accumulates, per layer, the float64 sum of squares of each ``down_proj`` input
-    feature and the number of tokens seen, through forward pre-hooks removed on exit (even on error)."""
+    feature and the number of tokens seen, through forward pre-hooks removed on exit (even on error).
+
+    ``token_mask``, when set, selects the tokens that count (nonzero entries): its shape must be the
+    ``down_proj`` input's leading dimensions (batch, sequence), e.g. an attention mask that leaves
+    padding out of the norms. A mask of another shape raises ``ValueError`` rather than guessing.
+    """
 
     def __init__(self, layers: Sequence[nn.Module]) -> None:
         self.layers = list(layers)
         self.sq_sums = [torch.zeros(layer.mlp.down_proj.in_features, dtype=torch.float64) for layer in self.layers]
         self.tokens = [0] * len(self.layers)
+        self.token_mask: torch.Tensor | None = None
         self._handles: list = []
 
     def _hook(self, index: int):
         def hook(module: nn.Module, args: tuple) -> None:
             x = args[0].detach()
+            if self.token_mask is not None:
+                if tuple(self.token_mask.shape) != tuple(x.shape[:-1]):
+                    raise ValueError(f"token mask of shape {tuple(self.token_mask.shape)} does not cover the "
+                                     f"FFN input of shape {tuple(x.shape)} (batch, tokens, features)")
+                x = x[self.token_mask.to(device=x.device, dtype=torch.bool)]
             flat = x.reshape(-1, x.shape[-1]).to(torch.float64)
             self.sq_sums[index] += flat.pow(2).sum(dim=0).cpu()
             self.tokens[index] += flat.shape[0]
@@ -223,13 +234,6 @@ def calibrate(
         if schedule_options is not None:
             model.flashu_options = schedule_options
 
-    sizes = [layer.mlp.down_proj.in_features for layer in layers]
-    counts = [keep_count(size, prune_ratio, multiple) for size in sizes]
-    scores = {task: [wanda_scores(sq, layer.mlp.down_proj.weight)
-                     for sq, layer in zip(rec.sq_sums, layers, strict=True)]
-              for task, rec in recorded.items()}
-    keep = {task: [select_keep(s, n) for s, n in zip(per_layer, counts, strict=True)]
-            for task, per_layer in scores.items()}
     samples_used = {"t2i": len(prompts) if "t2i" in tasks else 0, "mmu": len(mmu_pairs)}
     settings = {
         "tasks": tasks,
@@ -243,6 +247,25 @@ def calibrate(
         "dtype": str(model.dtype).removeprefix("torch."),
         "dataset_defaults": defaults,  # whether the scenes training split supplied the data
     }
+    return plan_from_records(model, named, recorded, prune_ratio, multiple, settings)
+
+
+def plan_from_records(model: nn.Module, named: Sequence[tuple[str, nn.Module]], recorded: dict[str, DownProjInputs],
+                      prune_ratio: float, multiple: int, settings: dict) -> Plan:
+    """The :class:`Plan` of the recorded ``down_proj`` inputs: per task and layer, the Wanda scores and the
+    :func:`keep_count` top-scoring neurons; fingerprinted with :func:`model_fingerprint`.
+
+    ``named`` is :func:`decoder_layers` of ``model``; ``settings`` must hold ``prune_ratio`` and
+    ``multiple`` (``Plan.validate`` recounts the keep sets from them).
+    """
+    layers = [layer for _, layer in named]
+    sizes = [layer.mlp.down_proj.in_features for layer in layers]
+    counts = [keep_count(size, prune_ratio, multiple) for size in sizes]
+    scores = {task: [wanda_scores(sq, layer.mlp.down_proj.weight)
+                     for sq, layer in zip(rec.sq_sums, layers, strict=True)]
+              for task, rec in recorded.items()}
+    keep = {task: [select_keep(s, n) for s, n in zip(per_layer, counts, strict=True)]
+            for task, per_layer in scores.items()}
     return Plan(
         layer_paths=[path for path, _ in named],
         intermediate_sizes=sizes,
