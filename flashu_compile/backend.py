@@ -25,7 +25,7 @@ from .passes.head_cache import head_cache
 from .passes.layer_skip import layer_skip
 from .passes.manager import Pass, PassContext, PassManager
 from .passes.prefix_cache import prefix_cache
-from .passes.prune_channels import prune_channels
+from .passes.prune_channels import prune_channels, verify_plan
 from .passes.token_drop import token_drop
 from .runtime.flops import call_counted, counted
 from .runtime.guards import Controller, full_phase
@@ -102,7 +102,7 @@ def flashu_backend(gm: torch.fx.GraphModule, example_inputs: list, options: Any 
                             skip_ratio=opts.skip_ratio, phased=phased)
     full = copy_graph(gm) if phased else None
     manager = PassManager(passes, strict=opts.strict, dump_dir=opts.debug_dir)
-    gm = manager.run(gm, PassContext(index, task, controller, _load_plan(opts.plan)), opts)
+    gm = manager.run(gm, PassContext(index, task, controller, verify_plan(_load_plan(opts.plan), index)), opts)
     # Kept before lowering, which may rewrite the graph it is given.
     rewritten = copy_graph(gm) if _specializable(gm, controller, opts) else None
     compiled = lower(gm, example_inputs, lowering)

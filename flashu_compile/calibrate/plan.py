@@ -19,8 +19,6 @@ import hashlib
 import json
 import math
 import os
-import shutil
-import tempfile
 from dataclasses import dataclass, field
 from fractions import Fraction
 from pathlib import Path
@@ -28,11 +26,11 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ..files import sha256_file
+from ..files import replacing_dir, sha256_file
 from ..graph.structure import PATTERNS
 
 FORMAT = "flashu-plan"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: plan.json carries the digest of its own contents
 TENSORS_FILE = "plan.safetensors"
 META_FILE = "plan.json"
 SIGNIFICANT_DIGITS = 7
@@ -303,7 +301,14 @@ class Plan:
             raise PlanError("plan has no tasks")
         if set(self.keep) != set(self.scores):
             raise PlanError(f"plan tasks differ between keep {sorted(self.keep)} and scores {sorted(self.scores)}")
+        if any(not isinstance(size, int) or isinstance(size, bool) or size < 1 for size in self.intermediate_sizes):
+            raise PlanError(f"plan intermediate sizes must be positive integers, got {self.intermediate_sizes}")
         ratio, multiple = self.settings.get("prune_ratio"), self.settings.get("multiple")
+        if ratio is not None and (isinstance(ratio, bool) or not isinstance(ratio, (int, float))
+                                  or not 0 <= ratio < 1):
+            raise PlanError(f"plan setting prune_ratio must be a number in [0, 1), got {ratio!r}")
+        if multiple is not None and (isinstance(multiple, bool) or not isinstance(multiple, int) or multiple < 1):
+            raise PlanError(f"plan setting multiple must be a positive integer, got {multiple!r}")
         for task in self.keep:
             if len(self.keep[task]) != n or len(self.scores[task]) != n:
                 raise PlanError(f"task {task!r} has {len(self.keep[task])} keep sets and {len(self.scores[task])} "
@@ -335,16 +340,40 @@ class Plan:
         Any permutation of the neurons passes; changed values or another dtype do not
         (relative tolerance 1e-5 on each of the nine sums).
         """
+        self._check_ffn_shapes(index, gate_w, up_w, down_w)
+        self._check_signature(index, ffn_signature(gate_w, up_w, down_w))
+
+    def verify_ffns(self, layers: list[tuple[str, torch.Tensor, torch.Tensor, torch.Tensor]]) -> None:
+        """Raise :class:`PlanError` unless ``layers``, every decoder layer's ``(path, gate, up, down)``
+        weights in order, are the ones this plan was calibrated on: as many layers, the same paths,
+        FFN sizes and signatures (as :meth:`verify_layer`).
+
+        Every layer is checked before this returns and nothing is modified, so a caller that permutes
+        weights only afterwards never leaves a model half permuted. The message names the first
+        mismatching layer, or the layer counts.
+        """
+        if len(layers) != self.num_layers:
+            raise PlanError(f"the plan covers {self.num_layers} decoder layers but the model has {len(layers)}")
+        for index, (path, *weights) in enumerate(layers):
+            if path != self.layer_paths[index]:
+                raise PlanError(f"decoder layer {index} is {path}, the plan's is {self.layer_paths[index]}")
+            self._check_ffn_shapes(index, *weights)
+        summaries = _summaries([w for _, *weights in layers for w in weights])  # one batched pass
+        for index in range(len(layers)):
+            self._check_signature(index, [v for s in summaries[3 * index:3 * index + 3] for v in s])
+
+    def _check_ffn_shapes(self, index: int, gate_w: torch.Tensor, up_w: torch.Tensor, down_w: torch.Tensor) -> None:
         if not 0 <= index < len(self.layer_signatures):
             raise PlanError(f"plan has no layer {index} (it covers {len(self.layer_signatures)} layers)")
         path, size = self.layer_paths[index], self.intermediate_sizes[index]
         shapes = (tuple(gate_w.shape), tuple(up_w.shape), tuple(down_w.shape))
         if shapes[0][0] != size or shapes[1][0] != size or shapes[2][-1] != size:
             raise PlanError(f"layer {path}: the plan has {size} FFN neurons but the weights have shapes {shapes}")
-        actual = ffn_signature(gate_w, up_w, down_w)
+
+    def _check_signature(self, index: int, actual: list[float]) -> None:
         if not _signatures_match(self.layer_signatures[index], actual):
-            raise PlanError(f"layer {path}: FFN weights differ from the ones the plan was calibrated on "
-                            f"(signature {self.layer_signatures[index]} vs {actual})")
+            raise PlanError(f"layer {self.layer_paths[index]}: FFN weights differ from the ones the plan was "
+                            f"calibrated on (signature {self.layer_signatures[index]} vs {actual})")
 
     def verify_model(self, model: nn.Module) -> None:
         """Raise :class:`PlanError` (naming the first difference) unless ``model`` has this plan's fingerprint."""
@@ -358,12 +387,10 @@ class Plan:
             why = f"FFN sizes {[layer.mlp.gate_proj.out_features for _, layer in layers]} vs {self.intermediate_sizes}"
         else:
             why = "weights outside the FFNs differ"
-            for i, (_, layer) in enumerate(layers):
-                try:
-                    self.verify_layer(i, *_ffn_weights(layer))
-                except PlanError as err:
-                    why = str(err)
-                    break
+            try:
+                self.verify_ffns([(path, *_ffn_weights(layer)) for path, layer in layers])
+            except PlanError as err:
+                why = str(err)
         raise PlanError(f"plan was calibrated for a different model: {why} "
                         f"(fingerprint {self.fingerprint[:12]} vs {actual[:12]})")
 
@@ -379,9 +406,9 @@ class Plan:
     def save(self, path: str | os.PathLike) -> Path:
         """Write the plan as the directory ``path`` (``plan.safetensors`` + ``plan.json``); returns it.
 
-        Atomic: everything is written into a temporary directory next to ``path`` and renamed into
-        place, so an error never leaves a half-written plan and never destroys the previous one.
-        An existing ``path`` is replaced only if it is a plan directory.
+        Written whole (:func:`files.replacing_dir`): into a new directory next to ``path`` that then
+        replaces it, so an error never leaves a half-written plan and never destroys the previous one.
+        An existing ``path`` is replaced only if it is empty or a plan directory.
         """
         from safetensors.torch import save_file
 
@@ -392,13 +419,7 @@ class Plan:
         target = Path(path)
         if target.exists() and not _is_plan_dir(target):
             raise PlanError(f"{target} exists and is not a plan directory; refusing to replace it")
-        target.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
-        try:
-            # mkdtemp (and safetensors) make private files; a plan gets the usual umask permissions.
-            umask = os.umask(0)
-            os.umask(umask)
-            os.chmod(tmp, 0o777 & ~umask)
+        with replacing_dir(target) as tmp:
             save_file(self._tensors(), str(tmp / TENSORS_FILE), metadata={"format": FORMAT})
             meta = {
                 "format": FORMAT,
@@ -411,14 +432,8 @@ class Plan:
                 "layer_signatures": [[float(v) for v in sig] for sig in self.layer_signatures],
                 "tensors_sha256": sha256_file(tmp / TENSORS_FILE),
             }
+            meta["meta_sha256"] = _meta_digest(meta)
             (tmp / META_FILE).write_text(json.dumps(meta, indent=1) + "\n")
-            for file in (tmp / TENSORS_FILE, tmp / META_FILE):
-                os.chmod(file, 0o666 & ~umask)
-            _fsync_dir(tmp)
-            _replace_dir(tmp, target)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
         return target
 
     @classmethod
@@ -445,6 +460,8 @@ class Plan:
         if meta.get("version") != FORMAT_VERSION:
             raise PlanError(f"{folder} has plan format version {meta.get('version')!r}; this flashu-compile reads "
                             f"version {FORMAT_VERSION} (recalibrate to get a current plan)")
+        if meta.get("meta_sha256") != _meta_digest(meta):
+            raise PlanError(f"{folder / META_FILE} does not match its own digest (edited or corrupt)")
         if sha256_file(folder / TENSORS_FILE) != meta.get("tensors_sha256"):
             raise PlanError(f"{folder / TENSORS_FILE} does not match {META_FILE} (corrupt, truncated or "
                             "from another plan)")
@@ -453,16 +470,20 @@ class Plan:
         except Exception as err:  # safetensors raises its own error types for malformed files
             raise PlanError(f"{folder / TENSORS_FILE} is not a valid safetensors file: {err}") from err
         try:
-            tasks, paths = list(meta["tasks"]), list(meta["layer_paths"])
+            tasks, paths = _entry(meta, "tasks", str), _entry(meta, "layer_paths", str)
             n = len(paths)
+            signatures = _entry(meta, "layer_signatures", list)
+            settings = meta.get("settings")
+            if not isinstance(settings, dict) or not isinstance(meta.get("fingerprint"), str):
+                raise ValueError("settings must be an object and fingerprint a string")
             plan = cls(
-                layer_paths=[str(p) for p in paths],
-                intermediate_sizes=[int(s) for s in meta["intermediate_sizes"]],
+                layer_paths=paths,
+                intermediate_sizes=_entry(meta, "intermediate_sizes", int),
                 keep={t: [tensors.pop(f"keep.{t}.{i}") for i in range(n)] for t in tasks},
                 scores={t: [tensors.pop(f"scores.{t}.{i}") for i in range(n)] for t in tasks},
-                settings=dict(meta["settings"]),
-                fingerprint=str(meta["fingerprint"]),
-                layer_signatures=[[float(v) for v in sig] for sig in meta["layer_signatures"]],
+                settings=settings,
+                fingerprint=meta["fingerprint"],
+                layer_signatures=[_entry({"signature": sig}, "signature", float) for sig in signatures],
             )
         except (KeyError, TypeError, ValueError) as err:
             raise PlanError(f"plan {folder} is incomplete or malformed: missing or bad entry {err}") from err
@@ -479,28 +500,16 @@ def _is_plan_dir(folder: Path) -> bool:
     return folder.is_dir() and all(p.name in (META_FILE, TENSORS_FILE) and p.is_file() for p in folder.iterdir())
 
 
-def _fsync_dir(folder: Path) -> None:
-    """Flush the files of ``folder`` to disk before it is renamed into place."""
-    for file in folder.iterdir():
-        with open(file, "rb") as f:
-            os.fsync(f.fileno())
+def _entry(meta: dict, key: str, kind: type) -> list:
+    """``meta[key]``, which must be a list of ``kind`` (JSON numbers for float; never a bool for a number)."""
+    value = meta[key]
+    accepted = (int, float) if kind is float else kind
+    if not isinstance(value, list) or any(not isinstance(v, accepted) or isinstance(v, bool) for v in value):
+        raise ValueError(f"{key!r} must be a list of {kind.__name__} values")
+    return [float(v) for v in value] if kind is float else value
 
 
-def _replace_dir(new: Path, target: Path) -> None:
-    """Move directory ``new`` to ``target``, replacing an existing ``target`` directory.
-
-    POSIX cannot rename a directory over a non-empty one, so the old plan is first moved aside and
-    only deleted once the new one is in place; if the second rename fails it is moved back.
-    """
-    if not target.exists():
-        os.replace(new, target)
-        return
-    backup = Path(tempfile.mkdtemp(prefix=f".{target.name}.old-", dir=target.parent))
-    os.rmdir(backup)  # only the unique name is wanted
-    os.replace(target, backup)
-    try:
-        os.replace(new, target)
-    except BaseException:
-        os.replace(backup, target)
-        raise
-    shutil.rmtree(backup, ignore_errors=True)
+def _meta_digest(meta: dict) -> str:
+    """SHA-256 of ``plan.json``'s contents without its own digest, independent of the JSON's layout."""
+    body = {k: v for k, v in meta.items() if k != "meta_sha256"}
+    return hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()

@@ -6,9 +6,9 @@ import json
 import pytest
 import torch
 
-import flashu_compile.calibrate.plan as plan_module
+import flashu_compile.files as files_module
 from flashu_compile.calibrate import Plan, PlanError, calibrate, ffn_signature, model_fingerprint
-from flashu_compile.calibrate.plan import META_FILE, TENSORS_FILE, decoder_layers
+from flashu_compile.calibrate.plan import META_FILE, TENSORS_FILE, _meta_digest, decoder_layers
 from flashu_compile.files import sha256_file
 from flashu_compile.models.showo2 import Showo2
 
@@ -49,6 +49,13 @@ def _rewrite_tensors(folder, change):
     save_file(tensors, str(folder / TENSORS_FILE))
     meta = json.loads((folder / META_FILE).read_text())
     meta["tensors_sha256"] = sha256_file(folder / TENSORS_FILE)
+    write_meta(folder, meta)
+
+
+def write_meta(folder, meta):
+    """Write ``meta`` as plan.json with its own digest in step, so the checks after the digest's are what a
+    load meets."""
+    meta["meta_sha256"] = _meta_digest(meta)
     (folder / META_FILE).write_text(json.dumps(meta))
 
 
@@ -103,7 +110,7 @@ def test_garbage_safetensors_with_matching_digest(saved):
     (saved / TENSORS_FILE).write_bytes(b"\xff" * 64)
     meta = json.loads((saved / META_FILE).read_text())
     meta["tensors_sha256"] = sha256_file(saved / TENSORS_FILE)
-    (saved / META_FILE).write_text(json.dumps(meta))
+    write_meta(saved, meta)
     with pytest.raises(PlanError, match="not a valid safetensors file"):
         Plan.load(saved)
 
@@ -124,7 +131,7 @@ def test_corrupt_json(saved):
 def test_bad_metadata(saved, edit, message):
     meta = json.loads((saved / META_FILE).read_text())
     edit(meta)
-    (saved / META_FILE).write_text(json.dumps(meta))
+    write_meta(saved, meta)
     with pytest.raises(PlanError, match=message):
         Plan.load(saved)
 
@@ -166,7 +173,7 @@ def test_failed_save_keeps_the_previous_plan(plan, saved, monkeypatch):
         assert (folder / TENSORS_FILE).is_file()  # mid-write: the new files exist, not yet in place
         raise OSError("disk full")
 
-    monkeypatch.setattr(plan_module, "_fsync_dir", crash)
+    monkeypatch.setattr(files_module, "_fsync_dir", crash)
     with pytest.raises(OSError, match="disk full"):
         other.save(saved)
     assert Plan.load(saved) == plan
@@ -174,7 +181,7 @@ def test_failed_save_keeps_the_previous_plan(plan, saved, monkeypatch):
 
 
 def test_failed_rename_restores_the_previous_plan(plan, saved, monkeypatch):
-    real_replace = plan_module.os.replace
+    real_replace = files_module.os.replace
     calls = []
 
     def flaky(src, dst):
@@ -185,7 +192,7 @@ def test_failed_rename_restores_the_previous_plan(plan, saved, monkeypatch):
 
     other = copy.copy(plan)
     other.settings = {**plan.settings, "note": "second"}
-    monkeypatch.setattr(plan_module.os, "replace", flaky)
+    monkeypatch.setattr(files_module.os, "replace", flaky)
     with pytest.raises(OSError, match="rename failed"):
         other.save(saved)
     monkeypatch.undo()

@@ -214,3 +214,35 @@ def test_plain_transformers_llms_are_pruned_too(family):
         want = zeroed(input_ids=ids).last_hidden_state
     _close(got, want)
     assert model.layers[1].mlp.gate_proj.weight.shape == (64, 32)  # permuted in place, never resized
+
+
+def _qwen2(num_layers, seed):
+    from transformers import Qwen2Config, Qwen2Model
+
+    torch.manual_seed(seed)
+    return Qwen2Model(Qwen2Config(hidden_size=32, intermediate_size=64, num_hidden_layers=num_layers,
+                                  num_attention_heads=4, num_key_value_heads=2, vocab_size=50)).eval()
+
+
+@pytest.mark.parametrize("mismatch, message", [
+    ("late layer", r"PlanError: layer layers\.2: FFN weights differ from the ones the plan was calibrated on"),
+    ("layer count", r"PlanError: the plan covers 2 decoder layers but the model has 3"),
+])
+def test_a_plan_for_other_weights_is_an_error_and_permutes_nothing(mismatch, message):
+    """Every layer is verified before the first is permuted, and a wrong plan fails the compilation."""
+    model = _qwen2(3, seed=0)
+    keep = {"mmu": [torch.arange(0, 64, 2)] * 3}
+    if mismatch == "late layer":
+        plan = _plan(_qwen2(3, seed=0), keep)
+        with torch.no_grad():  # the model the plan was made for differs from this one in its last FFN only
+            model.layers[2].mlp.up_proj.weight.mul_(1.5)
+    else:
+        plan = _plan(_qwen2(2, seed=0), {"mmu": keep["mmu"][:2]})
+    before = {name: p.detach().clone() for name, p in model.named_parameters()}
+    torch._dynamo.reset()
+    fast = torch.compile(model, backend="flashu", options={"passes": ["prune_channels"], "plan": plan,
+                                                          "lowering": "eager"})
+    with pytest.raises(Exception, match=message), torch.no_grad():
+        fast(input_ids=torch.randint(0, 50, (1, 5)))
+    for name, p in model.named_parameters():
+        assert torch.equal(p, before[name]), f"{name} changed"
