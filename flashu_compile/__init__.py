@@ -2,6 +2,7 @@
 
 from .calibrate.lm import calibrate_lm
 from .models.showo2 import Showo2, Showo2Config
+from .runtime.request import auto_request as request
 
-__all__ = ["Showo2", "Showo2Config", "calibrate_lm"]
+__all__ = ["Showo2", "Showo2Config", "calibrate_lm", "request"]
 __version__ = "0.1.0"

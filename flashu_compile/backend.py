@@ -20,6 +20,7 @@ from .backends.segmented import LazyLowered, copy_graph, is_symbolic
 from .backends.specialized import Specializations
 from .graph import build_index
 from .graph.specialize import layer_guards
+from .graph.timestep import timestep_input
 from .options import PASSES, FlashUOptions
 from .passes.head_cache import head_cache
 from .passes.layer_skip import layer_skip
@@ -29,6 +30,7 @@ from .passes.prune_channels import prune_channels, verify_plan
 from .passes.token_drop import token_drop
 from .runtime.flops import call_counted, counted
 from .runtime.guards import Controller, full_phase
+from .runtime.request import current_request, serving
 from .runtime.schedule import StepRules
 
 # Every pass, by option name (options.PASSES lists the same names in their canonical order).
@@ -54,22 +56,44 @@ def build_pass_list(options: FlashUOptions, task: str | None = None) -> list[tup
 
 class PhasedProgram:
     """The rewritten graph for most steps, the unrewritten one (if any) for the final full-network steps,
-    and (if any) a guard-free specialization once the step's skip set can no longer change."""
+    and (if any) a guard-free specialization once the step's skip set can no longer change.
+
+    Each call first finds the request it serves (:func:`runtime.request.serving`): the caller's, or one
+    inferred from the inputs: a denoising graph's flow time ``t`` (input ``timestep``), or whether an
+    answer's graph begins a request (``starts``: a prefill or a forward without a KV cache) or
+    continues one (a decode step). A denoising graph whose ``t`` was not found cannot tell requests
+    apart: outside a request it runs its full network, with one warning.
+    """
 
     def __init__(self, controller: Controller, rewritten: Callable, full: Callable | None,
-                 specialized: Specializations | None = None) -> None:
+                 specialized: Specializations | None = None, *, timestep: int | None = None,
+                 starts: bool = True) -> None:
         self.controller = controller
         self.rewritten = rewritten
         self.full = full
         self.specialized = specialized
+        self.timestep = timestep
+        self.starts = starts
+        self.warned_ambiguous = False
 
     def __call__(self, *args: Any) -> Any:
-        run = self.rewritten
-        if self.full is not None and full_phase(self.controller.id):
-            run = self.full
-        elif self.specialized is not None and (skip := self.controller.settled_skip()) is not None:
-            run = self.specialized.get(skip)
-        return call_counted(run, *args)
+        task = self.controller.task
+        if task == "t2i" and self.timestep is None and current_request() is None:
+            if not self.warned_ambiguous:
+                self.warned_ambiguous = True
+                warnings.warn("flashu: this denoising graph's flow time t was not found among its inputs, so its "
+                              "calls cannot be told apart into requests; run the loop inside "
+                              "flashu_compile.request('t2i', calls=N). Until then it runs the full network",
+                              stacklevel=2)
+            return call_counted(self.rewritten, *args)
+        time = float(args[self.timestep].reshape(-1)[0]) if task == "t2i" and self.timestep is not None else None
+        with serving(task, starts=self.starts, time=time):
+            run = self.rewritten
+            if self.full is not None and full_phase(self.controller.id):
+                run = self.full
+            elif self.specialized is not None and (skip := self.controller.settled_skip()) is not None:
+                run = self.specialized.get(skip)
+            return call_counted(run, *args)
 
 
 def _load_plan(plan: Any):
@@ -101,6 +125,8 @@ def flashu_backend(gm: torch.fx.GraphModule, example_inputs: list, options: Any 
     controller = Controller(task, StepRules.from_options(opts), num_layers=len(index.layers) if skipping else 0,
                             skip_ratio=opts.skip_ratio, phased=phased)
     full = copy_graph(gm) if phased else None
+    # Found before the passes, which may outline the time embedding's first ops into a region.
+    timestep = timestep_input(gm, example_inputs) if task == "t2i" else None
     manager = PassManager(passes, strict=opts.strict, dump_dir=opts.debug_dir)
     gm = manager.run(gm, PassContext(index, task, controller, verify_plan(_load_plan(opts.plan), index)), opts)
     # Kept before lowering, which may rewrite the graph it is given.
@@ -109,7 +135,14 @@ def flashu_backend(gm: torch.fx.GraphModule, example_inputs: list, options: Any 
     specialized = Specializations(rewritten, lowering, opts.decode_graphs, compiled) if rewritten else None
     # The program holds its controller: guard nodes only name it by id (a weak registry).
     return PhasedProgram(controller, compiled,
-                         LazyLowered(full, lowering, example_inputs) if full is not None else None, specialized)
+                         LazyLowered(full, lowering, example_inputs) if full is not None else None, specialized,
+                         timestep=timestep,
+                         starts=not _continues_a_cache(gm))
+
+
+def _continues_a_cache(gm: torch.fx.GraphModule) -> bool:
+    """Whether the graph extends a KV cache it is given (a decode step): some layer carries a past key or value."""
+    return any(any(p > 0 for p in node.args[3]) for node in layer_guards(gm))
 
 
 def _specializable(gm: torch.fx.GraphModule, controller: Controller, opts: FlashUOptions) -> bool:

@@ -11,6 +11,7 @@ logic in one place.
 from __future__ import annotations
 
 import itertools
+import warnings
 import weakref
 from dataclasses import dataclass, field
 from typing import Any
@@ -51,6 +52,7 @@ class Controller:
         # Graphs compiled with the same settings (e.g. one per batch size when guidance switches
         # off) serve the same request together: they share its skip set, importance and cache.
         self.family = (task, rules, num_layers, self.num_skipped, phased)
+        self.warned_unknown_length = False
         _CONTROLLERS[self.id] = self
 
     def state(self) -> StepState | None:
@@ -65,7 +67,7 @@ class Controller:
             self._begin_step(st, req.step, req.calls)
         return st
 
-    def _begin_step(self, st: StepState, step: int, calls: int) -> None:
+    def _begin_step(self, st: StepState, step: int, calls: int | None) -> None:
         if st.recalc_due and len(st.importance) == self.num_layers and self.num_layers:
             # The previous step measured every layer: the least important ones are skipped from now on.
             # In an answer, layer 0 always runs: its KV cache length is where the next token's position comes from.
@@ -74,7 +76,13 @@ class Controller:
             st.skip = frozenset(order[: self.num_skipped])
             st.recalc_due = False
         st.step = step
-        full = self.phased and self.rules.full_phase(step, calls)
+        if self.phased and calls is None and not self.warned_unknown_length:
+            self.warned_unknown_length = True
+            warnings.warn(f"flashu: the final full-network phase (hybrid_tau={self.rules.hybrid_tau}) counts back from "
+                          f"the end of a request, and nothing in this loop's inputs says how many calls it makes; run "
+                          f"it inside flashu_compile.request({self.task!r}, calls=N), or set hybrid_tau=0. Until then "
+                          f"its requests run without that phase", stacklevel=4)
+        full = self.phased and calls is not None and self.rules.full_phase(step, calls)
         if full != st.full:
             st.memo.clear()  # the head cache belongs to one phase
             st.full = full

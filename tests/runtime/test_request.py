@@ -1,0 +1,259 @@
+"""Step state without the project's samplers: a user's own loop and transformers ``generate()``.
+
+A compiled flashu program finds the request it serves from its inputs (a denoising graph's flow
+time, a prefill against a decode step) or from ``flashu_compile.request``, so the plain
+``torch.compile`` call accelerates by itself and gives what the project's samplers give.
+"""
+
+import copy
+import warnings
+
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+import flashu_compile
+from flashu_compile.calibrate.plan import Plan, decoder_layers, layer_signatures, model_fingerprint
+from flashu_compile.models.showo2 import Showo2
+from flashu_compile.models.showo2.sampling import generate_latents, time_grid
+from flashu_compile.models.showo2.sequences import t2i_rows
+from flashu_compile.options import FlashUOptions
+from flashu_compile.runtime import FlopTally, guidance_scales
+from flashu_compile.runtime.request import end_implicit_requests, serving
+from tests.conftest import small_config
+from tests.passes.reference import assert_close_rel, latent_noise
+
+PROMPTS = ["a red circle", "two blue square"]
+GUIDANCE = 3.0
+
+
+@pytest.fixture(scope="module")
+def model(tokenizer):
+    return Showo2.random(small_config(num_layers=4), seed=7).attach(tokenizer=tokenizer)
+
+
+def _plan(model):
+    """Keep every other FFN neuron for both tasks (the prune pass reads only the keep sets)."""
+    layers = decoder_layers(model)
+    sizes = [layer.mlp.gate_proj.out_features for _, layer in layers]
+    keep = {task: [torch.arange(0, size, 2) for size in sizes] for task in ("t2i", "mmu")}
+    scores = {task: [torch.zeros(size, dtype=torch.float64) for size in sizes] for task in keep}
+    return Plan([path for path, _ in layers], sizes, keep, scores, {}, model_fingerprint(model),
+                layer_signatures(model))
+
+
+def user_loop(denoise, model, steps, scales, noise):
+    """Euler flow matching with classifier-free guidance, written as a user would against ``model.denoise``."""
+    b = noise.shape[0]
+    rows = t2i_rows(model.tokenizer, PROMPTS[:b], model.config.num_image_tokens, model.config.max_text_len,
+                    guidance=True)
+    grid, x = time_grid(steps), noise.clone()
+    with torch.no_grad():
+        for i in range(steps - 1):
+            n = 2 * b if scales[i] > 0 else b
+            v = denoise(rows.text_tokens[:n], torch.cat([x, x])[:n], grid[i].expand(n), rows.attention_mask[:n],
+                        rows.modality_positions[:n]).float()
+            if n > b:
+                cond, uncond = v.chunk(2)
+                v = uncond + scales[i] * (cond - uncond)
+            x = x + (grid[i + 1] - grid[i]) * v
+    return x
+
+
+def _sampler_latents(model, options, steps, noise):
+    torch._dynamo.reset()
+    model.compile_tasks("flashu", options)
+    try:
+        return generate_latents(model, model.tokenizer, PROMPTS[:noise.shape[0]], steps=steps, guidance=GUIDANCE,
+                                noise=noise, progress=False)
+    finally:
+        model.compiled, model.flashu_options = {}, None
+
+
+CONFIGS = {
+    "head_cache": {"passes": ["head_cache"]},
+    "layer_skip": {"passes": ["layer_skip"], "skip_ratio": 0.5},
+    "prefix_cache": {"passes": ["prefix_cache"]},
+    "paper": {"preset": "paper"},
+}
+
+
+@settings(max_examples=6, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(name=st.sampled_from(sorted(CONFIGS)), steps=st.integers(4, 12), skip_interval=st.integers(1, 4),
+       cache_interval=st.integers(1, 4), tau=st.integers(0, 3))
+def test_a_users_loop_equals_the_sampler(model, name, steps, skip_interval, cache_interval, tau):
+    options = {**CONFIGS[name], "lowering": "eager", "hybrid_tau": tau, "skip_interval": skip_interval,
+               "cache_interval": cache_interval}
+    if name == "paper":
+        options["plan"] = _plan(model)
+    noise = latent_noise(model, 2, seed=steps)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the paper preset's own schedule overrides GUIDANCE, with a warning
+        want = _sampler_latents(model, options, steps, noise)
+    opts = FlashUOptions.from_dict(options)
+    scales = guidance_scales(opts.guidance_schedule, steps - 1, GUIDANCE, opts.step_semantics)
+    torch._dynamo.reset()
+    denoise = torch.compile(model.denoise, backend="flashu", options=options)
+    with flashu_compile.request("t2i", calls=steps - 1):
+        got = user_loop(denoise, model, steps, scales, noise)
+    assert_close_rel(got, want)
+
+
+def test_the_passes_save_flops_in_a_users_loop(model):
+    noise, steps = latent_noise(model, 1), 9
+    scales = [GUIDANCE] * (steps - 1)
+    flops = {}
+    for name, passes in (("off", []), ("skip+cache", ["layer_skip", "head_cache"])):
+        torch._dynamo.reset()
+        denoise = torch.compile(model.denoise, backend="flashu", options={
+            "passes": passes, "lowering": "eager", "skip_ratio": 0.5, "skip_interval": 4, "cache_interval": 2,
+            "hybrid_tau": 2})
+        with FlopTally() as tally, flashu_compile.request("t2i", calls=steps - 1):
+            user_loop(denoise, model, steps, scales, noise)
+        assert tally.calls == steps - 1
+        flops[name] = tally.total
+    assert flops["skip+cache"] < 0.8 * flops["off"]
+
+
+def test_without_a_request_the_inputs_start_each_one(model):
+    # hybrid_tau=0: nothing depends on the request's length, so no context is needed at all.
+    options = {"passes": ["layer_skip", "head_cache"], "lowering": "eager", "hybrid_tau": 0, "skip_ratio": 0.5,
+               "skip_interval": 3, "cache_interval": 2}
+    noise, steps = latent_noise(model, 2, seed=4), 8
+    want = _sampler_latents(model, options, steps, noise)
+    torch._dynamo.reset()
+    end_implicit_requests()
+    denoise = torch.compile(model.denoise, backend="flashu", options=options)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # nothing is ambiguous here
+        first = user_loop(denoise, model, steps, [GUIDANCE] * (steps - 1), noise)
+        again = user_loop(denoise, model, steps, [GUIDANCE] * (steps - 1), noise)
+    assert_close_rel(first, want)
+    assert torch.equal(first, again)
+
+
+def test_an_unknown_request_length_is_said_once(model):
+    torch._dynamo.reset()
+    end_implicit_requests()
+    denoise = torch.compile(model.denoise, backend="flashu", options={"passes": ["head_cache"], "lowering": "eager",
+                                                                     "hybrid_tau": 2})
+    with pytest.warns(UserWarning, match=r"flashu_compile.request\('t2i', calls=N\)") as caught:
+        user_loop(denoise, model, 6, [GUIDANCE] * 5, latent_noise(model, 1))
+        user_loop(denoise, model, 6, [GUIDANCE] * 5, latent_noise(model, 1))
+    assert sum("hybrid_tau=2" in str(w.message) for w in caught) == 1
+
+
+def test_flow_time_tells_steps_and_requests_apart():
+    end_implicit_requests()
+    seen = []
+    for t in (0.0, 0.0, 0.3, 0.7, 0.0, 0.5):
+        with serving("t2i", time=t) as req:
+            seen.append((id(req), req.step))
+    first, second = seen[0][0], seen[4][0]
+    assert [step for _, step in seen] == [1, 1, 2, 3, 1, 2]
+    assert first == second  # the implicit request restarts in place
+    with serving("mmu", starts=True) as req:
+        assert req.task == "mmu" and req.step == 1
+    with serving("mmu", starts=False) as req:
+        assert req.step == 2
+
+
+# ------------------------------------------------------------------ transformers generate()
+
+def _lm(family):
+    from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
+
+    config_cls, model_cls = {"qwen2": (Qwen2Config, Qwen2ForCausalLM), "llama": (LlamaConfig, LlamaForCausalLM)}[family]
+    torch.manual_seed(0)
+    return model_cls(config_cls(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=4,
+                                num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128)).eval()
+
+
+class _Identity(torch.nn.Module):
+    """A decoder layer that is skipped: the residual stream passes, nothing is written to the KV cache."""
+
+    def forward(self, hidden_states, *args, **kwargs):
+        return hidden_states
+
+
+def reference_skip_generate(lm, ids, new_tokens, skip_ratio):
+    """Greedy decoding with the answer skip rule applied by hand: the prefill runs every layer and measures
+    1 - cos(h_in, h_out) on the last token; decoding skips the int(L * r) least important layers but layer 0."""
+    from transformers import DynamicCache
+
+    lm = copy.deepcopy(lm)
+    layers = lm.model.layers
+    importance, hooks = {}, []
+    for i, layer in enumerate(layers):
+        def measure(module, args, kwargs, out, i=i):
+            h_in = (args[0] if args else kwargs["hidden_states"])[:, -1].float()
+            h_out = (out[0] if isinstance(out, tuple) else out)[:, -1].float()
+            importance[i] = float(1 - torch.nn.functional.cosine_similarity(h_in, h_out, dim=-1).mean())
+        hooks.append(layer.register_forward_hook(measure, with_kwargs=True))
+    cache = DynamicCache()
+    with torch.no_grad():
+        logits = lm(input_ids=ids, past_key_values=cache, use_cache=True).logits
+    for hook in hooks:
+        hook.remove()
+    order = sorted((i for i in importance if i != 0), key=lambda i: (importance[i], i))
+    for i in order[: int(len(layers) * skip_ratio)]:
+        layers[i] = _Identity()
+    tokens = [int(logits[0, -1].argmax())]
+    with torch.no_grad():
+        for _ in range(new_tokens - 1):
+            logits = lm(input_ids=torch.tensor([[tokens[-1]]]), past_key_values=cache, use_cache=True).logits
+            tokens.append(int(logits[0, -1].argmax()))
+    return tokens
+
+
+@pytest.mark.parametrize("family", ["qwen2", "llama"])
+def test_generate_skips_layers_like_the_reference(family):
+    lm, ids, new = _lm(family), torch.randint(0, 64, (1, 7), generator=torch.Generator().manual_seed(1)), 8
+    want = reference_skip_generate(lm, ids, new, 0.5)
+    with torch.no_grad():
+        plain = lm.generate(ids, max_new_tokens=new, do_sample=False)[0, 7:].tolist()
+    torch._dynamo.reset()
+    end_implicit_requests()
+    lm.forward = torch.compile(lm.forward, backend="flashu", options={"passes": ["layer_skip"], "lowering": "eager",
+                                                                      "skip_ratio": 0.5})
+    flops = {}
+    with torch.no_grad():
+        for n in (1, new):
+            with FlopTally() as tally:
+                got = lm.generate(ids, max_new_tokens=n, do_sample=False)[0, 7:].tolist()
+            flops[n] = tally.total
+    assert got == want
+    assert got != plain  # the skip set changes this toy model's answer, so the comparison is not vacuous
+    # Per decoded token, two of the four layers run; the LM head (2 * H * V per token) always does.
+    decode = (flops[new] - flops[1]) / (new - 1)
+    torch._dynamo.reset()
+    full = torch.compile(lm.forward, backend="flashu", options={"passes": [], "lowering": "eager"})
+    lm.forward = full
+    with torch.no_grad():
+        with FlopTally() as one:
+            lm.generate(ids, max_new_tokens=1, do_sample=False)
+        with FlopTally() as many:
+            lm.generate(ids, max_new_tokens=new, do_sample=False)
+    full_decode = (many.total - one.total) / (new - 1)
+    head = 2 * 32 * 64
+    assert decode - head == pytest.approx((full_decode - head) * 2 / 4)
+
+
+def test_generate_recompiles_at_most_once_more_than_plain_dynamo():
+    """Plain dynamo (backend "eager": the graphs Inductor is given) against flashu with layer_skip, over four prompt
+    lengths. A skipped layer's KV cache keeps its prefill length through an answer, so dynamo first sees that size
+    fixed, and makes it dynamic at the next prompt length: one graph more, once, and none after."""
+    counts = {}
+    for backend, options in (("eager", {}), ("flashu", {"options": {"passes": ["layer_skip"], "lowering": "eager",
+                                                                     "skip_ratio": 0.5}})):
+        lm = _lm("qwen2")
+        torch._dynamo.reset()
+        torch._dynamo.utils.counters.clear()
+        lm.forward = torch.compile(lm.forward, backend=backend, **options)
+        with torch.no_grad():
+            for seed, length in ((0, 5), (1, 9), (2, 6), (3, 11)):
+                ids = torch.randint(0, 64, (1, length), generator=torch.Generator().manual_seed(seed))
+                lm.generate(ids, max_new_tokens=6, do_sample=False)
+        counts[backend] = torch._dynamo.utils.counters["stats"]["unique_graphs"]
+    assert counts["flashu"] <= counts["eager"] + 1, counts
