@@ -6,6 +6,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
+from flashu_compile.files import write_checksums
 from flashu_compile.models.showo2 import Showo2
 from flashu_compile.models.showo2.checkpoint import CheckpointError, load_showo2, save_showo2
 from flashu_compile.models.showo2.sequences import t2i_rows
@@ -48,16 +49,25 @@ def saved(tmp_path, small_model):
     return tmp_path
 
 
+def official(folder: Path) -> Path:
+    """``folder`` without its SHA256SUMS, as official checkpoints come: the loader's own checks are what
+    meet a corrupt file."""
+    (folder / "SHA256SUMS").unlink()
+    return folder
+
+
 def edit_weights(folder: Path, change):
     state = load_file(str(folder / "model.safetensors"))
     change(state)
     save_file(state, str(folder / "model.safetensors"))
+    write_checksums(folder)  # as a tool that edits checkpoints would: the contents checks are what a load meets
 
 
 def edit_config(folder: Path, change):
     cfg = json.loads((folder / "config.json").read_text())
     change(cfg)
     (folder / "config.json").write_text(json.dumps(cfg))
+    write_checksums(folder)
 
 
 def test_missing_key_is_named(saved):
@@ -79,6 +89,7 @@ def test_wrong_shape_is_named(saved):
 
 
 def test_corrupt_safetensors(saved):
+    official(saved)
     data = (saved / "model.safetensors").read_bytes()
     (saved / "model.safetensors").write_bytes(data[:50])
     with pytest.raises(CheckpointError, match="corrupt or unreadable weight file .*model.safetensors"):
@@ -87,6 +98,7 @@ def test_corrupt_safetensors(saved):
 
 def test_corrupt_bin(tmp_path, small_model):
     save_showo2(small_model, tmp_path, format="bin")
+    official(tmp_path)
     (tmp_path / "pytorch_model.bin").write_bytes(b"not a checkpoint at all")
     with pytest.raises(CheckpointError, match="corrupt or unreadable weight file .*pytorch_model.bin"):
         load_showo2(tmp_path)
@@ -94,6 +106,7 @@ def test_corrupt_bin(tmp_path, small_model):
 
 def test_truncated_tensor_data_fails_before_returning(saved):
     # A valid header with truncated tensor bytes only shows when tensors are read.
+    official(saved)
     data = (saved / "model.safetensors").read_bytes()
     (saved / "model.safetensors").write_bytes(data[: len(data) - 1000])
     with pytest.raises(CheckpointError):
@@ -102,6 +115,7 @@ def test_truncated_tensor_data_fails_before_returning(saved):
 
 def test_missing_shard(tmp_path, small_model):
     save_showo2(small_model, tmp_path, max_shard_bytes=40_000)
+    official(tmp_path)
     shard = sorted(tmp_path.glob("model-0000*.safetensors"))[1]
     shard.unlink()
     with pytest.raises(CheckpointError, match=f"shard\\(s\\) that do not exist: \\['{shard.name}'\\]"):
@@ -109,6 +123,7 @@ def test_missing_shard(tmp_path, small_model):
 
 
 def test_no_weights(saved):
+    official(saved)
     (saved / "model.safetensors").unlink()
     with pytest.raises(CheckpointError, match="no weights in"):
         load_showo2(saved)
@@ -122,6 +137,7 @@ def test_missing_folder_and_config(tmp_path):
 
 
 def test_invalid_config_json(saved):
+    official(saved)
     (saved / "config.json").write_text("{not json")
     with pytest.raises(CheckpointError, match="config.json is not valid JSON"):
         load_showo2(saved)
@@ -172,3 +188,63 @@ def test_tied_lm_head_may_be_present_or_absent(tmp_path, small_model):
     assert "showo.lm_head.weight" in state  # as torch.save of the official state dict writes it
     loaded = load_showo2(tmp_path)
     assert loaded.showo.lm_head.weight.data_ptr() == loaded.showo.model.embed_tokens.weight.data_ptr()
+
+
+def _params_equal(a, b):
+    return all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values(), strict=True))
+
+
+@pytest.mark.parametrize("first, second", [({"max_shard_bytes": 40_000}, {}),
+                                           ({"format": "bin", "max_shard_bytes": 40_000}, {}),
+                                           ({}, {"format": "bin"}),
+                                           ({"max_shard_bytes": 40_000}, {"max_shard_bytes": 20_000})])
+def test_a_save_replaces_the_earlier_checkpoint_whole(tmp_path, small_model, first, second):
+    """No index or shard of the earlier checkpoint is left for from_pretrained to read."""
+    other = Showo2.random(small_model.config, seed=11)
+    other.save_pretrained(str(tmp_path), **first)
+    small_model.save_pretrained(str(tmp_path), **second)
+    fresh = tmp_path.parent / "fresh"
+    small_model.save_pretrained(str(fresh), **second)
+    assert sorted(os.listdir(tmp_path)) == sorted(os.listdir(fresh))
+    assert _params_equal(Showo2.from_pretrained(str(tmp_path)), small_model)
+
+
+def test_a_save_never_replaces_a_folder_with_other_files(tmp_path, small_model):
+    small_model.save_pretrained(str(tmp_path))
+    (tmp_path / "notes.txt").write_text("mine")
+    before = sorted(os.listdir(tmp_path))
+    with pytest.raises(CheckpointError, match=r"holds files that are not part of a Show-o2 checkpoint \(notes.txt\)"):
+        small_model.save_pretrained(str(tmp_path), format="bin")
+    assert sorted(os.listdir(tmp_path)) == before and (tmp_path / "notes.txt").read_text() == "mine"
+    (tmp_path.parent / "a-file").write_text("x")
+    with pytest.raises(CheckpointError, match="exists and is not a folder"):
+        save_showo2(small_model, tmp_path.parent / "a-file")
+
+
+def test_files_a_listing_covers_may_be_replaced(tmp_path, small_model):
+    """A training log saved (and listed) with the weights is part of the checkpoint it belongs to."""
+    small_model.save_pretrained(str(tmp_path))
+    (tmp_path / "training.json").write_text("{}")
+    write_checksums(tmp_path)
+    small_model.save_pretrained(str(tmp_path))
+    assert not (tmp_path / "training.json").exists()
+
+
+@pytest.mark.parametrize("change, message", [
+    (lambda f: (f / "model-00009-of-00009.safetensors").write_bytes(b"stale"), "does not list .*model-00009"),
+    (lambda f: (f / "config.json").write_text((f / "config.json").read_text().replace("32", "33", 1)),
+     "config.json does not match its SHA-256"),
+    (lambda f: (f / "llm" / "config.json").unlink(), "is missing llm/config.json"),
+    (lambda f: (f / "SHA256SUMS").write_text("not a listing\n"), "SHA256SUMS, line 1"),
+])
+def test_a_listed_folder_loads_only_as_listed(saved, change, message):
+    change(saved)
+    with pytest.raises(CheckpointError, match=message):
+        load_showo2(saved)
+
+
+def test_invalid_save_arguments_fail_before_writing(tmp_path, small_model):
+    for bad in (0, -5, 2.5, True, "1"):
+        with pytest.raises(ValueError, match="max_shard_bytes must be a positive integer"):
+            save_showo2(small_model, tmp_path / "out", max_shard_bytes=bad)
+    assert not (tmp_path / "out").exists()

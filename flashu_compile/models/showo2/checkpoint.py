@@ -4,6 +4,11 @@ A checkpoint folder holds ``config.json`` (the official constructor arguments) a
 ``pytorch_model.bin``, ``*.safetensors`` or shards listed by an ``*.index.json``. Every check —
 sub-configs resolvable, keys complete, shapes right, files readable — happens before a model is
 handed back, so a bad checkpoint never yields a half-loaded model.
+
+A folder written by :func:`save_showo2` is written whole: the new checkpoint replaces the folder,
+so no index or shard of an earlier checkpoint is left to be read with it. It also lists every
+file with its SHA-256 in ``SHA256SUMS``; a folder with that listing loads only if every file in it
+is listed and matches, so a corrupt, truncated, missing or added file is an error, never other weights.
 """
 
 from __future__ import annotations
@@ -11,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -20,7 +26,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from transformers import Qwen2Config, SiglipConfig, SiglipVisionConfig
 
-from ...files import write_atomic
+from ...files import CHECKSUMS, read_checksums, replacing_dir, sha256_file, write_checksums
 from .configuration import HUB_PRESETS, FlowHeadConfig, Showo2Config
 from .modeling import Showo2
 from .modules import llama3_inv_freq
@@ -36,24 +42,27 @@ class CheckpointError(ValueError):
 
 # --------------------------------------------------------------------------- configuration
 def _resolve_sub_config(value: str, folder: Path, kind: str) -> Qwen2Config | SiglipVisionConfig:
+    if not isinstance(value, str) or not value:
+        raise CheckpointError(f"{folder / CONFIG_NAME}: the {kind} path must be a non-empty string, got {value!r}")
     candidates = [Path(value)] if os.path.isabs(value) else [folder / value]
     for cand in candidates:
         cfg_file = cand / CONFIG_NAME
         if cfg_file.is_file():
-            try:
-                raw = json.loads(cfg_file.read_text())
-            except (json.JSONDecodeError, UnicodeDecodeError) as err:
-                raise CheckpointError(f"{kind} config {cfg_file} is not valid JSON: {err}") from err
+            raw = _read_json(cfg_file, f"{kind} config")
             model_type = raw.get("model_type")
-            if kind == "llm":
-                if model_type != "qwen2":
-                    raise CheckpointError(f"{cfg_file}: model_type {model_type!r} is not a Qwen2 LLM")
-                return Qwen2Config.from_pretrained(str(cand), local_files_only=True)
-            if model_type == "siglip":
-                return SiglipConfig.from_pretrained(str(cand), local_files_only=True).vision_config
-            if model_type == "siglip_vision_model":
+            if kind == "llm" and model_type != "qwen2":
+                raise CheckpointError(f"{cfg_file}: model_type {model_type!r} is not a Qwen2 LLM")
+            if kind != "llm" and model_type not in ("siglip", "siglip_vision_model"):
+                raise CheckpointError(f"{cfg_file}: model_type {model_type!r} is not a SigLIP config")
+            try:
+                if kind == "llm":
+                    return Qwen2Config.from_pretrained(str(cand), local_files_only=True)
+                if model_type == "siglip":
+                    return SiglipConfig.from_pretrained(str(cand), local_files_only=True).vision_config
                 return SiglipVisionConfig.from_pretrained(str(cand), local_files_only=True)
-            raise CheckpointError(f"{cfg_file}: model_type {model_type!r} is not a SigLIP config")
+            except (TypeError, ValueError, AttributeError, KeyError) as err:
+                # transformers checks a config's values in its own ways; to a user they all mean one thing
+                raise CheckpointError(f"{cfg_file} is not a valid {kind} config: {type(err).__name__}: {err}") from err
     if value in HUB_PRESETS:
         return HUB_PRESETS[value]()
     raise CheckpointError(
@@ -71,10 +80,7 @@ def read_config(path: str | os.PathLike) -> Showo2Config:
     cfg_file = folder / CONFIG_NAME
     if not cfg_file.is_file():
         raise CheckpointError(f"no {CONFIG_NAME} in checkpoint folder {str(folder)!r}")
-    try:
-        raw: dict[str, Any] = json.loads(cfg_file.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise CheckpointError(f"{cfg_file} is not valid JSON: {err}") from err
+    raw = _read_json(cfg_file, "config")
     for key in ("llm_model_path", "hidden_size"):
         if key not in raw:
             raise CheckpointError(f"{cfg_file} lacks the required key {key!r}")
@@ -104,21 +110,41 @@ def read_config(path: str | os.PathLike) -> Showo2Config:
         raise CheckpointError(f"{cfg_file}: {err}") from err
 
 
+def _read_json(file: Path, what: str) -> dict[str, Any]:
+    """A JSON object from ``file``; anything else (bad bytes, bad JSON, another type) is a CheckpointError."""
+    try:
+        raw = json.loads(file.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as err:
+        raise CheckpointError(f"{what} {file} is not valid JSON: {err}") from err
+    if not isinstance(raw, dict):
+        raise CheckpointError(f"{what} {file} must hold a JSON object, not {type(raw).__name__}")
+    return raw
+
+
 # --------------------------------------------------------------------------- weights
-def weight_files(folder: Path) -> list[Path]:
-    """The weight files of a checkpoint, in load order."""
+def weight_map(folder: Path) -> dict[str, str] | None:
+    """``{key: shard file name}`` from the folder's shard index, or None if it has no index."""
     for index_name in (SAFE_INDEX, BIN_INDEX):
         index = folder / index_name
         if index.is_file():
-            try:
-                weight_map = json.loads(index.read_text())["weight_map"]
-            except (json.JSONDecodeError, KeyError, TypeError) as err:
-                raise CheckpointError(f"{index} is not a valid shard index: {err}") from err
-            shards = sorted(set(weight_map.values()))
-            missing = [s for s in shards if not (folder / s).is_file()]
-            if missing:
-                raise CheckpointError(f"{index} lists shard(s) that do not exist: {missing}")
-            return [folder / s for s in shards]
+            mapping = _read_json(index, "shard index").get("weight_map")
+            if not isinstance(mapping, dict) or not mapping or not all(
+                    isinstance(v, str) and v and Path(v).name == v and v not in (".", "..") for v in mapping.values()):
+                raise CheckpointError(f"{index} is not a valid shard index: 'weight_map' must map each key to the "
+                                      "name of a file in the folder")
+            return mapping
+    return None
+
+
+def weight_files(folder: Path) -> list[Path]:
+    """The weight files of a checkpoint, in load order."""
+    mapping = weight_map(folder)
+    if mapping is not None:
+        shards = sorted(set(mapping.values()))
+        missing = [s for s in shards if not (folder / s).is_file()]
+        if missing:
+            raise CheckpointError(f"the shard index of {str(folder)!r} lists shard(s) that do not exist: {missing}")
+        return [folder / s for s in shards]
     for name in ("model.safetensors", "pytorch_model.bin"):
         if (folder / name).is_file():
             return [folder / name]
@@ -148,6 +174,32 @@ def _open_weights(file: Path) -> Iterator[dict[str, Any]]:
         raise CheckpointError(f"corrupt or unreadable weight file {file}: {type(err).__name__}: {err}") from err
 
 
+def verify_checksums(folder: Path) -> bool:
+    """If ``folder`` has a ``SHA256SUMS``, check that it lists every file in the folder (hidden ones
+    aside) and that each matches its digest; True if it was checked, False if there is no listing.
+
+    Raises :class:`CheckpointError` naming the first missing, unlisted or mismatching file.
+    """
+    try:
+        listed = read_checksums(folder)
+    except ValueError as err:
+        raise CheckpointError(str(err)) from err
+    if listed is None:
+        return False
+    present = {f.relative_to(folder).as_posix() for f in folder.rglob("*")
+               if f.is_file() and f.name != CHECKSUMS and not any(part.startswith(".") for part in
+                                                                     f.relative_to(folder).parts)}
+    if unlisted := sorted(present - set(listed)):
+        raise CheckpointError(f"{str(folder)!r} holds files its {CHECKSUMS} does not list (stale or added later): "
+                              f"{_list(unlisted)}")
+    for name, digest in listed.items():
+        if name not in present:
+            raise CheckpointError(f"{str(folder)!r} is missing {name}, which its {CHECKSUMS} lists")
+        if sha256_file(folder / name) != digest:
+            raise CheckpointError(f"{folder / name} does not match its SHA-256 in {CHECKSUMS} (corrupt or changed)")
+    return True
+
+
 def _list(names: list[str], limit: int = 12) -> str:
     shown = ", ".join(names[:limit])
     return shown + (f" ... ({len(names)} in all)" if len(names) > limit else "")
@@ -165,12 +217,17 @@ def load_showo2(
     Wan2.1 VAE folder; small models with a pixel codec need neither.
     """
     folder = Path(path)
+    if folder.is_dir():
+        verify_checksums(folder)
     config = read_config(folder)
     previous = torch.get_default_dtype()
     torch.set_default_dtype(dtype)
     try:
         with torch.device("meta"):
             model = Showo2(config)  # shapes only: no memory, no init cost
+    except (TypeError, ValueError, ArithmeticError, AttributeError) as err:
+        raise CheckpointError(f"{folder / CONFIG_NAME} does not describe a buildable model: "
+                              f"{type(err).__name__}: {err}") from err
     finally:
         torch.set_default_dtype(previous)
     expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
@@ -183,7 +240,17 @@ def load_showo2(
     for file in files:
         with _open_weights(file) as view:
             for key, (_, shape) in view.items():
+                if key in where:
+                    raise CheckpointError(f"{key} is in both {where[key].name} and {file.name}: which one is stale?")
                 found[key], where[key] = shape, file
+    mapping = weight_map(folder)
+    if mapping is not None:
+        # A shard that holds other keys than the index says is from another save.
+        stray = sorted(k for k in set(mapping) | set(where) if mapping.get(k) != getattr(where.get(k), "name", None))
+        if stray:
+            raise CheckpointError(f"the shard index of {str(folder)!r} and its shards disagree on: "
+                                  + _list([f"{k} (index {mapping.get(k)}, found in "
+                                           f"{getattr(where.get(k), 'name', None)})" for k in stray], 4))
     optional = {"showo.lm_head.weight"} if tied else set()
     missing = sorted(set(expected) - set(found) - optional)
     unexpected = sorted(set(found) - set(expected))
@@ -242,20 +309,46 @@ def _sub_config_ref(cfg: Qwen2Config | SiglipVisionConfig, current: str, folder:
     return name
 
 
+_SHARD = re.compile(r"(model|pytorch_model)-\d{5}-of-\d{5}\.(safetensors|bin)")
+_WRITTEN = {CONFIG_NAME, CHECKSUMS, SAFE_INDEX, BIN_INDEX, "model.safetensors", "pytorch_model.bin",
+            f"llm/{CONFIG_NAME}", f"siglip/{CONFIG_NAME}"}
+
+
+def _check_replaceable(folder: Path) -> None:
+    """Refuse to replace ``folder`` unless it is empty or holds only a checkpoint: files :func:`save_showo2`
+    writes, and files its ``SHA256SUMS`` lists (say a training log saved with the weights)."""
+    if not folder.exists() and not folder.is_symlink():
+        return
+    if not folder.is_dir() or folder.is_symlink():
+        raise CheckpointError(f"{str(folder)!r} exists and is not a folder; refusing to replace it")
+    try:
+        listed = set(read_checksums(folder) or ())
+    except ValueError:
+        listed = set()
+    names = [p.relative_to(folder).as_posix() for p in sorted(folder.rglob("*"))]
+    foreign = [n for n in names if n not in _WRITTEN | listed | {"llm", "siglip"} and not _SHARD.fullmatch(n)]
+    if foreign:
+        raise CheckpointError(f"{str(folder)!r} holds files that are not part of a Show-o2 checkpoint "
+                              f"({_list(foreign)}); refusing to replace it: save into a new or empty folder")
+
+
 def save_showo2(
     model: Showo2, path: str | os.PathLike, format: str = "safetensors", max_shard_bytes: int | None = None
 ) -> None:
-    """Write ``model`` in the official layout (config.json + weights, optionally sharded)."""
+    """Write ``model`` in the official layout (config.json + weights, optionally sharded) plus ``SHA256SUMS``.
+
+    The folder is written whole (:func:`files.replacing_dir`): an existing checkpoint in ``path`` is
+    replaced, not overwritten file by file, and a failed save leaves it as it was. A folder holding
+    anything else is refused (:class:`CheckpointError`) before any work, so no user file is deleted.
+    """
     if format not in ("safetensors", "bin"):
         raise ValueError(f"format must be 'safetensors' or 'bin', got {format!r}")
-    folder = Path(path)
-    folder.mkdir(parents=True, exist_ok=True)
+    if max_shard_bytes is not None and (isinstance(max_shard_bytes, bool) or not isinstance(max_shard_bytes, int)
+                                        or max_shard_bytes < 1):
+        raise ValueError(f"max_shard_bytes must be a positive integer or None, got {max_shard_bytes!r}")
+    target = Path(path)
+    _check_replaceable(target)
     config = model.config
-    official = config.official_dict()
-    official["llm_model_path"] = _sub_config_ref(config.llm, config.llm_model_path, folder, "llm")
-    official["clip_pretrained_model_path"] = _sub_config_ref(
-        config.vision, config.clip_pretrained_model_path, folder, "siglip")
-
     state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
     if format == "safetensors" and config.llm.tie_word_embeddings:
         state.pop("showo.lm_head.weight")  # safetensors stores no aliases; the loader re-ties
@@ -272,21 +365,27 @@ def save_showo2(
     ext = ".safetensors" if format == "safetensors" else ".bin"
     stem = "model" if format == "safetensors" else "pytorch_model"
 
-    def writer(tensors: dict[str, torch.Tensor]):
+    def write(tensors: dict[str, torch.Tensor], file: Path) -> None:
         if format == "safetensors":
-            return lambda tmp: save_file(tensors, tmp, metadata={"format": "pt"})
-        return lambda tmp: torch.save(tensors, tmp)
+            save_file(tensors, file, metadata={"format": "pt"})
+        else:
+            torch.save(tensors, file)
 
-    if len(shards) == 1:
-        write_atomic(folder / f"{stem}{ext}", writer(shards[0]))
-    else:
-        weight_map = {}
-        for i, shard in enumerate(shards, 1):
-            name = f"{stem}-{i:05d}-of-{len(shards):05d}{ext}"
-            write_atomic(folder / name, writer(shard))
-            weight_map.update(dict.fromkeys(shard, name))
-        index = {"metadata": {"total_size": sum(t.numel() * t.element_size() for t in state.values())},
-                 "weight_map": weight_map}
-        write_atomic(folder / (SAFE_INDEX if format == "safetensors" else BIN_INDEX),
-                      lambda tmp: Path(tmp).write_text(json.dumps(index, indent=2)))
-    write_atomic(folder / CONFIG_NAME, lambda tmp: Path(tmp).write_text(json.dumps(official, indent=2)))
+    with replacing_dir(target) as folder:
+        official = config.official_dict()
+        official["llm_model_path"] = _sub_config_ref(config.llm, config.llm_model_path, folder, "llm")
+        official["clip_pretrained_model_path"] = _sub_config_ref(
+            config.vision, config.clip_pretrained_model_path, folder, "siglip")
+        if len(shards) == 1:
+            write(shards[0], folder / f"{stem}{ext}")
+        else:
+            mapping = {}
+            for i, shard in enumerate(shards, 1):
+                name = f"{stem}-{i:05d}-of-{len(shards):05d}{ext}"
+                write(shard, folder / name)
+                mapping.update(dict.fromkeys(shard, name))
+            index = {"metadata": {"total_size": sum(t.numel() * t.element_size() for t in state.values())},
+                     "weight_map": mapping}
+            (folder / (SAFE_INDEX if format == "safetensors" else BIN_INDEX)).write_text(json.dumps(index, indent=2))
+        (folder / CONFIG_NAME).write_text(json.dumps(official, indent=2))
+        write_checksums(folder)

@@ -158,6 +158,8 @@ class Showo2(nn.Module):
         return self
 
     def save_pretrained(self, path: str, **kwargs) -> None:
+        """Write an official-layout checkpoint folder that replaces whatever checkpoint ``path`` held;
+        see :func:`checkpoint.save_showo2`."""
         from .checkpoint import save_showo2
 
         save_showo2(self, path, **kwargs)
