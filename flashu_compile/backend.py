@@ -21,7 +21,7 @@ from .backends.specialized import Specializations
 from .graph import build_index
 from .graph.specialize import layer_guards
 from .graph.timestep import timestep_input
-from .options import PASSES, FlashUOptions
+from .options import PASS_TASKS, PASSES, FlashUOptions
 from .passes.head_cache import head_cache
 from .passes.layer_skip import layer_skip
 from .passes.manager import Pass, PassContext, PassManager
@@ -42,9 +42,6 @@ AVAILABLE_PASSES: dict[str, Pass] = {
     "prefix_cache": prefix_cache,
 }
 GENERATION_PASSES = ("prune_channels", "layer_skip", "head_cache")
-# The graphs each pass rewrites; a preset's other passes simply do not run on a graph of another task.
-PASS_TASKS = {"prune_channels": ("t2i", "mmu"), "layer_skip": ("t2i", "mmu"), "head_cache": ("t2i",),
-              "token_drop": ("mmu",), "prefix_cache": ("t2i",)}
 
 
 def build_pass_list(options: FlashUOptions, task: str | None = None) -> list[tuple[str, Pass]]:
@@ -128,6 +125,9 @@ def flashu_backend(gm: torch.fx.GraphModule, example_inputs: list, options: Any 
     # Found before the passes, which may outline the time embedding's first ops into a region.
     timestep = timestep_input(gm, example_inputs) if task == "t2i" else None
     manager = PassManager(passes, strict=opts.strict, dump_dir=opts.debug_dir)
+    for name in sorted(set(opts.passes) - {name for name, _ in passes}, key=PASSES.index):
+        manager.not_applicable(name, f"it rewrites {' and '.join(PASS_TASKS[name])} graphs and this is a {task} graph "
+                                     f"({'with' if index.head_blocks else 'without'} a flow head)")
     gm = manager.run(gm, PassContext(index, task, controller, verify_plan(_load_plan(opts.plan), index)), opts)
     # Kept before lowering, which may rewrite the graph it is given.
     rewritten = copy_graph(gm) if _specializable(gm, controller, opts) else None

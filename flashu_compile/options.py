@@ -17,6 +17,9 @@ from .validate import check_float, check_int, check_schedule
 TASKS = ("auto", "t2i", "mmu")
 LOWERINGS = ("inductor", "eager", "tensorrt")
 PASSES = ("prune_channels", "token_drop", "prefix_cache", "layer_skip", "head_cache")  # in the order they run
+# The graphs each pass rewrites: t2i (a denoising step), mmu (an answer's prefill or decode step, or any LLM's forward).
+PASS_TASKS = {"prune_channels": ("t2i", "mmu"), "token_drop": ("mmu",), "prefix_cache": ("t2i",),
+              "layer_skip": ("t2i", "mmu"), "head_cache": ("t2i",)}
 TOKEN_DROP_ORDERS = ("highest", "lowest")
 TRT_PRECISIONS = ("explicit", "bf16", "fp16")  # explicit: the graph's own dtypes
 
@@ -156,4 +159,4 @@ PRESETS: dict[str, dict[str, Any]] = {
                          "guidance_schedule": ((24, 7.5), (11, 10.0)), "step_semantics": "flashu-reference"},
 }
 
-__all__ = ["LOWERINGS", "PASSES", "PRESETS", "TASKS", "FlashUOptions"]
+__all__ = ["LOWERINGS", "PASSES", "PASS_TASKS", "PRESETS", "TASKS", "FlashUOptions"]

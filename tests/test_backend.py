@@ -1,3 +1,4 @@
+import re
 import subprocess
 import sys
 import textwrap
@@ -5,11 +6,12 @@ import textwrap
 import pytest
 import torch
 
-from flashu_compile.backend import AVAILABLE_PASSES, PASS_TASKS, flashu_backend
+from flashu_compile.backend import AVAILABLE_PASSES, flashu_backend
 from flashu_compile.backends.tensorrt import tensorrt_unavailable_reason
 from flashu_compile.models.showo2 import Showo2
 from flashu_compile.models.showo2.understanding import answer_tokens
-from flashu_compile.options import PASSES
+from flashu_compile.options import PASS_TASKS, PASSES
+from tests.conftest import small_config
 from tests.models.test_compile_friendly import t2i_inputs
 
 
@@ -119,3 +121,64 @@ def test_compiled_tasks_do_not_recompile_across_steps_or_requests(tokenizer):
         assert answer_tokens(model, tokenizer, latents, "what colour is the circle?", max_new_tokens=32) == answer
     assert counters["stats"]["unique_graphs"] == graphs  # 0 recompiles over 3 further requests
     assert torch.equal(image, ref_image) and answer == ref_answer and len(answer) == 32
+
+
+def _hf_lm():
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    torch.manual_seed(0)
+    return Qwen2ForCausalLM(Qwen2Config(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                        num_attention_heads=4, num_key_value_heads=2)).eval()
+
+
+# Each case: a pass asked for that cannot act on the graph compiled, and the reason it must give.
+NOT_ACTING = {
+    "task": ("denoise", {"passes": ["token_drop"]}, r"'token_drop' .*rewrites mmu graphs and this is a t2i graph"),
+    "rounding": ("denoise", {"passes": ["layer_skip"], "skip_ratio": 0.2}, r"'layer_skip' .*int\(2 layers x "
+                 r"skip_ratio 0.2\) skips no layer"),
+    "no image": ("lm", {"passes": ["token_drop"]}, r"'token_drop' .*no marked image tokens"),
+}
+
+
+def _compile_and_call(which, options, small_model, tokenizer):
+    torch._dynamo.reset()
+    with torch.no_grad():
+        if which == "lm":
+            lm = _hf_lm()
+            fast = torch.compile(lm, backend="flashu", options={**options, "lowering": "eager"})
+            for _ in range(2):
+                fast(input_ids=torch.randint(0, 64, (1, 6), generator=torch.Generator().manual_seed(0)))
+        else:
+            fast = torch.compile(small_model.denoise, backend="flashu", options={**options, "lowering": "eager"})
+            inputs = t2i_inputs(small_model, tokenizer)
+            for _ in range(2):
+                fast(*inputs)
+
+
+@pytest.mark.parametrize("case", sorted(NOT_ACTING))
+def test_a_pass_that_does_not_act_says_why_once(case, small_model, tokenizer):
+    which, options, message = NOT_ACTING[case]
+    with pytest.warns(UserWarning) as caught:
+        _compile_and_call(which, options, small_model, tokenizer)
+    said = [str(w.message) for w in caught if "skipped" in str(w.message)]
+    assert len(said) == 1, said  # one compiled graph, called twice: one warning
+    assert re.search(message, said[0]), said[0]
+
+
+@pytest.mark.parametrize("case", sorted(NOT_ACTING))
+def test_strict_turns_a_pass_that_does_not_act_into_an_error(case, small_model, tokenizer):
+    which, options, message = NOT_ACTING[case]
+    with pytest.raises(Exception, match=message):
+        _compile_and_call(which, {**options, "strict": True}, small_model, tokenizer)
+
+
+def test_compile_tasks_gives_each_entry_only_the_passes_that_act_on_it(tokenizer):
+    model = Showo2.random(small_config(num_layers=4), seed=2).attach(tokenizer=tokenizer)
+    torch._dynamo.reset()
+    model.compile_tasks("flashu", {"passes": ["token_drop", "layer_skip", "head_cache"], "skip_ratio": 0.5,
+                                   "lowering": "eager", "strict": True})
+    try:
+        image = model.generate_images(["a red circle"], steps=4, guidance=2.0, progress=False)
+        assert model.answer(image[0], "what colour is the circle?", max_new_tokens=3) is not None
+    finally:
+        model.compiled, model.flashu_options = {}, None

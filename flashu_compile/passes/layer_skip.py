@@ -37,8 +37,7 @@ def layer_skip(gm, ctx: PassContext, options) -> PassResult:
         raise PassNotApplicable("no decoder layers in this graph")
     if not ctx.controller.num_skipped:
         # Guards would only measure importance nobody reads; the graph stays whole and compiles as one.
-        return PassResult(False, {"guarded_layers": 0, "skipped_per_step": 0,
-                                  "why": f"int({len(layers)} layers x skip_ratio {options.skip_ratio}) skips none"})
+        raise PassNotApplicable(f"int({len(layers)} layers x skip_ratio {options.skip_ratio}) skips no layer")
     carries = []
     for layer in layers:
         inside = set(layer.nodes)

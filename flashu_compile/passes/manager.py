@@ -96,6 +96,13 @@ class PassManager:
         self.dump_dir.mkdir(parents=True, exist_ok=True)
         (self.dump_dir / f"{step:02d}_{name}_{when}.txt").write_text(gm.print_readable(print_output=False))
 
+    def not_applicable(self, name: str, why: str, seconds: float = 0.0, cause: Exception | None = None) -> None:
+        """A pass that was asked for does not act on this graph: one warning saying why (strict: an error)."""
+        if self.strict:
+            raise RuntimeError(f"flashu pass {name!r} does not apply: {why}") from cause
+        warnings.warn(f"flashu pass {name!r} skipped: {why}", stacklevel=3)
+        self.records.append(PassRecord(name, False, seconds, {}, why))
+
     def run(self, gm: torch.fx.GraphModule, context: Any, options: Any) -> torch.fx.GraphModule:
         observer = _OBSERVER.get()
         for step, (name, fn) in enumerate(self.passes):
@@ -111,16 +118,13 @@ class PassManager:
                 # see the graph (and index) as they were.
                 before.restore(gm, context)
                 if isinstance(error, PassNotApplicable):
-                    if self.strict:
-                        raise RuntimeError(f"flashu pass {name!r} does not apply: {error}") from error
-                    why = str(error)
-                    warnings.warn(f"flashu pass {name!r} skipped: {why}", stacklevel=2)
+                    self.not_applicable(name, str(error), time.perf_counter() - start, cause=error)
                 else:
                     if self.strict:
                         raise
                     why = f"failed with {type(error).__name__}: {error}"
                     warnings.warn(f"flashu pass {name!r} {why}; the graph continues without it", stacklevel=2)
-                self.records.append(PassRecord(name, False, time.perf_counter() - start, {}, why))
+                    self.records.append(PassRecord(name, False, time.perf_counter() - start, {}, why))
                 if observer is not None:
                     observer(name, "after", gm, context, self.records[-1])
                 continue

@@ -34,7 +34,7 @@ NAME = "token_drop"
 def token_drop(gm: torch.fx.GraphModule, ctx: PassContext, options) -> PassResult:
     markers = [n for n in gm.graph.nodes if n.op == "call_function" and n.target is MARK_VISUAL]
     if not markers:
-        return PassResult(False, {"reason": "no marked image tokens (an image-free prompt or a decode step)"})
+        raise PassNotApplicable("no marked image tokens (an image-free prompt, a decode step or a plain LLM)")
     if len(markers) > 1:
         raise PassNotApplicable(f"{len(markers)} marked image spans; one per prefill is supported")
     (marker,) = markers

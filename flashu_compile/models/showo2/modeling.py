@@ -139,22 +139,29 @@ class Showo2(nn.Module):
         ``torch.compile(model)`` compiles only ``forward``, and the returned wrapper's other
         methods run uncompiled; this compiles what generate_images() and answer() actually call.
         """
+        from ...options import PASS_TASKS, FlashUOptions
         from . import understanding
 
-        kwargs = {"backend": backend, "options": options} if options else {"backend": backend}
-        from ...options import FlashUOptions
-
+        entries = {"embed": (self.embed, None), "denoise": (self.denoise, "t2i"),
+                   "prefill": (understanding.prefill, "mmu"), "decode": (understanding.decode_step, "mmu")}
+        if backend != "flashu":
+            self.flashu_options = None
+            extra = {"options": options} if options else {}
+            self.compiled = {name: torch.compile(fn, backend=backend, fullgraph=name in ("embed", "denoise"), **extra)
+                             for name, (fn, _) in entries.items()}
+            return self
         # The sampler reads the guidance schedule from here; the graphs read the rest.
-        self.flashu_options = FlashUOptions.from_dict(options) if backend == "flashu" else None
-        # An answer's image + question embedding (the vision encoder) has nothing the passes rewrite: it is
-        # compiled as is, by the same backend and lowering.
-        plain = {"backend": backend, "options": {**(options or {}), "passes": []}} if backend == "flashu" else kwargs
-        self.compiled = {
-            "embed": torch.compile(self.embed, fullgraph=True, **plain),
-            "denoise": torch.compile(self.denoise, fullgraph=True, **kwargs),
-            "prefill": torch.compile(understanding.prefill, **kwargs),
-            "decode": torch.compile(understanding.decode_step, **kwargs),
-        }
+        self.flashu_options = opts = FlashUOptions.from_dict(options)
+
+        def entry_options(name: str, task: str | None) -> dict:
+            # Each entry gets the passes that act on its graphs, so none is reported as not applying: the image +
+            # question embedding (the vision encoder) has nothing they rewrite, and a decode step no image tokens.
+            passes = [p for p in opts.passes if task in PASS_TASKS[p] and not (name == "decode" and p == "token_drop")]
+            return {**(options or {}), "passes": passes, **({"task": task} if task else {})}
+
+        self.compiled = {name: torch.compile(fn, backend="flashu", options=entry_options(name, task),
+                                             fullgraph=name in ("embed", "denoise"))
+                         for name, (fn, task) in entries.items()}
         return self
 
     def save_pretrained(self, path: str, **kwargs) -> None:
