@@ -28,8 +28,8 @@ from .scores import TASKS, DownProjInputs, plan_from_records
 def _text_kind(texts: Any) -> tuple[str, list]:
     """``("str", [...])`` or ``("ids", [...])`` for the accepted forms of ``texts``; ValueError otherwise.
 
-    ``ids`` items are 2-D int64 batches: a 2-D tensor is one batch of equal-length rows (every token
-    counts), each 1-D tensor one sequence (padded into batches later).
+    ``ids`` items are int64 tensors: a 2-D tensor is one batch of equal-length rows (every token counts),
+    a 1-D tensor one sequence (padded into batches later).
     """
     if isinstance(texts, (str, torch.Tensor)):
         texts = [texts]
@@ -103,6 +103,20 @@ def _check_inputs(inputs: Any) -> list[Mapping]:
     return batches
 
 
+def _check_token_ids(model: nn.Module, batches: list[Mapping]) -> None:
+    """Token ids outside the embedding table would fail deep inside the model (or index out of bounds on a GPU)."""
+    embeddings = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    vocab = getattr(embeddings, "num_embeddings", None)
+    for k, batch in enumerate(batches):
+        ids = batch.get("input_ids")
+        if vocab is None or not isinstance(ids, torch.Tensor) or not ids.numel():
+            continue
+        low, high = int(ids.min()), int(ids.max())
+        if low < 0 or high >= vocab:
+            raise ValueError(f"calibration batch {k} holds token id {low if low < 0 else high}, outside the "
+                             f"model's vocabulary [0, {vocab})")
+
+
 @torch.no_grad()
 def calibrate_lm(
     model: nn.Module,
@@ -166,6 +180,7 @@ def calibrate_lm(
 
     device = next(model.parameters()).device
     batches = list(_text_batches(kind, text_list, images, tokenizer, batch_size, pad_id)) + extra
+    _check_token_ids(model, batches)
     layers = [layer for _, layer in named]
     was_training = model.training
     model.eval()

@@ -228,6 +228,8 @@ def test_models_and_masks_that_cannot_be_calibrated():
     with pytest.raises(ValueError, match="expected one decoder stack"):
         calibrate_lm(torch.nn.Linear(2, 2), [torch.ones(3, dtype=torch.long)])
     lm, ids = _lm("qwen2"), torch.ones(1, 4, dtype=torch.long)
+    with pytest.raises(ValueError, match=rf"batch 1 holds token id {VOCAB}, outside the model's vocabulary"):
+        calibrate_lm(lm, [torch.ones(3, dtype=torch.long), torch.tensor([1, VOCAB])], batch_size=1)
     with pytest.raises(ValueError, match="token mask of shape"):
         calibrate_lm(lm, inputs=[{"input_ids": ids, "attention_mask": torch.ones(1, 3, dtype=torch.long)}])
     with pytest.raises(ValueError, match="no tokens"):
