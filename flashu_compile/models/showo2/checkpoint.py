@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from huggingface_hub.errors import StrictDataclassError
 from safetensors import safe_open
 from safetensors.torch import save_file
 from transformers import Qwen2Config, SiglipConfig, SiglipVisionConfig
@@ -60,7 +61,7 @@ def _resolve_sub_config(value: str, folder: Path, kind: str) -> Qwen2Config | Si
                 if model_type == "siglip":
                     return SiglipConfig.from_pretrained(str(cand), local_files_only=True).vision_config
                 return SiglipVisionConfig.from_pretrained(str(cand), local_files_only=True)
-            except (TypeError, ValueError, AttributeError, KeyError) as err:
+            except (TypeError, ValueError, AttributeError, LookupError, StrictDataclassError) as err:
                 # transformers checks a config's values in its own ways; to a user they all mean one thing
                 raise CheckpointError(f"{cfg_file} is not a valid {kind} config: {type(err).__name__}: {err}") from err
     if value in HUB_PRESETS:
@@ -140,6 +141,9 @@ def weight_files(folder: Path) -> list[Path]:
     """The weight files of a checkpoint, in load order."""
     mapping = weight_map(folder)
     if mapping is not None:
+        single = [name for name in ("model.safetensors", "pytorch_model.bin") if (folder / name).is_file()]
+        if single:
+            raise CheckpointError(f"{str(folder)!r} holds both a shard index and {single[0]}: one of them is stale")
         shards = sorted(set(mapping.values()))
         missing = [s for s in shards if not (folder / s).is_file()]
         if missing:
@@ -225,7 +229,8 @@ def load_showo2(
     try:
         with torch.device("meta"):
             model = Showo2(config)  # shapes only: no memory, no init cost
-    except (TypeError, ValueError, ArithmeticError, AttributeError) as err:
+    except (TypeError, ValueError, ArithmeticError, AttributeError, LookupError, RuntimeError) as err:
+        # A config value the modules cannot be built from (an unknown activation, a negative size).
         raise CheckpointError(f"{folder / CONFIG_NAME} does not describe a buildable model: "
                               f"{type(err).__name__}: {err}") from err
     finally:
