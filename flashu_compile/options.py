@@ -49,6 +49,7 @@ class FlashUOptions:
     trt_precision: str = "explicit"  # lowering="tensorrt": the graph's dtypes, or autocast to bf16 / fp16
     trt_cache_dir: str | None = None  # TensorRT engine cache (None: $FLASHU_TRT_CACHE or ~/.cache/flashu-compile/trt)
     trt_max_size: int = 4096  # TensorRT: declared upper bound of a size dynamo made symbolic (a cache length)
+    cudagraphs: bool = False  # lowering="inductor": each compiled piece replays as CUDA graphs (on a GPU)
     preset: str = "off"
 
     def __post_init__(self) -> None:
@@ -74,6 +75,9 @@ class FlashUOptions:
         for name, low in _INT_FIELDS.items():
             check_int(f"option {name!r}", getattr(self, name), low)
         check_schedule("option 'guidance_schedule'", self.guidance_schedule)
+        if self.cudagraphs and self.lowering != "inductor":
+            raise ValueError(f"option 'cudagraphs' needs lowering='inductor' (Inductor captures the CUDA graphs), "
+                             f"got lowering={self.lowering!r}")
 
     @classmethod
     def from_dict(cls, options: dict[str, Any] | FlashUOptions | None) -> FlashUOptions:
@@ -133,7 +137,7 @@ def _coerce(key: str, value: Any, spec: dataclasses.Field) -> Any:
         if not isinstance(value, str):
             raise wrong("a str")
         return value
-    if key == "strict":
+    if key in ("strict", "cudagraphs"):
         if not isinstance(value, bool):
             raise wrong("a bool")
         return value

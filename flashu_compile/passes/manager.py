@@ -150,6 +150,9 @@ class _Snapshot:
         self.nodes: dict[torch.fx.Node, torch.fx.Node] = {}
         self.graph = torch.fx.Graph()
         self.graph.output(self.graph.graph_copy(gm.graph, self.nodes))
+        for node, copy in self.nodes.items():
+            if hasattr(node, "_dynamo_source"):  # Inductor reads dynamo's graph inputs' sources from the nodes
+                copy._dynamo_source = node._dynamo_source
         self.names = {kind: set(getattr(gm, kind)) for kind in _ATTRIBUTE_KINDS}
         index = getattr(context, "index", None)
         self.index = index.remap(self.nodes) if isinstance(index, StructureIndex) else None

@@ -74,6 +74,16 @@ def test_failing_pass_leaves_the_graph_unrewritten_with_a_warning():
         PassManager([("broken", rewrite_then_fail)], strict=True).run(traced(), None, None)
 
 
+def test_failing_pass_keeps_the_inputs_dynamo_sources():
+    """Inductor asserts that every input of a graph from dynamo names its source (``node._dynamo_source``)."""
+    gm = traced()
+    for node in gm.graph.find_nodes(op="placeholder"):
+        node._dynamo_source = f"source of {node.name}"
+    with pytest.warns(UserWarning, match="flashu pass 'broken' failed"):
+        out = PassManager([("broken", rewrite_then_fail)]).run(gm, None, None)
+    assert [n._dynamo_source for n in out.graph.find_nodes(op="placeholder")] == ["source of x"]
+
+
 def test_failing_pass_restores_the_structure_index(small_model, tokenizer):
     from flashu_compile.graph import build_index
     from flashu_compile.passes.manager import PassContext
