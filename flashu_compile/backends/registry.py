@@ -7,19 +7,27 @@ from typing import Any
 
 import torch
 
+from .inductor import InductorSettings, lower_inductor
 from .tensorrt import TensorRTSettings, lower_tensorrt
 
 LOWERINGS = ("inductor", "eager", "tensorrt")
 
 
-def lowering_for(options: Any) -> str | TensorRTSettings:
-    """What ``lower`` takes for a FlashUOptions: the lowering's name, or the TensorRT lowering's settings."""
-    return TensorRTSettings.from_options(options) if options.lowering == "tensorrt" else options.lowering
+def lowering_for(options: Any) -> str | TensorRTSettings | InductorSettings:
+    """What ``lower`` takes for a FlashUOptions: the lowering's name, or the TensorRT lowering's settings, or the
+    Inductor lowering's when it captures CUDA graphs."""
+    if options.lowering == "tensorrt":
+        return TensorRTSettings.from_options(options)
+    if options.lowering == "inductor" and options.cudagraphs:
+        return InductorSettings.from_options(options)
+    return options.lowering
 
 
-def lower(gm: torch.fx.GraphModule, example_inputs: list, lowering: str | TensorRTSettings) -> Callable:
-    """Lower ``gm`` by name; a TensorRTSettings stands for "tensorrt" with those settings."""
-    name = "tensorrt" if isinstance(lowering, TensorRTSettings) else lowering
+def lower(gm: torch.fx.GraphModule, example_inputs: list, lowering: str | TensorRTSettings | InductorSettings
+          ) -> Callable:
+    """Lower ``gm`` by name; a TensorRTSettings stands for "tensorrt" with those settings, an InductorSettings
+    for "inductor" with those."""
+    name = {TensorRTSettings: "tensorrt", InductorSettings: "inductor"}.get(type(lowering), lowering)
     if name not in LOWERINGS:
         raise ValueError(f"unknown lowering {lowering!r}; choose one of {list(LOWERINGS)}")
     if name == "eager":
@@ -32,7 +40,5 @@ def lower(gm: torch.fx.GraphModule, example_inputs: list, lowering: str | Tensor
         # Guards read per-step state in Python; only the segments between them are compiled.
         return SegmentedProgram(gm, lowering, example_inputs)
     if name == "inductor":
-        from .inductor import lower_inductor
-
-        return lower_inductor(gm, example_inputs)
+        return lower_inductor(gm, example_inputs, lowering if isinstance(lowering, InductorSettings) else None)
     return lower_tensorrt(gm, example_inputs, lowering if isinstance(lowering, TensorRTSettings) else None)
