@@ -8,9 +8,17 @@ Per configuration: median and spread (min-max) of warm wall-clock, the time of t
 request (compilation included) with empty Inductor caches and again after ``torch._dynamo.reset()``
 with its on-disk caches warm, FLOPs per request counted on the eager lowering of the same
 rewritten graphs (:mod:`flashu_compile.runtime.flops`), peak resident memory sampled during its
-runs, graphs compiled and graphs added during warm runs (recompiles), and fidelity to the eager
+runs (and on a GPU the peak of ``torch.cuda.max_memory_allocated``, reset per configuration),
+graphs compiled and graphs added during warm runs (recompiles), and fidelity to the eager
 baseline (relative error of the final latent; token agreement of the answer) plus the scenes
-scorers' task scores when the model is the scenes model.
+scorers' task scores when the model is the scenes model. On a GPU every timed span ends with
+``torch.cuda.synchronize()``, so it measures the device's work, not only its launch.
+
+``--model showo2-1.5b`` / ``showo2-7b`` build Show-o2 at the official dimensions with random
+weights, on the device itself (no download): 729 image tokens, the official 290-token text budget
+(prompts are padded to it, so the sequence is the official 1024 tokens), the project's scenes
+tokenizer standing in for Qwen's (the vocabulary keeps the official size), and random latents of
+the Wan2.1 VAE's shape standing in for encoded images.
 """
 
 from __future__ import annotations
@@ -57,6 +65,8 @@ class Result:
     recompiles: int = 0
     fidelity: float | None = None  # t2i: relative error of the final latent; mmu: token agreement
     scores: dict = field(default_factory=dict)
+    peak_gpu_mb: float | None = None  # torch.cuda.max_memory_allocated over its runs; None off the GPU
+    tokens: int | None = None  # mmu: tokens in the answer (it stops at eos), which its time depends on
 
     @property
     def median_s(self) -> float:
@@ -70,16 +80,26 @@ SPLIT = {"flashu prune 50": "prune_channels", "flashu skip 50": "layer_skip", "f
          "flashu guidance 50": "guidance schedule", "flashu paper 50": "all of the paper preset"}
 
 
-def default_configs(plan, split: bool = False) -> list[Config]:
-    """The default comparison, plus the per-technique rows when ``split``."""
+# The rows that replay CUDA graphs; without a GPU they are left out of the default rows (--only still
+# picks them: Inductor then compiles without CUDA graphs, and the flashu lowering says so in a warning).
+CUDAGRAPH_ROWS = ("inductor 50 cudagraphs", "flashu paper 35 cudagraphs")
+
+
+def default_configs(plan, split: bool = False, cudagraphs: bool = False) -> list[Config]:
+    """The default comparison, plus the per-technique rows when ``split`` and the CUDA-graph rows when
+    ``cudagraphs``."""
     paper = {"preset": "paper", "plan": plan}
     configs = [
         Config("eager 50", "t2i", "eager"),
         Config("inductor 50", "t2i", "inductor"),
+        # Inductor's mode="reduce-overhead": the whole denoising step replays as CUDA graphs.
+        Config("inductor 50 cudagraphs", "t2i", "inductor", 50, {"triton.cudagraphs": True}),
         # No pass enabled: must run as fast as Inductor (issue #3's 5% bound).
         Config("flashu off 50", "t2i", "flashu", 50, {"preset": "off"}),
         Config("flashu paper 50", "t2i", "flashu", 50, paper),
         Config("flashu paper 35", "t2i", "flashu", 35, paper),
+        # Each compiled piece between the guards replays as CUDA graphs.
+        Config("flashu paper 35 cudagraphs", "t2i", "flashu", 35, paper | {"cudagraphs": True}),
         Config("flashu-reference 35", "t2i", "flashu", 35, {"preset": "flashu-reference", "plan": plan}),
         Config("eager+kv answer", "mmu", "eager"),
         Config("inductor answer", "mmu", "inductor"),
@@ -92,7 +112,13 @@ def default_configs(plan, split: bool = False) -> list[Config]:
                            paper | {"passes": [name], "guidance_schedule": None}) for short, name in one.items()]
         # No pass: the graphs are lowered as by preset "off"; only the sampler's guidance scales change.
         configs.append(Config("flashu guidance 50", "t2i", "flashu", 50, paper | {"passes": []}))
-    return configs
+    return configs if cudagraphs else [c for c in configs if c.name not in CUDAGRAPH_ROWS]
+
+
+def synchronize(device: torch.device) -> None:
+    """Wait for the device's queued work, so that a clock read after it includes that work."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
 
 
 @contextlib.contextmanager
@@ -101,8 +127,10 @@ def timed_prefill(model, seconds: list[float]) -> Iterator[None]:
     run = model.compiled.get("prefill", understanding.prefill)
 
     def prefill(*args):
+        synchronize(model.device)
         t0 = time.perf_counter()
         out = run(*args)
+        synchronize(model.device)
         seconds.append(time.perf_counter() - t0)
         return out
 
@@ -143,6 +171,20 @@ class PeakRss:
 
 def _graphs() -> int:
     return int(torch._dynamo.utils.counters["stats"]["unique_graphs"])
+
+
+@contextlib.contextmanager
+def peak_gpu_mb(device: torch.device, result: Result) -> Iterator[None]:
+    """Raise ``result.peak_gpu_mb`` to the most GPU memory allocated inside the block (nothing off the GPU)."""
+    if device.type != "cuda":
+        yield
+        return
+    torch.cuda.reset_peak_memory_stats(device)
+    try:
+        yield
+    finally:
+        peak = torch.cuda.max_memory_allocated(device) / 2**20
+        result.peak_gpu_mb = max(result.peak_gpu_mb or 0.0, peak)
 
 
 @contextlib.contextmanager
@@ -197,7 +239,8 @@ class Bench:
             else:
                 options = dict(config.options or {})
                 if lowering:
-                    options["lowering"] = lowering
+                    # CUDA graphs belong to Inductor; the same graphs on another lowering run without them.
+                    options = {k: v for k, v in options.items() if k != "cudagraphs"} | {"lowering": lowering}
                 model.compile_tasks(config.backend, options or None)
                 self.programs[key] = (model.compiled, model.flashu_options)
         self.model.compiled, self.model.flashu_options = self.programs[key]
@@ -210,22 +253,33 @@ class Bench:
         return understanding.answer_tokens(self.model, self.model.tokenizer, self.image, self.question,
                                            max_new_tokens=self.max_new_tokens)
 
-    def run(self, runs: int = 5, progress: bool = True) -> list[Result]:
+    def run(self, runs: int = 5, progress: bool = True, compile_warm: bool = True,
+            fresh_caches: bool = True) -> list[Result]:
+        """Measure every configuration; ``compile_warm=False`` leaves out the second first request (after a
+        dynamo reset, on warm caches), which compiles every configuration again. ``fresh_caches=False``
+        gives all configurations one set of Inductor caches: a graph an earlier configuration compiled is
+        then loaded, not compiled (less time in all; compile cold is then "with the earlier rows' caches")."""
         with tempfile.TemporaryDirectory(prefix="flashu-bench-") as caches:
-            return self._run(runs, progress, Path(caches))
+            folders = [Path(caches) / (str(i) if fresh_caches else "shared") for i in range(len(self.configs))]
+            return self._run(runs, progress, folders, compile_warm)
 
-    def _run(self, runs: int, progress: bool, caches: Path) -> list[Result]:
+    def _run(self, runs: int, progress: bool, caches: list[Path], compile_warm: bool) -> list[Result]:
         results = {c.name: Result(c.name, c.task) for c in self.configs}
         outputs = {}
-        bar = tqdm(total=len(self.configs) * (runs + 3), desc="bench", disable=not progress)
+        device = self.model.device
+        bar = tqdm(total=len(self.configs) * (runs + 2 + compile_warm), desc="bench", disable=not progress)
         for i, config in enumerate(self.configs):  # cold: first request, compile included, empty caches
             r = results[config.name]
             before = _graphs()
-            with PeakRss() as rss, inductor_caches(caches / str(i)):
+            with PeakRss() as rss, peak_gpu_mb(device, r), inductor_caches(caches[i]):
+                synchronize(device)
                 t0 = time.perf_counter()
                 self._use(config)
                 outputs[config.name] = self.request(config)
+                synchronize(device)
                 r.compile_cold_s = time.perf_counter() - t0
+            if config.task == "mmu":
+                r.tokens = len(outputs[config.name])
             r.graphs, r.peak_rss_mb = _graphs() - before, rss.peak
             bar.update()
         for _ in range(runs):  # warm, interleaved
@@ -233,9 +287,11 @@ class Bench:
                 r = results[config.name]
                 self._use(config)
                 before = _graphs()
-                with PeakRss() as rss, timed_prefill(self.model, r.prefill_s):
+                with PeakRss() as rss, peak_gpu_mb(device, r), timed_prefill(self.model, r.prefill_s):
+                    synchronize(device)
                     t0 = time.perf_counter()
                     self.request(config)
+                    synchronize(device)
                     r.runs_s.append(time.perf_counter() - t0)
                 r.recompiles += _graphs() - before
                 r.peak_rss_mb = max(r.peak_rss_mb, rss.peak)
@@ -249,13 +305,14 @@ class Bench:
                 self.request(config)
             results[config.name].flops = tally.total
             bar.update()
-        self._compile_warm(results, caches, bar)
+        if compile_warm:
+            self._compile_warm(results, caches, bar)
         bar.close()
         self._fidelity(results, outputs)
         self.model.compiled, self.model.flashu_options = {}, None
         return list(results.values())
 
-    def _compile_warm(self, results: dict[str, Result], caches: Path, bar: tqdm) -> None:
+    def _compile_warm(self, results: dict[str, Result], caches: list[Path], bar: tqdm) -> None:
         """First request again, after a dynamo reset, on the on-disk caches the cold request filled.
 
         Last, because the reset drops every configuration's compiled code. A configuration that
@@ -266,10 +323,11 @@ class Bench:
             if r.graphs:
                 torch._dynamo.reset()
                 self.programs.pop(config.name)
-                with inductor_caches(caches / str(i)):
+                with inductor_caches(caches[i]):
                     t0 = time.perf_counter()
                     self._use(config)
                     self.request(config)
+                    synchronize(self.model.device)
                     r.compile_warm_s = time.perf_counter() - t0
             bar.update()
 
@@ -355,11 +413,13 @@ def _fidelity(r: Result) -> str:
 
 def markdown(results: list[Result], machine: str, command: str) -> str:
     ups = speedups(results)
+    gpu = any(r.peak_gpu_mb is not None for r in results)  # the column is there only for runs on a GPU
     lines = [f"Machine: {machine}. Command: `{command}`.", "",
              "| configuration | warm median (s) | spread (s) | × eager | × inductor | FLOPs (G) | FLOP-predicted × "
-             "inductor | reached | compile cold (s) | compile warm (s) | peak RSS (MB) | graphs | recompiles | "
-             "fidelity | task score |",
-             "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- | --- |"]
+             "inductor | reached | compile cold (s) | compile warm (s) | peak RSS (MB) | "
+             + ("peak GPU (MB) | " if gpu else "") + "graphs | recompiles | fidelity | task score |",
+             "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | "
+             + ("---: | " if gpu else "") + "---: | ---: | --- | --- |"]
     for r in results:
         u = ups[r.name]
         ideal = u.get("flop_ratio_vs_inductor", float("nan"))
@@ -370,7 +430,8 @@ def markdown(results: list[Result], machine: str, command: str) -> str:
             f"| {r.name} | {r.median_s:.3f} | {min(r.runs_s):.3f}-{max(r.runs_s):.3f} | {_num(u.get('vs_eager'))} | "
             f"{_num(u.get('vs_inductor'))} | {r.flops / 1e9:.2f} | {_num(ideal)} | "
             f"{'-' if reached != reached else f'{reached:.0%}'} | {r.compile_cold_s:.1f} | {warm} | "
-            f"{r.peak_rss_mb:.0f} | {r.graphs} | {r.recompiles} | {_fidelity(r)} | {score} |")
+            f"{r.peak_rss_mb:.0f} | " + (f"{r.peak_gpu_mb or 0:.0f} | " if gpu else "")
+            + f"{r.graphs} | {r.recompiles} | {_fidelity(r)} | {score} |")
     lines += ["", "`reached`: the share of the FLOP-predicted gain over Inductor that the measured time realises, "
               "(measured − 1) / (predicted − 1). `compile cold`: the first request, compilation included, with "
               "empty Inductor caches (the first compiled configuration also pays Inductor's one-time imports); "
@@ -379,7 +440,8 @@ def markdown(results: list[Result], machine: str, command: str) -> str:
     answers = [r for r in results if r.prefill_s]
     if answers:
         lines += ["", "Prefill (image + question into the KV cache) within each answer, warm median: " + "; ".join(
-            f"{r.name} {statistics.median(r.prefill_s):.4f} s" for r in answers) + "."]
+            f"{r.name} {statistics.median(r.prefill_s):.4f} s" for r in answers) + ". Tokens per answer: " + "; ".join(
+            f"{r.name} {r.tokens}" for r in answers) + "."]
     off = off_vs_inductor(results)
     if off:
         base = _baselines(results)
@@ -401,12 +463,27 @@ def markdown(results: list[Result], machine: str, command: str) -> str:
 
 
 def draw(results: list[Result], path: Path) -> None:
+    draw_models({"": results}, path)
+
+
+def draw_models(results: dict[str, list[Result]], path: Path) -> None:
+    """One row of charts (text-to-image, answer) per model, titled with its name where it has one."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
+    fig, grid = plt.subplots(len(results), 2, figsize=(12, 4.5 * len(results)), squeeze=False)
+    for axes, (model, rows) in zip(grid, results.items(), strict=True):
+        plot(axes, rows, f"{model}: " if model else "")
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def plot(axes, results: list[Result], prefix: str = "") -> None:
+    """The text-to-image and the answer rows of ``results`` on a pair of matplotlib axes."""
     for ax, task, title in ((axes[0], "t2i", "text-to-image request"), (axes[1], "mmu", "answer request")):
         rows = [r for r in results if r.task == task]
         if not rows:
@@ -419,23 +496,23 @@ def draw(results: list[Result], path: Path) -> None:
         ax.barh(names, med, xerr=err, color="#4c78a8")
         ax.invert_yaxis()
         ax.set_xlabel("warm wall-clock, median and min-max (s)")
-        ax.set_title(title)
+        ax.set_title(prefix + title)
         for y, r in enumerate(rows):
             ax.text(r.median_s, y, f" {r.flops / 1e9:.1f} GFLOP", va="center", fontsize=8)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+
+
+def summary(results: list[Result], machine: str, command: str) -> dict:
+    """What bench.json holds for one model's results."""
+    return {"machine": machine, "command": command, "speedups": speedups(results),
+            "flashu_off_vs_inductor": off_vs_inductor(results), "savings_by_technique": technique_savings(results),
+            "results": [asdict(r) | {"median_s": r.median_s} for r in results]}
 
 
 def write(results: list[Result], out: Path, machine: str, command: str) -> str:
     out.mkdir(parents=True, exist_ok=True)
     table = markdown(results, machine, command)
     (out / "bench.md").write_text(table + "\n")
-    payload = {"machine": machine, "command": command, "speedups": speedups(results),
-               "flashu_off_vs_inductor": off_vs_inductor(results), "savings_by_technique": technique_savings(results),
-               "results": [asdict(r) | {"median_s": r.median_s} for r in results]}
-    (out / "bench.json").write_text(json.dumps(payload, indent=2) + "\n")
+    (out / "bench.json").write_text(json.dumps(summary(results, machine, command), indent=2) + "\n")
     try:
         draw(results, out / "bench.png")
     except ImportError as err:  # the table and JSON are the product; the chart needs matplotlib
@@ -453,29 +530,72 @@ def select(configs: list[Config], only: list[str] | None) -> list[Config]:
     return [c for c in configs if c.name in only]
 
 
-def machine_line() -> str:
-    import os
+def machine_line(device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32) -> str:
     import platform
 
-    return f"{platform.machine()} {platform.processor() or 'CPU'}, {os.cpu_count()} cores, torch {torch.__version__}"
+    line = f"{platform.machine()} {platform.processor() or 'CPU'}, {os.cpu_count()} cores, torch {torch.__version__}"
+    if torch.device(device).type == "cuda":
+        props = torch.cuda.get_device_properties(device)
+        line += f", {props.name} ({props.total_memory / 2**30:.0f} GiB), CUDA {torch.version.cuda}"
+    return line + f", {str(dtype).removeprefix('torch.')}"
+
+
+# Presets at the official dimensions: built with random weights on the bench's device (see the module docstring).
+OFFICIAL = ("showo2-1.5b", "showo2-7b")
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def check_device(name: str) -> torch.device:
+    """``--device`` as a torch.device, refused when it names a CUDA device this machine does not have."""
+    if name == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"--device cuda: no CUDA device is available (torch {torch.__version__}, "
+                         f"CUDA {torch.version.cuda or 'not built in'})")
+    return torch.device(name)
+
+
+def random_latents(model, count: int, seed: int) -> torch.Tensor:
+    """``count`` latents of the shape the model's codec gives its images, (count, c, h, w), from ``seed``."""
+    c, (h, w) = model.config.image_latent_dim, model.config.latent_size
+    return torch.randn(count, c, h, w, generator=torch.Generator().manual_seed(seed))
+
+
+def load_model(args, device: torch.device, dtype: torch.dtype):
+    """The model ``--model`` names, on ``device`` in ``dtype``; an official size with random weights and the
+    scenes tokenizer (see the module docstring)."""
+    from ..models.showo2 import Showo2
+    from ..models.showo2.tokenizer import SceneTokenizer
+    from .cli import _load
+
+    if args.model in OFFICIAL:
+        # Initialised where it runs: 7B parameters in fp32 take minutes to fill on a CPU and then to copy over.
+        with device:
+            model = Showo2.from_preset(args.model, seed=args.seed)
+        return model.attach(tokenizer=SceneTokenizer()).to(device=device, dtype=dtype)
+    return _load(args).to(device=device, dtype=dtype)
 
 
 def load_plan(args, model):
-    """The plan saved at ``args.plan``, or one calibrated now on ``model``."""
+    """The plan saved at ``args.plan``, or one calibrated now on ``model`` (on random latents for understanding
+    when the model has no codec to encode images with)."""
     from ..calibrate import Plan, calibrate
+    from ..calibrate.scores import DEFAULT_SAMPLES
 
     if args.plan:
         return Plan.load(args.plan, model)
+    images = {}
+    if model.codec is None:
+        latents = random_latents(model, DEFAULT_SAMPLES, getattr(args, "seed", 0) + 1)
+        images = {"images": list(latents[:, None]), "questions": ["what is in the image?"] * DEFAULT_SAMPLES}
     t0 = time.perf_counter()
-    plan = calibrate(model, progress=not args.no_progress)
+    plan = calibrate(model, progress=not args.no_progress, **images)
     print(f"calibrated a plan in {time.perf_counter() - t0:.1f} s ({plan.summary()})")
     return plan
 
 
-def cmd_bench(args) -> int:
-    from ..scenes.dataset import make_split, to_tensor
+def check_args(args) -> tuple[torch.device, torch.dtype]:
+    """Every argument of ``bench`` checked before any work; returns the device and dtype."""
     from ..validate import MAX_GUIDANCE, MAX_SEED, check_float, check_int
-    from .cli import _load, check_output
+    from .cli import check_output
 
     check_int("--runs", args.runs, 1)
     check_int("--prompts", args.prompts, 1)
@@ -483,23 +603,46 @@ def cmd_bench(args) -> int:
     check_float("--guidance", args.guidance, 0.0, MAX_GUIDANCE)
     check_int("--seed", args.seed, 0, MAX_SEED)
     check_output("--out", args.out, folder=True)
-    # Up to fourteen configurations compile the same entry points with different backends and options.
+    if args.dtype not in DTYPES:  # argparse's choices say so on the command line; this guards direct callers
+        raise ValueError(f"--dtype must be one of {list(DTYPES)}, got {args.dtype!r}")
+    if args.only:
+        select(default_configs(None, split=True, cudagraphs=True), args.only)  # a typo fails before the model loads
+    return check_device(args.device), DTYPES[args.dtype]
+
+
+def run_bench(args, device: torch.device, dtype: torch.dtype) -> list[Result]:
+    """Load the model, calibrate (or load) its plan and measure the configurations ``args`` select."""
+    from ..scenes.dataset import make_split, to_tensor
+
+    # Up to sixteen configurations compile the same entry points with different backends and options.
     torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
-    model = _load(args)
-    print(f"model: {args.model} ({sum(p.numel() for p in model.parameters()) / 1e6:.2f} M parameters)")
+    model = load_model(args, device, dtype)
+    print(f"model: {args.model} ({sum(p.numel() for p in model.parameters()) / 1e6:.2f} M parameters, "
+          f"{device.type}, {str(dtype).removeprefix('torch.')})")
     plan = load_plan(args, model)
     scenes = make_split("test", args.prompts + 1, seed=args.seed)
     prompts, (question, expected) = [s.caption for s in scenes[:-1]], scenes[-1].qa[0]
-    image = model.encode_image((to_tensor(scenes[-1].render()) + 1) / 2)
-    # --only picks from every row, --split included; without --only, --split adds the per-technique rows.
-    configs = select(default_configs(plan, split=args.split or bool(args.only)), args.only)
+    if model.codec is None:
+        image = random_latents(model, 1, args.seed)
+    else:
+        image = model.encode_image((to_tensor(scenes[-1].render()) + 1) / 2)
+    # --only picks from every row, --split and the CUDA-graph rows included; without --only, --split adds the
+    # per-technique rows, and a GPU the CUDA-graph rows.
+    configs = select(default_configs(plan, split=args.split or bool(args.only),
+                                     cudagraphs=device.type == "cuda" or bool(args.only)), args.only)
     # The scenes scorers mean something only for the model trained on the scenes.
     scored = args.model == "default"
     bench = Bench(model, configs, prompts, image, question, max_new_tokens=args.max_new_tokens, seed=args.seed,
                   scenes=scenes[:-1] if scored else None, expected_answer=expected if scored else None,
                   guidance=args.guidance)
-    results = bench.run(args.runs, progress=not args.no_progress)
-    print(write(results, Path(args.out), machine_line(), args.command_line))
+    return bench.run(args.runs, progress=not args.no_progress, compile_warm=not args.no_compile_warm,
+                     fresh_caches=not args.shared_caches)
+
+
+def cmd_bench(args) -> int:
+    device, dtype = check_args(args)
+    results = run_bench(args, device, dtype)
+    print(write(results, Path(args.out), machine_line(device, dtype), args.command_line))
     print(f"-> {args.out}/bench.md, bench.json, bench.png")
     return 0
 
@@ -522,7 +665,16 @@ def add_parser(sub) -> None:
                    help="add one row per generation technique (prune, skip, cache, prefix, guidance at 50 steps) "
                         "and the FLOPs each saves")
     p.add_argument("--only", nargs="+", metavar="NAME",
-                   help="run only these configurations (by name, from the default and --split rows)")
+                   help="run only these configurations (by name, from the default, --split and CUDA-graph rows)")
+    p.add_argument("--device", default="cpu", choices=["cpu", "cuda"],
+                   help="where the model runs (cuda: timings synchronise the device, peak GPU memory is reported)")
+    p.add_argument("--dtype", default="float32", choices=list(DTYPES), help="the model's parameter dtype")
+    p.add_argument("--no-compile-warm", action="store_true",
+                   help="leave out the second first request (after a dynamo reset, on warm caches), which compiles "
+                        "every configuration again")
+    p.add_argument("--shared-caches", action="store_true",
+                   help="one set of Inductor caches for all configurations (faster; compile cold then counts what "
+                        "earlier rows compiled as cached)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no-progress", action="store_true")
     p.add_argument("--out", default="outputs/bench")

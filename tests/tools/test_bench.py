@@ -59,6 +59,7 @@ def test_every_configuration_is_measured(results):
         r = by_name[name]
         assert len(r.prefill_s) == 2 and all(0 < p < t for p, t in zip(r.prefill_s, r.runs_s, strict=True))
     assert by_name["eager 6"].prefill_s == []
+    assert by_name["eager answer"].tokens == by_name["plain answer"].tokens <= 4 and by_name["eager 6"].tokens is None
 
 
 def test_guidance_schedule_without_passes_runs_through_the_sampler(results):
@@ -152,3 +153,82 @@ def test_reports(results, tmp_path):
 def test_unknown_configuration_is_named():
     with pytest.raises(ValueError, match=r"unknown bench configuration\(s\) \['fast'\]; choose from \['a'\]"):
         select([Config("a", "t2i", "eager")], ["fast"])
+
+
+def test_cudagraph_rows_only_where_asked():
+    from flashu_compile.tools.bench import CUDAGRAPH_ROWS
+
+    assert not set(CUDAGRAPH_ROWS) & {c.name for c in default_configs("plan", split=True)}
+    rows = {c.name: c for c in default_configs("plan", cudagraphs=True)}
+    assert rows["inductor 50 cudagraphs"].options == {"triton.cudagraphs": True}  # Inductor's reduce-overhead
+    options = FlashUOptions.from_dict(rows["flashu paper 35 cudagraphs"].options)
+    assert options.cudagraphs and options.passes == PRESETS["paper"]["passes"] and options.plan == "plan"
+
+
+def test_flops_of_a_cudagraph_row_are_counted_on_the_eager_lowering(tokenizer):
+    model = Showo2.random(small_config(), seed=4).attach(tokenizer=tokenizer)
+    image = torch.zeros(1, model.config.image_latent_dim, *model.config.latent_size)
+    bench = Bench(model, [], ["a red circle"], image, "what colour?")
+    bench._use(Config("cg", "t2i", "flashu", 3, {"preset": "paper", "cudagraphs": True}), lowering="eager")
+    assert model.flashu_options.lowering == "eager" and not model.flashu_options.cudagraphs
+
+
+def test_gpu_memory_column_only_for_gpu_runs():
+    rows = [_result("eager 50", "t2i", 2.0, 400), _result("inductor 50", "t2i", 1.0, 400)]
+    assert "peak GPU" not in markdown(rows, "m", "c")
+    rows[0].peak_gpu_mb, rows[1].peak_gpu_mb = 3000.4, 3500.0
+    table = markdown(rows, "m", "c")
+    assert "| peak RSS (MB) | peak GPU (MB) | graphs |" in table and "| 0 | 3000 | 0 | 0 |" in table
+
+
+def _bench_args(*extra: str):
+    from flashu_compile.tools.cli import build_parser
+
+    return build_parser().parse_args(["bench", "--model", "tiny", *extra])
+
+
+def test_arguments_are_checked_before_any_work(monkeypatch, tmp_path, capsys):
+    from flashu_compile.tools import bench
+    from flashu_compile.tools.cli import main
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(bench, "run_bench", lambda *a: pytest.fail("the model loaded"))
+    assert main(["bench", "--model", "tiny", "--device", "cuda", "--out", str(tmp_path)]) == 2
+    assert "error: --device cuda: no CUDA device is available" in capsys.readouterr().err
+    assert main(["bench", "--model", "tiny", "--only", "inductor 50 cudagraph", "--out", str(tmp_path)]) == 2
+    assert "unknown bench configuration(s) ['inductor 50 cudagraph']" in capsys.readouterr().err
+    assert main(["bench", "--dtype", "float8"]) == 2
+    assert bench.check_args(_bench_args("--dtype", "bfloat16", "--out", str(tmp_path))) == (
+        torch.device("cpu"), torch.bfloat16)
+
+
+def test_official_sizes_keep_the_official_sequence():
+    """The showo2-* rows: 729 image tokens, prompts padded to the 290-token budget, 1024 positions a row."""
+    from flashu_compile.models.showo2.configuration import preset
+    from flashu_compile.models.showo2.sequences import t2i_rows
+    from flashu_compile.models.showo2.tokenizer import SceneTokenizer
+    from flashu_compile.tools.bench import OFFICIAL
+
+    for name in OFFICIAL:
+        config = preset(name)
+        assert (config.num_image_tokens, config.max_text_len, config.latent_codec) == (729, 290, "wan2.1-vae")
+        assert len(SceneTokenizer()) <= config.llm_vocab_size  # the stand-in tokenizer fits the vocabulary
+        rows = t2i_rows(SceneTokenizer(), ["a red circle"], config.num_image_tokens, config.max_text_len, True)
+        assert rows.text_tokens.shape == (2, 1024)
+
+
+def test_model_without_codec_is_calibrated_and_asked_on_random_latents(monkeypatch, tokenizer):
+    import argparse
+
+    from flashu_compile.tools import bench
+
+    # Stands for an official size: a model built on the device with the scenes tokenizer and no codec.
+    monkeypatch.setattr(bench, "OFFICIAL", ("tiny",))
+    args = argparse.Namespace(model="tiny", seed=0, plan=None, no_progress=True)
+    model = bench.load_model(args, torch.device("cpu"), torch.bfloat16)
+    assert model.dtype == torch.bfloat16 and type(model.tokenizer).__name__ == "SceneTokenizer"
+    model.codec = None
+    plan = bench.load_plan(args, model)
+    assert plan.settings["samples"] == {"t2i": 8, "mmu": 8}
+    latent = bench.random_latents(model, 1, 0)
+    assert latent.shape == (1, model.config.image_latent_dim, *model.config.latent_size)
