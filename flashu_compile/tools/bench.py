@@ -533,7 +533,10 @@ def select(configs: list[Config], only: list[str] | None) -> list[Config]:
 def machine_line(device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32) -> str:
     import platform
 
-    line = f"{platform.machine()} {platform.processor() or 'CPU'}, {os.cpu_count()} cores, torch {torch.__version__}"
+    import transformers
+
+    line = (f"{platform.machine()} {platform.processor() or 'CPU'}, {os.cpu_count()} cores, torch {torch.__version__}, "
+            f"transformers {transformers.__version__}")
     if torch.device(device).type == "cuda":
         props = torch.cuda.get_device_properties(device)
         line += f", {props.name} ({props.total_memory / 2**30:.0f} GiB), CUDA {torch.version.cuda}"

@@ -66,3 +66,21 @@ def test_bad_arguments_exit_2_before_any_model_loads(monkeypatch, tmp_path, caps
     assert gpu_check.main(["--device", "cpu", "--runs", "0", "--out", str(tmp_path)]) == 2
     assert "--runs must be an int >= 1, got 0" in capsys.readouterr().err
     assert not any(tmp_path.iterdir())
+
+
+def test_a_failing_model_leaves_the_others_reported(monkeypatch, tmp_path, capsys):
+    from flashu_compile.tools import bench
+
+    gpu_check = _load()
+
+    def run_bench(args, device, dtype):
+        if args.model == "first":
+            raise RuntimeError("compilation broke")
+        return [bench.Result("eager 50", "t2i", runs_s=[1.0], flops=10)]
+
+    monkeypatch.setattr(bench, "run_bench", run_bench)
+    assert gpu_check.main(["--device", "cpu", "--model", "first,second", "--out", str(tmp_path)]) == 1
+    captured = capsys.readouterr()
+    assert "RuntimeError: compilation broke" in captured.err and "failed: first" in captured.out
+    table = (tmp_path / "bench.md").read_text()
+    assert table.startswith("## second\n") and "## first" not in table and "| eager 50 | 1.000 |" in table
