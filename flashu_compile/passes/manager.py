@@ -80,6 +80,8 @@ def tag(node: torch.fx.Node, pass_name: str, replaces: str | None = None) -> tor
 class PassManager:
     """Ordered passes; a pass that does not apply, or fails, is skipped with a warning (strict: an error).
 
+    A ValueError always propagates: it reports bad input (options, a plan), which no fallback can fix.
+
     A skipped pass leaves no trace: the graph, its attributes and the context's structure index are
     restored to what they were before it ran.
     """
@@ -117,6 +119,8 @@ class PassManager:
                 # Whatever the pass changed before it stopped is undone: later passes and the lowering
                 # see the graph (and index) as they were.
                 before.restore(gm, context)
+                if isinstance(error, ValueError):
+                    raise  # bad options or plan (the project's input errors are ValueErrors): the user must see it
                 if isinstance(error, PassNotApplicable):
                     self.not_applicable(name, str(error), time.perf_counter() - start, cause=error)
                 else:

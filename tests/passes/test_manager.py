@@ -84,6 +84,14 @@ def test_failing_pass_keeps_the_inputs_dynamo_sources():
     assert [n._dynamo_source for n in out.graph.find_nodes(op="placeholder")] == ["source of x"]
 
 
+def test_bad_input_error_propagates_without_strict():
+    def rejects_options(gm, index, options):
+        raise ValueError("option 'x' is -1, must be >= 0")
+
+    with pytest.raises(ValueError, match="option 'x' is -1"):
+        PassManager([("picky", rejects_options)]).run(traced(), None, None)
+
+
 def test_failing_pass_restores_the_structure_index(small_model, tokenizer):
     from flashu_compile.graph import build_index
     from flashu_compile.passes.manager import PassContext
