@@ -50,6 +50,8 @@ def test_rows_and_defaults_per_model():
     assert large[large.index("--runs") + 1] == "2" and large[large.index("--only") + 1:] == gpu_check.MMU
     cpu = gpu_check.bench_argv(gpu_check.parse(["--device", "cpu"]), "tiny")
     assert cpu[cpu.index("--dtype") + 1] == "float32" and not set(gpu_check.CUDAGRAPH_ROWS) & set(cpu)
+    # The tiny model's two layers leave none to drop tokens after (the paper's K = 2): its answer row has no passes.
+    assert "flashu off answer" in cpu and "flashu paper answer" not in cpu and cpu[cpu.index("--runs") + 1] == "1"
 
 
 def test_bad_arguments_exit_2_before_any_model_loads(monkeypatch, tmp_path, capsys):
