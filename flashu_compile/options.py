@@ -12,7 +12,8 @@ import dataclasses
 from dataclasses import dataclass, fields
 from typing import Any
 
-from .validate import check_float, check_int, check_schedule
+from .runtime.schedule import GuidanceSchedule, RelativeSchedule, check_guidance_schedule
+from .validate import check_float, check_int
 
 TASKS = ("auto", "t2i", "mmu")
 LOWERINGS = ("inductor", "eager", "tensorrt")
@@ -38,7 +39,9 @@ class FlashUOptions:
     skip_ratio: float = 0.2  # r_LS: fraction of decoder layers skipped
     skip_interval: int = 10  # T_LS: recalculation period of the skip set
     cache_interval: int = 5  # T_cache: refresh period of the flow-head cache
-    guidance_schedule: tuple[tuple[int, float], ...] | None = None  # (steps, scale) segments, in order
+    # None: the request's guidance on every call; [(steps, scale), ...]: absolute scales; {"relative": [(fraction of
+    # the calls, multiple of the request's guidance), ...]}: scales relative to it (runtime.schedule.guidance_scales)
+    guidance_schedule: GuidanceSchedule = None
     token_drop_layer: int = 2  # K: visual tokens are dropped after this decoder layer
     token_drop_ratio: float = 0.5  # rho: fraction of visual tokens dropped
     token_drop_order: str = "highest"  # drop the highest V-norm tokens (the paper's direction)
@@ -74,7 +77,9 @@ class FlashUOptions:
             check_float(f"option {name!r}", getattr(self, name), 0.0, 1.0, high_open=True)
         for name, low in _INT_FIELDS.items():
             check_int(f"option {name!r}", getattr(self, name), low)
-        check_schedule("option 'guidance_schedule'", self.guidance_schedule)
+        # Normalised here too (a mapping becomes a RelativeSchedule), so options built directly stay hashable.
+        object.__setattr__(self, "guidance_schedule",
+                           check_guidance_schedule("option 'guidance_schedule'", self.guidance_schedule))
         if self.cudagraphs and self.lowering != "inductor":
             raise ValueError(f"option 'cudagraphs' needs lowering='inductor' (Inductor captures the CUDA graphs), "
                              f"got lowering={self.lowering!r}")
@@ -148,19 +153,23 @@ def _coerce(key: str, value: Any, spec: dataclasses.Field) -> Any:
     if key == "passes":
         return tuple(_check_passes(value))
     if key == "guidance_schedule":
-        return check_schedule("option 'guidance_schedule'", value)
+        return check_guidance_schedule("option 'guidance_schedule'", value)
     return value  # plan: validated when a pass loads it
 
+
+PAPER_GUIDANCE = RelativeSchedule(((0.7, 0.75), (0.3, 1.0)))
 
 PRESETS: dict[str, dict[str, Any]] = {
     # A plain, correct backend: everything later is measured against it.
     "off": {"preset": "off"},
-    # The paper's defaults with the project's step rules (see README).
+    # The paper's defaults with the project's step rules (see README); guidance 0.75 s0 for the first 70% of the
+    # calls and s0 for the last 30%, s0 being the request's guidance, as the paper defines it.
     "paper": {"preset": "paper", "passes": ("prune_channels", "token_drop", "layer_skip", "head_cache"),
-              "guidance_schedule": ((24, 7.5), (11, 10.0))},
-    # The public FlashU code's exact step semantics (it has no understanding-side technique).
+              "guidance_schedule": PAPER_GUIDANCE},
+    # The public FlashU code's exact step semantics (it has no understanding-side technique). Its absolute
+    # [(24, 7.5), (11, 10.0)] at 35 grid points is this relative schedule at s0 = 10, call for call.
     "flashu-reference": {"preset": "flashu-reference", "passes": ("prune_channels", "layer_skip", "head_cache"),
-                         "guidance_schedule": ((24, 7.5), (11, 10.0)), "step_semantics": "flashu-reference"},
+                         "guidance_schedule": PAPER_GUIDANCE, "step_semantics": "flashu-reference"},
 }
 
-__all__ = ["LOWERINGS", "PASSES", "PASS_TASKS", "PRESETS", "TASKS", "FlashUOptions"]
+__all__ = ["LOWERINGS", "PAPER_GUIDANCE", "PASSES", "PASS_TASKS", "PRESETS", "TASKS", "FlashUOptions"]

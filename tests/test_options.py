@@ -2,6 +2,7 @@ import numpy as np
 import pytest
 
 from flashu_compile.options import FlashUOptions
+from flashu_compile.runtime.schedule import RelativeSchedule
 
 
 def test_presets():
@@ -10,7 +11,8 @@ def test_presets():
     assert paper.passes == ("prune_channels", "token_drop", "layer_skip", "head_cache")
     assert paper.token_drop_layer == 2 and paper.token_drop_ratio == 0.5 and paper.token_drop_order == "highest"
     assert paper.prune_ratio == 0.2 and paper.skip_interval == 10
-    assert paper.cache_interval == 5 and paper.hybrid_tau == 11 and paper.guidance_schedule == ((24, 7.5), (11, 10.0))
+    assert paper.cache_interval == 5 and paper.hybrid_tau == 11
+    assert paper.guidance_schedule == RelativeSchedule(((0.7, 0.75), (0.3, 1.0)))  # 0.75 s0, then s0 (the paper)
     ref = FlashUOptions.from_dict({"preset": "flashu-reference", "lowering": "eager"})
     assert ref.step_semantics == "flashu-reference" and ref.lowering == "eager" and "token_drop" not in ref.passes
 

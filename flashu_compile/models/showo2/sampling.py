@@ -15,6 +15,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ...runtime import guidance_scales, request
+from ...runtime.schedule import ignores_guidance
 from ...validate import MAX_GUIDANCE, MAX_SEED, MAX_SHIFT, MAX_STEPS, check_float, check_int
 from .sequences import Rows, t2i_rows
 
@@ -98,9 +99,10 @@ def generate_latents(
 ) -> torch.Tensor:
     """Latents (B, c, H, W) for ``prompts`` at the model's default resolution.
 
-    ``guidance`` is the constant scale (default :data:`DEFAULT_GUIDANCE`). ``options`` (a
-    FlashUOptions; default: the ones the model was compiled with) may carry a guidance schedule,
-    which fixes the scale of every step: a ``guidance`` given with one is ignored, with a warning.
+    ``guidance`` is the request's scale s0 (default :data:`DEFAULT_GUIDANCE`). ``options`` (a
+    FlashUOptions; default: the ones the model was compiled with) may carry a guidance schedule:
+    a relative one (the presets') scales s0 per call, so ``guidance`` always counts; an absolute
+    one fixes the scales itself, and a ``guidance`` it leaves unused is reported with a warning.
     Every argument is checked before any work.
     """
     options = options if options is not None else getattr(model, "flashu_options", None)
@@ -111,12 +113,14 @@ def generate_latents(
         if not isinstance(prompt, str):
             raise ValueError(f"prompts[{i}] must be a str, got {type(prompt).__name__} {prompt!r}")
     schedule = options.guidance_schedule if options is not None else None
-    if schedule is not None and guidance is not None:
-        warnings.warn(f"guidance={guidance!r} is ignored: the compiled flashu options' guidance_schedule "
-                      f"{list(schedule)} sets every step's scale (compile with guidance_schedule=None for a "
-                      "constant scale)", stacklevel=2)
+    explicit = guidance is not None
     guidance = check_float("guidance", DEFAULT_GUIDANCE if guidance is None else guidance, 0.0, MAX_GUIDANCE)
     steps = check_int("steps", steps, 2, MAX_STEPS)
+    semantics = options.step_semantics if options is not None else "project"
+    if explicit and ignores_guidance(schedule, steps - 1, semantics):
+        warnings.warn(f"guidance={guidance!r} is ignored: the compiled flashu options' absolute guidance_schedule "
+                      f"{list(schedule)} sets every step's scale (a relative schedule, {{'relative': [(fraction, "
+                      "multiple), ...]}, scales the request's guidance instead)", stacklevel=2)
     shift = check_float("shift", shift, 0.0, MAX_SHIFT, low_open=True)
     seed = check_int("seed", seed, 0, MAX_SEED)
     cfg = model.config
@@ -128,8 +132,7 @@ def generate_latents(
         noise = torch.randn(len(prompts), c, h, w, generator=gen)
     elif noise.shape != (len(prompts), c, h, w):
         raise ValueError(f"noise must be {(len(prompts), c, h, w)}, got {tuple(noise.shape)}")
-    scales = guidance_scales(schedule, steps - 1, guidance, options.step_semantics) \
-        if options is not None else [guidance] * (steps - 1)
+    scales = guidance_scales(schedule, steps - 1, guidance, semantics)
     rows = t2i_rows(tokenizer, prompts, cfg.num_image_tokens, max_text_len or cfg.max_text_len,
                     guidance=any(s > 0 for s in scales), dtype=model.dtype)
     # Noise is drawn on the CPU so a seed gives the same image on every device.
