@@ -42,8 +42,9 @@ def token_drop(gm: torch.fx.GraphModule, ctx: PassContext, options) -> PassResul
     layers = ctx.index.layers
     k = options.token_drop_layer
     if k >= len(layers) - 1:
-        raise ValueError(f"option 'token_drop_layer' is {k}, but this model has {len(layers)} decoder layers: "
-                         f"tokens can be dropped after layers 0..{len(layers) - 2}")
+        # The model's depth is the graph's, not a setting's fault: a preset's K may not fit a shallow model.
+        raise PassNotApplicable(f"option 'token_drop_layer' is {k}, but this model has {len(layers)} decoder layers: "
+                                f"tokens can be dropped after layers 0..{len(layers) - 2}")
     batch, n_visual = example_value(positions).shape
     hidden = example_value(layers[k].output)
     seq = hidden.shape[1]
