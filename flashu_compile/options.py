@@ -162,8 +162,8 @@ PAPER_GUIDANCE = RelativeSchedule(((0.7, 0.75), (0.3, 1.0)))
 PRESETS: dict[str, dict[str, Any]] = {
     # A plain, correct backend: everything later is measured against it.
     "off": {"preset": "off"},
-    # The paper's defaults with the project's step rules (see README); guidance 0.75 s0 for the first 70% of the
-    # calls and s0 for the last 30%, s0 being the request's guidance, as the paper defines it.
+    # The paper's defaults with the project's step rules (docs/presets.md); guidance 0.75 s0 for the first 70% of
+    # the calls and s0 for the last 30%, s0 being the request's guidance, as the paper defines it.
     "paper": {"preset": "paper", "passes": ("prune_channels", "token_drop", "layer_skip", "head_cache"),
               "guidance_schedule": PAPER_GUIDANCE},
     # The public FlashU code's exact step semantics (it has no understanding-side technique). Its absolute

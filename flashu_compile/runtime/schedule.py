@@ -3,7 +3,7 @@
 Steps are model calls counted 1..S. The public code counts its ``total_steps`` in grid points
 (S + 1) and stores the head cache on multiples of T_cache, so its first T_cache - 1 steps never
 reuse anything; ``flashu-reference`` reproduces that exactly, ``project`` refreshes on the first
-step of each window instead. Every difference is listed in the README.
+step of each window instead. Every difference is listed in docs/presets.md.
 """
 
 from __future__ import annotations

@@ -41,7 +41,7 @@ def scenes_config():
 
     The flow head is as wide as the LLM, so it needs no width projections, and has two blocks. In the same
     30 minutes this trained 6,529 steps of 16 + 12 rows where three 160-wide blocks (40-wide attention heads)
-    trained 5,331 steps of 16 + 16, and it answered questions better (README, "The embedded default model").
+    trained 5,331 steps of 16 + 16, and it answered questions better (flashu_compile/scenes/TRAINING.md).
     """
     return custom_config(
         vocab_size=len(SceneTokenizer()), hidden_size=128, num_layers=4, num_heads=4, num_kv_heads=2,
@@ -214,7 +214,7 @@ def train(minutes: float, out: Path, batch: int = 16, lr: float = 1.5e-3, seed: 
     ``answers_from`` is the fraction of the budget trained on text-to-image rows alone before the understanding
     rows join (default :data:`ANSWERS_FROM` when both tasks train, else 0). Answers learned from a generator
     that has already learned to draw the scenes reached 0.96 where joint training from the start reached 0.84,
-    with images scoring the same (README, "The embedded default model").
+    with images scoring the same (flashu_compile/scenes/TRAINING.md).
     ``reading_order_until`` is the fraction of the budget during which relation images are captioned only with
     the subject first in reading order ("A left of B", "A above B", never "B right of A"); see
     :func:`relation_captions`."""
