@@ -160,6 +160,10 @@ def calibrate_lm(
         raise ValueError(f"task must be one of {TASKS}, got {task!r}")
     if not isinstance(model, nn.Module):
         raise ValueError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    if hasattr(model.forward, "_torchdynamo_orig_callable") or hasattr(model, "_orig_mod"):
+        # Compiled, the forward hides its FFN inputs from the hooks (and a flashu program may have pruned them).
+        raise ValueError("model is already compiled (torch.compile): calibrate the uncompiled model, then compile it "
+                         "with options={'plan': plan, ...}")
     if texts is None and inputs is None:
         raise ValueError("no calibration data: give texts (strings or token ids) or inputs (dicts of model inputs)")
     kind, text_list = _text_kind(texts) if texts is not None else ("ids", [])

@@ -234,3 +234,10 @@ def test_models_and_masks_that_cannot_be_calibrated():
         calibrate_lm(lm, inputs=[{"input_ids": ids, "attention_mask": torch.ones(1, 3, dtype=torch.long)}])
     with pytest.raises(ValueError, match="no tokens"):
         calibrate_lm(lm, inputs=[{"input_ids": ids, "attention_mask": torch.zeros(1, 4, dtype=torch.long)}])
+
+
+def test_a_compiled_model_is_refused():
+    lm = _lm("qwen2")
+    lm.forward = torch.compile(lm.forward, backend="flashu", options={"lowering": "eager"})
+    with pytest.raises(ValueError, match="already compiled"):
+        calibrate_lm(lm, texts=[torch.arange(5)])
