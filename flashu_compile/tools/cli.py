@@ -211,6 +211,7 @@ def build_parser() -> argparse.ArgumentParser:
     __import__("flashu_compile.tools.bench", fromlist=["add_parser"]).add_parser(sub)
     __import__("flashu_compile.tools.bench_ffn", fromlist=["add_parser"]).add_parser(sub)
     __import__("flashu_compile.tools.build_trt", fromlist=["add_parser"]).add_parser(sub)
+    __import__("flashu_compile.tools.evaluate", fromlist=["add_parser"]).add_parser(sub)
     return parser
 
 
