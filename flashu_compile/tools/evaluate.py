@@ -55,7 +55,7 @@ def parse_config(text: str) -> tuple[str, dict[str, Any]]:
     if not sep or not name.strip() or not rest:
         raise ValueError(f"--config takes NAME=PRESET[,KEY=VALUE...], got {text!r}")
     preset, *overrides = split_top_level(rest)
-    options: dict[str, Any] = {"preset": preset}
+    options: dict[str, Any] = {"preset": preset.strip()}  # "a = paper" as "a=paper"
     for item in overrides:
         key, value = _parse_option(item)
         if key in options:

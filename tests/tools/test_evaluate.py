@@ -1,0 +1,99 @@
+"""``flashu-compile evaluate``: its options, its errors (before any model loads) and one small run end to end."""
+
+import json
+import re
+
+import pytest
+
+from flashu_compile.tools import cli
+from flashu_compile.tools.cli import build_parser, main
+from flashu_compile.tools.evaluate import configurations, parse_config, split_top_level
+
+
+@pytest.fixture
+def no_model(monkeypatch):
+    def load(args):
+        raise AssertionError("the model was loaded before the arguments were checked")
+
+    monkeypatch.setattr(cli, "_load", load)
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--steps", "1"], r"--steps must be an int in \[2, 10000\], got 1"),
+    (["--guidance", "nan"], "--guidance must be a finite number, got nan"),
+    (["--prompts", "0"], "--prompts must be an int >= 1, got 0"),
+    (["--questions", "-3"], "--questions must be an int >= 1, got -3"),
+    (["--images-per-prompt", "0"], "--images-per-prompt must be an int >= 1, got 0"),
+    (["--batch", "0"], "--batch must be an int >= 1, got 0"),
+    (["--seed", "-1"], r"--seed must be an int in \[0, "),
+    (["--resamples", "10"], "--resamples must be an int >= 100, got 10"),
+    (["--prompts", "5000"], "the test split has 841 scenes"),
+    (["--json", "."], "--json '.' exists and is a folder"),
+    (["--preset", "fast"], r"configuration 'fast': option 'preset' must be one of \['off', 'paper'"),
+    (["--lowering", "tvm"], r"configuration 'off': option 'lowering' must be one of"),
+    (["-O", "bogus=1"], r"configuration 'paper bogus=1': unknown flashu option\(s\) \['bogus'\]"),
+    (["-O", "skip_ratio"], "--option takes KEY=VALUE, got 'skip_ratio'"),
+    (["-O", "plan=somewhere"], "give the plan with --plan"),
+    (["-O", "guidance_schedule={\"relative\": [[0.7, 0.75]]}"], "fractions of the calls must sum to 1, got 0.7"),
+    (["--config", "x"], r"--config takes NAME=PRESET\[,KEY=VALUE...\], got 'x'"),
+    (["--config", "=paper"], "--config takes NAME=PRESET"),
+    (["--config", "a=off", "--config", "a=paper"], r"--config names must differ, got \['a', 'a'\]"),
+    (["--config", "a=paper", "--preset", "paper"], "--preset names the one configuration without --config"),
+    (["--config", "a=off,skip_ratio=0.1,skip_ratio=0.2"], "--config a: option 'skip_ratio' is given twice"),
+    (["--config", "a=off,passes=[\"layer_skip\",\"prefix_cache\"]"], "prefix_cache does not compose with layer_skip"),
+    (["--config", "a=off", "--config", "b=off,skip_ratio=2"], r"configuration 'b': option 'skip_ratio' must be in"),
+])
+def test_bad_arguments_are_errors_before_the_model_loads(argv, message, no_model, capsys):
+    assert main(["evaluate", *argv]) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and err.startswith("flashu-compile evaluate: error: ")
+    assert re.search(message, err), err
+
+
+def test_a_config_splits_at_top_level_commas_only():
+    assert split_top_level('paper,passes=["layer_skip","head_cache"],x={"a": [1, 2]},s="a,b"') == [
+        "paper", 'passes=["layer_skip","head_cache"]', 'x={"a": [1, 2]}', 's="a,b"']
+    assert parse_config('skip = off,passes=["layer_skip"],skip_ratio=0.5,step_semantics=project') == (
+        "skip", {"preset": "off", "passes": ["layer_skip"], "skip_ratio": 0.5, "step_semantics": "project"})
+    assert parse_config("rel=paper,guidance_schedule={\"relative\": [[1, 1]]}")[1]["guidance_schedule"] == {
+        "relative": [[1, 1]]}
+
+
+def _configs(*argv):
+    return configurations(build_parser().parse_args(["evaluate", *argv]))
+
+
+def test_which_configurations_run():
+    # Default: the plain baseline, then paper; all on the eager lowering.
+    assert _configs() == [("off", {"preset": "off", "lowering": "eager"}),
+                          ("paper", {"preset": "paper", "lowering": "eager"})]
+    # -O describes --preset's configuration; the baseline stays plain.
+    assert _configs("--preset", "off", "-O", "passes=[\"head_cache\"]", "--lowering", "inductor") == [
+        ("off", {"preset": "off", "lowering": "inductor"}),
+        ('off passes=["head_cache"]', {"passes": ["head_cache"], "preset": "off", "lowering": "inductor"})]
+    assert _configs("--preset", "off") == [("off", {"preset": "off", "lowering": "eager"})]
+    # With --config, in the order given, -O applied to each (a config's own value wins).
+    assert _configs("--config", "a=paper,hybrid_tau=3", "--config", "b=off", "-O", "hybrid_tau=5") == [
+        ("a", {"hybrid_tau": 3, "preset": "paper", "lowering": "eager"}),
+        ("b", {"hybrid_tau": 5, "preset": "off", "lowering": "eager"})]
+
+
+def test_a_small_run_end_to_end(tmp_path, capsys):
+    """Configurations see the same captions, questions and noise: one identical to the baseline differs by 0."""
+    out = tmp_path / "eval.json"
+    argv = ["evaluate", "--prompts", "3", "--images-per-prompt", "1", "--questions", "3", "--steps", "3",
+            "--config", "off=off", "--config", "same=off", "--config", 'skip=off,passes=["layer_skip"],skip_ratio=0.5',
+            "--json", str(out), "--no-progress", "--resamples", "200"]
+    assert main(argv) == 0
+    printed = capsys.readouterr().out
+    assert "| configuration | geneval/overall |" in printed and "Differences from off (paired):" in printed
+    assert "flashu-compile evaluate --prompts 3" in printed  # the command, for a report to quote
+    report = json.loads(out.read_text())
+    comparison = report["comparison"]
+    assert list(comparison["scores"]) == ["off", "same", "skip"] and comparison["baseline"] == "off"
+    assert all(d == {"value": 0.0, "low": 0.0, "high": 0.0} for d in comparison["differences"]["same"].values())
+    assert report["results"]["same"]["per_prompt"] == report["results"]["off"]["per_prompt"]
+    assert report["configurations"]["skip"] == {"preset": "off", "passes": ["layer_skip"], "skip_ratio": 0.5,
+                                                "lowering": "eager"}
+    for scores in comparison["scores"].values():
+        assert all(0 <= s["low"] <= s["value"] <= s["high"] <= 1 for s in scores.values())
