@@ -2,6 +2,14 @@
 
 With the option ``cudagraphs``, each graph compiled here (a whole graph, or each piece between
 the guards) is compiled as ``mode="reduce-overhead"`` would, and replays as CUDA graphs on a GPU.
+
+Dynamo compiles a frame inside its tracing context, whose fake mode carries a shape environment;
+Inductor's FX graph cache and AOTAutograd's cache key a graph only with one ("No shape env" is a
+bypass). The pieces flashu compiles lazily, on one call's real inputs after dynamo's context has
+closed (segments between guards, outlined regions, the full-network graph of a static trace), get
+a context of their own with static sizes, so they hit those caches as a plain dynamo graph does:
+in a restarted process, and across structurally identical pieces (decoder layers that differ only
+in their weights, which are inputs) within one.
 """
 
 from __future__ import annotations
@@ -13,6 +21,8 @@ from typing import Any
 
 import torch
 from torch.utils import _pytree as pytree
+
+from ..graph.compat import FakeTensorMode, ShapeEnv, TracingContext, detect_fake_mode, tracing
 
 
 @dataclass(frozen=True)
@@ -52,7 +62,15 @@ def lower_inductor(gm: torch.fx.GraphModule, example_inputs: list, settings: Ind
                       "(CUDA graphs need a GPU); Inductor compiles it without them", stacklevel=2)
         settings = None
     patches = settings.config_patches() if settings is not None else {}
-    compiled = compile_fx(gm, example_inputs, config_patches=patches)
+    if detect_fake_mode(pytree.tree_leaves(example_inputs)) is not None:
+        compiled = compile_fx(gm, example_inputs, config_patches=patches)  # dynamo's own context, or its fakes
+    else:
+        fake_mode = FakeTensorMode(shape_env=ShapeEnv())
+        # Every tensor, tuples' included, at its static size: no symbol may enter a piece compiled for one shape.
+        fakes = pytree.tree_map_only(torch.Tensor, lambda x: fake_mode.from_tensor(x, static_shapes=True),
+                                     example_inputs)
+        with tracing(TracingContext(fake_mode)):
+            compiled = compile_fx(gm, fakes, config_patches=patches)
     return copied_outputs(compiled) if patches else compiled
 
 

@@ -11,6 +11,8 @@ What callers rely on:
   ``fake_mode`` and ``tensor_to_context`` (the symbolic context dynamo recorded per input tensor);
 - ``FakeTensorMode.from_tensor(tensor, symbolic_context=...)``, remaking a fake with dynamo's symbols;
 - ``detect_fake_mode(values)``, the fake mode of fake values;
+- ``tracing(TracingContext(FakeTensorMode(shape_env=ShapeEnv())))`` and ``from_tensor(static_shapes=True)``:
+  a compilation context of flashu's own, for a piece compiled after dynamo's has closed;
 - ``fuse_as_graphmodule(gm, nodes, name, always_return_tuple=...)`` -> (submodule, inputs, outputs),
   and ``topo_sort(nodes)``.
 """
@@ -20,12 +22,13 @@ from __future__ import annotations
 import inspect
 
 import torch
-from torch._guards import TracingContext, detect_fake_mode
+from torch._guards import TracingContext, detect_fake_mode, tracing
 from torch._subclasses.fake_tensor import FakeTensor, FakeTensorMode
+from torch.fx.experimental.symbolic_shapes import ShapeEnv
 from torch.fx.passes.utils.fuser_utils import fuse_as_graphmodule, topo_sort
 
-__all__ = ["FakeTensor", "TracingContext", "detect_fake_mode", "fuse_as_graphmodule", "missing_internals",
-           "topo_sort"]
+__all__ = ["FakeTensor", "FakeTensorMode", "ShapeEnv", "TracingContext", "detect_fake_mode", "fuse_as_graphmodule",
+           "missing_internals", "topo_sort", "tracing"]
 
 
 def _accepts(fn, parameter: str) -> bool:
@@ -40,6 +43,8 @@ def missing_internals() -> list[str]:
         "TracingContext.fake_mode": hasattr(context, "fake_mode"),
         "TracingContext.tensor_to_context": hasattr(context, "tensor_to_context"),
         "FakeTensorMode.from_tensor(symbolic_context=)": _accepts(FakeTensorMode.from_tensor, "symbolic_context"),
+        "FakeTensorMode.from_tensor(static_shapes=)": _accepts(FakeTensorMode.from_tensor, "static_shapes"),
+        "FakeTensorMode(shape_env=)": _accepts(FakeTensorMode.__init__, "shape_env"),
         "fuse_as_graphmodule(always_return_tuple=)": _accepts(fuse_as_graphmodule, "always_return_tuple"),
     }
     return [name for name, present in checks.items() if not present]
