@@ -213,8 +213,8 @@ class Bench:
                  max_new_tokens: int = 32, seed: int = 0, scenes: list | None = None,
                  expected_answer: str | None = None, guidance: float = 7.5) -> None:
         """``image`` is a latent (1, c, h, w); ``scenes`` (one per prompt) and ``expected_answer``
-        switch on the scenes scorers. ``guidance`` is the constant scale of every text-to-image row
-        whose options set no guidance schedule."""
+        switch on the scenes scorers. ``guidance`` is s0 of every text-to-image row: its constant scale,
+        or the base a preset's relative guidance schedule scales."""
         if guidance < 0:  # the sampler would say so too, but only after every configuration has compiled
             raise ValueError(f"guidance must be >= 0, got {guidance}")
         self.guidance = guidance
@@ -662,7 +662,7 @@ def add_parser(sub) -> None:
     p.add_argument("--prompts", type=int, default=4, help="prompts per text-to-image request (test scenes)")
     p.add_argument("--max-new-tokens", type=int, default=32)
     p.add_argument("--guidance", type=float, default=7.5,
-                   help="guidance scale of the text-to-image rows without a guidance schedule (default: the "
+                   help="guidance s0 of the text-to-image rows, which a preset's schedule scales (default: the "
                         "official 7.5; the embedded model draws best at 1, which still runs both rows of CFG)")
     p.add_argument("--split", action="store_true",
                    help="add one row per generation technique (prune, skip, cache, prefix, guidance at 50 steps) "
