@@ -11,7 +11,6 @@ images pixel-unshuffled by 4, so no VAE is involved.
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import math
 import random
@@ -22,6 +21,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from flashu_compile.files import write_atomic, write_checksums
 from flashu_compile.models.showo2 import Showo2, custom_config
 from flashu_compile.models.showo2.sampling import shift_time
 from flashu_compile.models.showo2.sequences import mmu_row, omni_attention_mask, t2i_rows
@@ -159,12 +159,8 @@ def parse_kind_weights(text: str) -> dict[str, int]:
 
 def save_weights(model: Showo2, out: Path, log: dict) -> None:
     model.save_pretrained(str(out))
-    (out / "training.json").write_text(json.dumps(log, indent=1))
-    lines = []
-    for f in sorted(out.rglob("*")):
-        if f.is_file() and f.name != "SHA256SUMS":
-            lines.append(f"{hashlib.sha256(f.read_bytes()).hexdigest()}  {f.relative_to(out)}")
-    (out / "SHA256SUMS").write_text("\n".join(lines) + "\n")
+    write_atomic(out / "training.json", lambda tmp: tmp.write_text(json.dumps(log, indent=1)))
+    write_checksums(out)  # the listing a load verifies now covers the training log too
 
 
 def plot_losses(log: dict, path: Path) -> None:

@@ -102,12 +102,14 @@ def test_bad_settings_are_clear_errors(small_model, tokenizer):
 
 
 def test_image_free_prompt_is_left_alone(small_model, tokenizer):
-    """No marked image tokens (a text-only prefill): the documented no-op, same logits as eager."""
+    """No marked image tokens (a text-only prefill): the pass says it does not act, logits as eager (strict: error)."""
     rows, embeds = prepare(small_model, tokenizer, _image(small_model, 0), QUESTION)
-    torch._dynamo.reset()
-    fast = torch.compile(prefill, backend="flashu", options={"passes": ["token_drop"], "lowering": "eager",
-                                                             "strict": True})
-    with torch.no_grad():
-        got = fast(small_model, embeds, rows.attention_mask, DynamicCache(config=small_model.config.llm))
-        want = prefill(small_model, embeds, rows.attention_mask, DynamicCache(config=small_model.config.llm))
-    assert torch.equal(got, want)
+    for strict in (False, True):
+        torch._dynamo.reset()
+        fast = torch.compile(prefill, backend="flashu", options={"passes": ["token_drop"], "lowering": "eager",
+                                                                 "strict": strict})
+        with torch.no_grad(), (pytest.raises(Exception, match="no marked image tokens") if strict
+                               else pytest.warns(UserWarning, match="no marked image tokens")):
+            got = fast(small_model, embeds, rows.attention_mask, DynamicCache(config=small_model.config.llm))
+            want = prefill(small_model, embeds, rows.attention_mask, DynamicCache(config=small_model.config.llm))
+            assert torch.equal(got, want)

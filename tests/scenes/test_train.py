@@ -1,4 +1,5 @@
 import argparse
+import shutil
 
 import numpy as np
 import pytest
@@ -35,8 +36,9 @@ def test_short_run_writes_loadable_verified_weights(trained):
     assert (out.parent / "weights-losses.png").stat().st_size > 1000
 
 
-def test_tampered_weights_fail_the_checksum(trained):
-    out, _ = trained
+def test_tampered_weights_fail_the_checksum(trained, tmp_path):
+    out = tmp_path / "weights"
+    shutil.copytree(trained[0], out)  # the module's run stays intact for the tests after this one
     data = (out / "model.safetensors").read_bytes()
     (out / "model.safetensors").write_bytes(data[:-1] + bytes([data[-1] ^ 1]))
     with pytest.raises(CheckpointError, match="checksum mismatch for .*model.safetensors"):
