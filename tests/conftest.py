@@ -48,3 +48,13 @@ def builds(monkeypatch):
 
     monkeypatch.setattr(Specializations, "_build", spy)
     return seen
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """One intra-op thread for a module of tiny ops: the two cores are shared, and spin-waiting OpenMP threads
+    make such ops many times slower."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

@@ -75,6 +75,20 @@ def unbound_symbols(example_inputs: list) -> list[tuple[int, int, int]]:
     return recover
 
 
+def _compile_or_run_eagerly(program: Any, compile_now: Callable[[], None], what: str, they: str) -> None:
+    """Compile ``program`` for symbolic sizes now; if the lowering fails, warn and make it run eagerly.
+
+    Any failure has the same remedy: e.g. Inductor cannot bind a symbol that reaches a piece only
+    inside a size expression (s0 + 1), and correct results come first.
+    """
+    try:
+        compile_now()
+    except Exception as error:
+        warnings.warn(f"compiling {what} with symbolic sizes failed ({type(error).__name__}: {error}); "
+                      f"{they} eagerly", stacklevel=3)
+        program.fall_back_to_eager()
+
+
 class LazyLowered:
     """A graph lowered on first call, with that call's arguments as example inputs.
 
@@ -90,12 +104,7 @@ class LazyLowered:
         self.recover: list[tuple[int, int, int]] = []  # extra symbol inputs, see ``unbound_symbols``
         fakes = symbolic_inputs(gm, example_inputs) if example_inputs is not None and lowering != "eager" else None
         if fakes is not None:
-            try:
-                self.compile(fakes)
-            except Exception as error:  # any lowering failure has the same remedy
-                warnings.warn(f"compiling a graph with symbolic sizes failed ({type(error).__name__}: {error}); "
-                              f"it runs eagerly", stacklevel=2)
-                self.fall_back_to_eager()
+            _compile_or_run_eagerly(self, lambda: self.compile(fakes), "a graph", "it runs")
 
     def compile(self, example_inputs: list) -> None:
         from .registry import lower
@@ -196,14 +205,7 @@ class SegmentedProgram:
         self.fake_output: Any = None  # what the graph returns, on fakes, once compiled for symbolic sizes
         fakes = symbolic_inputs(gm, example_inputs or []) if lowering != "eager" else None
         if fakes is not None:
-            try:
-                self._compile_all(fakes)
-            except Exception as error:  # any lowering failure has the same remedy
-                # E.g. Inductor cannot bind a symbol that reaches a piece only inside a size expression
-                # (s0 + 1); correct results come first, so these pieces run eagerly.
-                warnings.warn(f"compiling the pieces of a graph with symbolic sizes failed ({type(error).__name__}: "
-                              f"{error}); they run eagerly", stacklevel=2)
-                self.fall_back_to_eager()
+            _compile_or_run_eagerly(self, lambda: self._compile_all(fakes), "the pieces of a graph", "they run")
 
     def fall_back_to_eager(self) -> None:
         for kind, fn, _, _ in self.steps:

@@ -14,13 +14,7 @@ VOCAB = 64
 SIZES = {"qwen2": (64, 48), "llama": (96, 72)}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # The two cores are shared; spin-waiting OpenMP threads make these tiny ops much slower.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _lm(family: str, seed: int = 0):

@@ -7,14 +7,7 @@ import torch
 
 from flashu_compile.calibrate import Plan, draw_specialization, format_specialization, specialization
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # A background job shares the two cores; spin-waiting OpenMP threads make these tiny ops ~10x slower.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _idx(values):

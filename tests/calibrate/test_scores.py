@@ -12,14 +12,7 @@ from flashu_compile.models.showo2 import Showo2
 
 from ..conftest import small_config
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # A background job shares the two cores; spin-waiting OpenMP threads make these tiny ops ~10x slower.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

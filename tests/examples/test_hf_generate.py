@@ -7,7 +7,6 @@ import sys
 from pathlib import Path
 
 import pytest
-import torch
 
 SCRIPT = Path(__file__).resolve().parents[2] / "examples" / "hf_generate.py"
 
@@ -24,13 +23,7 @@ def example():
         del sys.modules[spec.name]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # The two cores are shared; spin-waiting OpenMP threads make these tiny ops much slower.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _flops(line: str) -> tuple[float, float]:
