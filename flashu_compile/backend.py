@@ -32,6 +32,7 @@ from .runtime.flops import call_counted, counted
 from .runtime.guards import Controller, full_phase
 from .runtime.request import current_request, serving
 from .runtime.schedule import StepRules
+from .runtime.timeline import CallWatch, recording
 
 # Every pass, by option name (options.PASSES lists the same names in their canonical order).
 AVAILABLE_PASSES: dict[str, Pass] = {
@@ -85,12 +86,27 @@ class PhasedProgram:
             return call_counted(self.rewritten, *args)
         time = float(args[self.timestep].reshape(-1)[0]) if task == "t2i" and self.timestep is not None else None
         with serving(task, starts=self.starts, time=time):
-            run = self.rewritten
+            run, phase = self.rewritten, "rewritten"
             if self.full is not None and full_phase(self.controller.id):
-                run = self.full
+                run, phase = self.full, "full"
             elif self.specialized is not None and (skip := self.controller.settled_skip()) is not None:
-                run = self.specialized.get(skip)
-            return call_counted(run, *args)
+                run, phase = self.specialized.get(skip), "specialized"
+            if not recording():
+                return call_counted(run, *args)
+            return self._recorded(run, phase, args)
+
+    def _recorded(self, run: Callable, phase: str, args: tuple) -> Any:
+        """``run`` with a timeline record of what this call decided (runtime.timeline)."""
+        st = self.controller.state()
+        watch = CallWatch(st.history if st is not None else None)
+        out = call_counted(run, *args)
+        if st is None:
+            watch.close(self.controller.task, 0, "outside", frozenset(), False)
+        else:
+            measured = phase != "full" and st.recalc_due
+            skipped = st.skip if phase != "full" and not measured else frozenset()
+            watch.close(self.controller.task, st.step, phase, skipped, measured)
+        return out
 
 
 def _load_plan(plan: Any):
