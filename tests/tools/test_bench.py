@@ -192,7 +192,7 @@ def test_arguments_are_checked_before_any_work(monkeypatch, tmp_path, capsys):
     from flashu_compile.tools.cli import main
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
-    monkeypatch.setattr(bench, "run_bench", lambda *a: pytest.fail("the model loaded"))
+    monkeypatch.setattr(bench.cli, "run_bench", lambda *a: pytest.fail("the model loaded"))
     assert main(["bench", "--model", "tiny", "--device", "cuda", "--out", str(tmp_path)]) == 2
     assert "error: --device cuda: no CUDA device is available" in capsys.readouterr().err
     assert main(["bench", "--model", "tiny", "--only", "inductor 50 cudagraph", "--out", str(tmp_path)]) == 2
@@ -223,7 +223,7 @@ def test_model_without_codec_is_calibrated_and_asked_on_random_latents(monkeypat
     from flashu_compile.tools import bench
 
     # Stands for an official size: a model built on the device with the scenes tokenizer and no codec.
-    monkeypatch.setattr(bench, "OFFICIAL", ("tiny",))
+    monkeypatch.setattr(bench.loading, "OFFICIAL", ("tiny",))
     args = argparse.Namespace(model="tiny", seed=0, plan=None, no_progress=True)
     model = bench.load_model(args, torch.device("cpu"), torch.bfloat16)
     assert model.dtype == torch.bfloat16 and type(model.tokenizer).__name__ == "SceneTokenizer"

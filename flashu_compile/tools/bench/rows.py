@@ -1,0 +1,89 @@
+"""What a bench row is: a configuration (task, backend, steps, options) and its measured result; the default rows."""
+
+from __future__ import annotations
+
+import statistics
+from dataclasses import dataclass, field
+
+
+@dataclass
+class Config:
+    name: str
+    task: str  # "t2i" or "mmu"
+    backend: str  # "eager", "inductor" or "flashu"
+    steps: int = 50
+    options: dict | None = None
+
+
+@dataclass
+class Result:
+    name: str
+    task: str
+    runs_s: list[float] = field(default_factory=list)
+    prefill_s: list[float] = field(default_factory=list)  # mmu: the prefill's share of each warm run
+    compile_cold_s: float = 0.0  # first request, compilation included, Inductor caches empty
+    compile_warm_s: float | None = None  # the same after torch._dynamo.reset(), on-disk caches warm
+    flops: int = 0
+    peak_rss_mb: float = 0.0
+    graphs: int = 0
+    recompiles: int = 0
+    fidelity: float | None = None  # t2i: relative error of the final latent; mmu: token agreement
+    scores: dict = field(default_factory=dict)
+    peak_gpu_mb: float | None = None  # torch.cuda.max_memory_allocated over its runs; None off the GPU
+    tokens: int | None = None  # mmu: tokens in the answer (it stops at eos), which its time depends on
+
+    @property
+    def median_s(self) -> float:
+        return statistics.median(self.runs_s)
+
+
+# The per-technique rows (``--split``): what each generation technique saves on its own, at the
+# paper preset's settings. The pass rows drop the guidance schedule so that each row changes one thing.
+SPLIT = {"flashu prune 50": "prune_channels", "flashu skip 50": "layer_skip", "flashu cache 50": "head_cache",
+         "flashu prefix 50": "prefix_cache (exact; not in the paper preset)",
+         "flashu guidance 50": "guidance schedule", "flashu paper 50": "all of the paper preset"}
+
+
+# The rows that replay CUDA graphs; without a GPU they are left out of the default rows (--only still
+# picks them: Inductor then compiles without CUDA graphs, and the flashu lowering says so in a warning).
+CUDAGRAPH_ROWS = ("inductor 50 cudagraphs", "flashu paper 35 cudagraphs")
+
+
+def default_configs(plan, split: bool = False, cudagraphs: bool = False) -> list[Config]:
+    """The default comparison, plus the per-technique rows when ``split`` and the CUDA-graph rows when
+    ``cudagraphs``."""
+    paper = {"preset": "paper", "plan": plan}
+    configs = [
+        Config("eager 50", "t2i", "eager"),
+        Config("inductor 50", "t2i", "inductor"),
+        # Inductor's mode="reduce-overhead": the whole denoising step replays as CUDA graphs.
+        Config("inductor 50 cudagraphs", "t2i", "inductor", 50, {"triton.cudagraphs": True}),
+        # No pass enabled: must run as fast as Inductor (issue #3's 5% bound).
+        Config("flashu off 50", "t2i", "flashu", 50, {"preset": "off"}),
+        Config("flashu paper 50", "t2i", "flashu", 50, paper),
+        Config("flashu paper 35", "t2i", "flashu", 35, paper),
+        # Each compiled piece between the guards replays as CUDA graphs.
+        Config("flashu paper 35 cudagraphs", "t2i", "flashu", 35, paper | {"cudagraphs": True}),
+        Config("flashu-reference 35", "t2i", "flashu", 35, {"preset": "flashu-reference", "plan": plan}),
+        Config("eager+kv answer", "mmu", "eager"),
+        Config("inductor answer", "mmu", "inductor"),
+        Config("flashu off answer", "mmu", "flashu", options={"preset": "off"}),
+        Config("flashu paper answer", "mmu", "flashu", options=paper),
+    ]
+    if split:
+        one = {"prune": "prune_channels", "skip": "layer_skip", "cache": "head_cache", "prefix": "prefix_cache"}
+        configs += [Config(f"flashu {short} 50", "t2i", "flashu", 50,
+                           paper | {"passes": [name], "guidance_schedule": None}) for short, name in one.items()]
+        # No pass: the graphs are lowered as by preset "off"; only the sampler's guidance scales change.
+        configs.append(Config("flashu guidance 50", "t2i", "flashu", 50, paper | {"passes": []}))
+    return configs if cudagraphs else [c for c in configs if c.name not in CUDAGRAPH_ROWS]
+
+
+def select(configs: list[Config], only: list[str] | None) -> list[Config]:
+    if not only:
+        return configs
+    names = [c.name for c in configs]
+    unknown = [n for n in only if n not in names]
+    if unknown:
+        raise ValueError(f"unknown bench configuration(s) {unknown}; choose from {names}")
+    return [c for c in configs if c.name in only]
