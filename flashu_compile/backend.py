@@ -16,9 +16,10 @@ import torch
 
 from .backends import lower
 from .backends.registry import lowering_for
-from .backends.segmented import LazyLowered, copy_graph, is_symbolic
+from .backends.segmented import LazyLowered
 from .backends.specialized import Specializations
 from .graph import build_index
+from .graph.rewrite import copy_graph, is_symbolic
 from .graph.specialize import layer_guards
 from .graph.timestep import timestep_input
 from .options import PASS_TASKS, PASSES, FlashUOptions

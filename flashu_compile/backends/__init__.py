@@ -1,5 +1,5 @@
 """Lowerings of a rewritten FX graph: eager (debugging, property tests), Inductor, TensorRT."""
 
-from .registry import lower
+from .segmented import lower
 
 __all__ = ["lower"]

@@ -1,4 +1,7 @@
-"""Picks the lowering named by the options and returns the compiled callable."""
+"""The lowerings by name, and the one that lowers a graph without guards.
+
+A graph with guards is cut into pieces first (``segmented.lower``); each guard-free piece comes back here.
+"""
 
 from __future__ import annotations
 
@@ -13,8 +16,11 @@ from .tensorrt import TensorRTSettings, lower_tensorrt
 
 LOWERINGS = ("inductor", "eager", "tensorrt")
 
+# A lowering's name, or the settings standing for "tensorrt" or "inductor" with those settings.
+Lowering = str | TensorRTSettings | InductorSettings
 
-def lowering_for(options: Any) -> str | TensorRTSettings | InductorSettings:
+
+def lowering_for(options: Any) -> Lowering:
     """What ``lower`` takes for a FlashUOptions: the lowering's name, or the TensorRT lowering's settings, or the
     Inductor lowering's when it captures CUDA graphs."""
     if options.lowering == "tensorrt":
@@ -24,10 +30,9 @@ def lowering_for(options: Any) -> str | TensorRTSettings | InductorSettings:
     return options.lowering
 
 
-def lower(gm: torch.fx.GraphModule, example_inputs: list, lowering: str | TensorRTSettings | InductorSettings
-          ) -> Callable:
-    """Lower ``gm`` by name; a TensorRTSettings stands for "tensorrt" with those settings, an InductorSettings
-    for "inductor" with those."""
+def lower_unguarded(gm: torch.fx.GraphModule, example_inputs: list, lowering: Lowering) -> Callable:
+    """Lower ``gm``, which has no guard ops, by name; a TensorRTSettings stands for "tensorrt" with those settings,
+    an InductorSettings for "inductor" with those."""
     name = {TensorRTSettings: "tensorrt", InductorSettings: "inductor"}.get(type(lowering), lowering)
     if name not in LOWERINGS:
         raise ValueError(f"unknown lowering {lowering!r}; choose one of {list(LOWERINGS)}")
@@ -35,11 +40,6 @@ def lower(gm: torch.fx.GraphModule, example_inputs: list, lowering: str | Tensor
         from .eager import lower_eager
 
         return lower_eager(gm, example_inputs)
-    from .segmented import SegmentedProgram, has_guards
-
-    if has_guards(gm):
-        # Guards read per-step state in Python; only the segments between them are compiled.
-        return SegmentedProgram(gm, lowering, example_inputs)
     if name == "inductor":
         # Through the module, so a test can watch every piece Inductor compiles.
         return inductor.lower_inductor(gm, example_inputs, lowering if isinstance(lowering, InductorSettings) else None)

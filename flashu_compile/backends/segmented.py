@@ -21,18 +21,18 @@ import torch.fx
 import torch.utils._pytree as pytree
 
 from ..graph.compat import FakeTensor, TracingContext, detect_fake_mode, fuse_as_graphmodule
+from ..graph.rewrite import copy_graph, has_guards, is_symbolic
 from ..runtime.guards import GUARDS
+from .registry import Lowering, lower_unguarded
 
 
-def has_guards(gm: torch.fx.GraphModule) -> bool:
-    return any(n.op == "call_function" and n.target in GUARDS for n in gm.graph.nodes)
-
-
-def copy_graph(gm: torch.fx.GraphModule) -> torch.fx.GraphModule:
-    """A GraphModule with its own copy of ``gm``'s graph (sharing its attributes)."""
-    graph = torch.fx.Graph()
-    graph.output(graph.graph_copy(gm.graph, {}))
-    return torch.fx.GraphModule(gm, graph)
+def lower(gm: torch.fx.GraphModule, example_inputs: list, lowering: Lowering) -> Callable:
+    """Lower ``gm``: a graph with guards becomes a SegmentedProgram of lowered pieces, any other graph is
+    lowered whole (see :func:`registry.lower_unguarded` for what ``lowering`` may be)."""
+    if has_guards(gm):
+        # Guards read per-step state in Python; only the segments between them are compiled.
+        return SegmentedProgram(gm, lowering, example_inputs)
+    return lower_unguarded(gm, example_inputs, lowering)
 
 
 def _expr(size: Any) -> sympy.Expr | None:
@@ -107,8 +107,6 @@ class LazyLowered:
             _compile_or_run_eagerly(self, lambda: self.compile(fakes), "a graph", "it runs")
 
     def compile(self, example_inputs: list) -> None:
-        from .registry import lower
-
         # A copy: Inductor may rewrite a graph's output in place, and the graph must stay reusable
         # (fake propagation, or an eager fallback).
         gm = copy_graph(self.gm)
@@ -154,11 +152,6 @@ class _CompileOnFakes:
         out = self.region.gm(*args)
         self.region.compile(list(args))
         return out
-
-
-def is_symbolic(value: Any) -> bool:
-    return isinstance(value, torch.SymInt) or (
-        isinstance(value, torch.Tensor) and any(isinstance(d, torch.SymInt) for d in value.shape))
 
 
 def symbolic_inputs(gm: torch.fx.GraphModule, example_inputs: list) -> list | None:

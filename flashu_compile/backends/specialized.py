@@ -17,7 +17,7 @@ from typing import Any
 import torch
 
 from ..graph.specialize import resolve_layer_guards
-from .registry import lower
+from .segmented import lower
 
 
 class Specializations:

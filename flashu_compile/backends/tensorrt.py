@@ -42,8 +42,8 @@ import torch.utils._pytree as pytree
 from torch._guards import tracing
 from torch._subclasses.fake_tensor import FakeTensor, unset_fake_temporarily
 
+from ..graph.rewrite import copy_graph, is_symbolic
 from ..runtime.markers import MARK_VISUAL
-from .segmented import copy_graph, is_symbolic
 from .trt_cache import attribute, cache_key, default_root, graph_hash
 
 # Marker op -> the index of the argument it passes through unchanged.

@@ -13,8 +13,8 @@ from collections.abc import Callable, Iterable
 
 import torch.fx
 
-from ..passes.manager import PassNotApplicable, tag
 from .compat import fuse_as_graphmodule, topo_sort
+from .rewrite import PassNotApplicable, tag
 
 
 def region_cycle(region: Iterable[torch.fx.Node]) -> tuple[torch.fx.Node, torch.fx.Node] | None:

@@ -13,8 +13,8 @@ from collections.abc import Iterable
 
 import torch.fx
 
-from ..backends.segmented import copy_graph, has_guards
 from ..runtime.guards import layer_guard
+from .rewrite import copy_graph, has_guards
 
 
 def layer_guards(gm: torch.fx.GraphModule) -> list[torch.fx.Node]:

@@ -18,19 +18,17 @@ from typing import Any
 
 import torch.fx
 
+# The pass contract's shared names live below the passes (graph utilities raise and tag too); passes import them here.
+from ..graph.rewrite import PROVENANCE_KEY as PROVENANCE_KEY
+from ..graph.rewrite import PassNotApplicable
+from ..graph.rewrite import tag as tag
 from ..graph.structure import StructureIndex
-
-PROVENANCE_KEY = "flashu_pass"
 
 
 @dataclass
 class PassResult:
     changed: bool
     stats: dict[str, Any] = field(default_factory=dict)
-
-
-class PassNotApplicable(Exception):
-    """A pass found nothing it can rewrite safely in this graph; the message says why."""
 
 
 @dataclass
@@ -69,12 +67,6 @@ def observe_passes(observer: PassObserver) -> Iterator[None]:
         yield
     finally:
         _OBSERVER.reset(token)
-
-
-def tag(node: torch.fx.Node, pass_name: str, replaces: str | None = None) -> torch.fx.Node:
-    """Mark a node as made by ``pass_name`` (and which original node it stands for)."""
-    node.meta[PROVENANCE_KEY] = {"pass": pass_name, "replaces": replaces}
-    return node
 
 
 class PassManager:

@@ -21,7 +21,7 @@ from flashu_compile.calibrate import Plan, PlanError, model_fingerprint
 from flashu_compile.calibrate.plan import _meta_digest, decoder_layers, layer_signatures
 from flashu_compile.files import CHECKSUMS, write_checksums
 from flashu_compile.models.showo2 import Showo2
-from flashu_compile.models.showo2.checkpoint import CheckpointError, load_showo2, save_showo2
+from flashu_compile.models.showo2.checkpoint import CheckpointError
 
 from ..conftest import small_config
 
@@ -153,8 +153,8 @@ def checkpoints(tmp_path_factory):
     other = Showo2.random(small_config(num_layers=1), seed=5)
     root = tmp_path_factory.mktemp("checkpoints")
     for layout, kwargs in LAYOUTS.items():
-        save_showo2(model, root / layout, **kwargs)
-        save_showo2(other, root / f"{layout}-other", **kwargs)
+        model.save_pretrained(root / layout, **kwargs)
+        other.save_pretrained(root / f"{layout}-other", **kwargs)
     return model, root
 
 
@@ -188,7 +188,7 @@ def test_damaged_checkpoint_folders_load_right_or_raise_checkpoint_error(checkpo
             (folder / CHECKSUMS).unlink()
         damage(folder, corruption, root / f"{layout}-other", _sign_checkpoint)
         try:
-            loaded = load_showo2(folder)
+            loaded = Showo2.from_pretrained(folder)
         except CheckpointError as err:
             assert str(err)
             return

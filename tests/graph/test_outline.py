@@ -2,7 +2,7 @@ import pytest
 import torch
 
 from flashu_compile.graph.outline import outline, region_cycle
-from flashu_compile.passes.manager import PassNotApplicable
+from flashu_compile.graph.rewrite import PassNotApplicable
 
 
 def passthrough(cid, block, *inputs):

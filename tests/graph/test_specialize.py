@@ -3,7 +3,7 @@
 import torch
 
 from flashu_compile import backend
-from flashu_compile.backends.segmented import copy_graph
+from flashu_compile.graph.rewrite import copy_graph
 from flashu_compile.graph.specialize import layer_guards, resolve_layer_guards
 from flashu_compile.models.showo2 import Showo2
 from flashu_compile.models.showo2.understanding import answer_tokens

@@ -8,7 +8,7 @@ from safetensors.torch import load_file, save_file
 
 from flashu_compile.files import write_checksums
 from flashu_compile.models.showo2 import Showo2
-from flashu_compile.models.showo2.checkpoint import CheckpointError, load_showo2, save_showo2
+from flashu_compile.models.showo2.checkpoint import CheckpointError
 from flashu_compile.models.showo2.sequences import t2i_rows
 
 
@@ -24,11 +24,11 @@ def outputs(model, tokenizer):
 @pytest.mark.parametrize("fmt, shard", [("safetensors", None), ("bin", None), ("safetensors", 40_000),
                                         ("bin", 40_000)])
 def test_round_trip_gives_identical_outputs(tmp_path, small_model, tokenizer, fmt, shard):
-    save_showo2(small_model, tmp_path, format=fmt, max_shard_bytes=shard)
+    small_model.save_pretrained(tmp_path, format=fmt, max_shard_bytes=shard)
     files = os.listdir(tmp_path)
     if shard:
         assert any(f.endswith(".index.json") for f in files) and len(files) > 5
-    loaded = load_showo2(tmp_path).attach(tokenizer=tokenizer)
+    loaded = Showo2.from_pretrained(tmp_path).attach(tokenizer=tokenizer)
     (la, va), (lb, vb) = outputs(small_model, tokenizer), outputs(loaded, tokenizer)
     assert torch.equal(la, lb) and torch.equal(va, vb)
     official = json.loads((tmp_path / "config.json").read_text())
@@ -37,15 +37,15 @@ def test_round_trip_gives_identical_outputs(tmp_path, small_model, tokenizer, fm
 
 
 def test_load_in_bfloat16(tmp_path, small_model):
-    save_showo2(small_model, tmp_path)
-    loaded = load_showo2(tmp_path, dtype=torch.bfloat16)
+    small_model.save_pretrained(tmp_path)
+    loaded = Showo2.from_pretrained(tmp_path, dtype=torch.bfloat16)
     assert loaded.showo.model.layers[0].mlp.up_proj.weight.dtype == torch.bfloat16
     assert loaded.head_inv_freq.dtype == torch.float32
 
 
 @pytest.fixture()
 def saved(tmp_path, small_model):
-    save_showo2(small_model, tmp_path)
+    small_model.save_pretrained(tmp_path)
     return tmp_path
 
 
@@ -73,19 +73,19 @@ def edit_config(folder: Path, change):
 def test_missing_key_is_named(saved):
     edit_weights(saved, lambda s: s.pop("diffusion_head_a.1.mlp.up_proj.weight"))
     with pytest.raises(CheckpointError, match=r"missing keys: diffusion_head_a\.1\.mlp\.up_proj\.weight"):
-        load_showo2(saved)
+        Showo2.from_pretrained(saved)
 
 
 def test_unexpected_key_is_named(saved):
     edit_weights(saved, lambda s: s.update({"diffusion_head_a.7.mlp.up_proj.weight": torch.zeros(2)}))
     with pytest.raises(CheckpointError, match=r"unexpected keys: diffusion_head_a\.7\.mlp\.up_proj\.weight"):
-        load_showo2(saved)
+        Showo2.from_pretrained(saved)
 
 
 def test_wrong_shape_is_named(saved):
     edit_weights(saved, lambda s: s.update({"fusion_proj.3.weight": torch.zeros(3, 3)}))
     with pytest.raises(CheckpointError, match=r"fusion_proj\.3\.weight: checkpoint \(3, 3\) vs model \(32, 32\)"):
-        load_showo2(saved)
+        Showo2.from_pretrained(saved)
 
 
 def test_corrupt_safetensors(saved):
@@ -93,15 +93,15 @@ def test_corrupt_safetensors(saved):
     data = (saved / "model.safetensors").read_bytes()
     (saved / "model.safetensors").write_bytes(data[:50])
     with pytest.raises(CheckpointError, match="corrupt or unreadable weight file .*model.safetensors"):
-        load_showo2(saved)
+        Showo2.from_pretrained(saved)
 
 
 def test_corrupt_bin(tmp_path, small_model):
-    save_showo2(small_model, tmp_path, format="bin")
+    small_model.save_pretrained(tmp_path, format="bin")
     official(tmp_path)
     (tmp_path / "pytorch_model.bin").write_bytes(b"not a checkpoint at all")
     with pytest.raises(CheckpointError, match="corrupt or unreadable weight file .*pytorch_model.bin"):
-        load_showo2(tmp_path)
+        Showo2.from_pretrained(tmp_path)
 
 
 def test_truncated_tensor_data_fails_before_returning(saved):
@@ -110,63 +110,63 @@ def test_truncated_tensor_data_fails_before_returning(saved):
     data = (saved / "model.safetensors").read_bytes()
     (saved / "model.safetensors").write_bytes(data[: len(data) - 1000])
     with pytest.raises(CheckpointError):
-        load_showo2(saved)
+        Showo2.from_pretrained(saved)
 
 
 def test_missing_shard(tmp_path, small_model):
-    save_showo2(small_model, tmp_path, max_shard_bytes=40_000)
+    small_model.save_pretrained(tmp_path, max_shard_bytes=40_000)
     official(tmp_path)
     shard = sorted(tmp_path.glob("model-0000*.safetensors"))[1]
     shard.unlink()
     with pytest.raises(CheckpointError, match=f"shard\\(s\\) that do not exist: \\['{shard.name}'\\]"):
-        load_showo2(tmp_path)
+        Showo2.from_pretrained(tmp_path)
 
 
 def test_no_weights(saved):
     official(saved)
     (saved / "model.safetensors").unlink()
     with pytest.raises(CheckpointError, match="no weights in"):
-        load_showo2(saved)
+        Showo2.from_pretrained(saved)
 
 
 def test_missing_folder_and_config(tmp_path):
     with pytest.raises(CheckpointError, match="does not exist"):
-        load_showo2(tmp_path / "nope")
+        Showo2.from_pretrained(tmp_path / "nope")
     with pytest.raises(CheckpointError, match="no config.json"):
-        load_showo2(tmp_path)
+        Showo2.from_pretrained(tmp_path)
 
 
 def test_invalid_config_json(saved):
     official(saved)
     (saved / "config.json").write_text("{not json")
     with pytest.raises(CheckpointError, match="config.json is not valid JSON"):
-        load_showo2(saved)
+        Showo2.from_pretrained(saved)
 
 
 def test_unresolvable_llm_path(saved):
     edit_config(saved, lambda c: c.update(llm_model_path="someone/unknown-llm"))
     with pytest.raises(CheckpointError, match="'someone/unknown-llm' is neither a local folder"):
-        load_showo2(saved)
+        Showo2.from_pretrained(saved)
 
 
 def test_llm_path_absolute_and_hub_preset(saved, tmp_path_factory):
     # An absolute folder works as well as a path relative to the checkpoint.
     edit_config(saved, lambda c: c.update(llm_model_path=str((saved / "llm").resolve())))
-    assert load_showo2(saved).config.hidden_size == 32
+    assert Showo2.from_pretrained(saved).config.hidden_size == 32
     # A known hub id resolves to its built-in dimensions, which then disagree with these weights.
     edit_config(saved, lambda c: c.update(llm_model_path="Qwen/Qwen2.5-1.5B-Instruct"))
     with pytest.raises(CheckpointError, match="hidden_size 32 differs from the LLM width 1536"):
-        load_showo2(saved)
+        Showo2.from_pretrained(saved)
 
 
 def test_bad_diffusion_head_override(saved):
     edit_config(saved, lambda c: c["diffusion_head"].update(depth=3))
     with pytest.raises(CheckpointError, match=r"unknown diffusion_head key\(s\) \['depth'\]"):
-        load_showo2(saved)
+        Showo2.from_pretrained(saved)
     edit_config(saved, lambda c: c["diffusion_head"].update(depth=None) or c["diffusion_head"].pop("depth"))
     edit_config(saved, lambda c: c["diffusion_head"].update(num_key_value_heads=3))
     with pytest.raises(CheckpointError, match="multiple of num_key_value_heads"):
-        load_showo2(saved)
+        Showo2.from_pretrained(saved)
 
 
 def test_diffusion_head_override_changes_dimensions(tmp_path, tokenizer):
@@ -174,19 +174,19 @@ def test_diffusion_head_override_changes_dimensions(tmp_path, tokenizer):
 
     model = Showo2.random(small_config(head_hidden_size=40, head_heads=2, head_kv_heads=1, head_dim=20,
                                        head_intermediate_size=56), seed=3)
-    save_showo2(model, tmp_path)
+    model.save_pretrained(tmp_path)
     head = json.loads((tmp_path / "config.json").read_text())["diffusion_head"]
     assert head == {"hidden_size": 40, "head_dim": 20, "intermediate_size": 56, "num_attention_heads": 2,
                     "num_key_value_heads": 1}
-    loaded = load_showo2(tmp_path)
+    loaded = Showo2.from_pretrained(tmp_path)
     assert loaded.diffusion_head_a[0].mlp.up_proj.weight.shape == (56, 40)
 
 
 def test_tied_lm_head_may_be_present_or_absent(tmp_path, small_model):
-    save_showo2(small_model, tmp_path, format="bin")
+    small_model.save_pretrained(tmp_path, format="bin")
     state = torch.load(tmp_path / "pytorch_model.bin")
     assert "showo.lm_head.weight" in state  # as torch.save of the official state dict writes it
-    loaded = load_showo2(tmp_path)
+    loaded = Showo2.from_pretrained(tmp_path)
     assert loaded.showo.lm_head.weight.data_ptr() == loaded.showo.model.embed_tokens.weight.data_ptr()
 
 
@@ -218,7 +218,7 @@ def test_a_save_never_replaces_a_folder_with_other_files(tmp_path, small_model):
     assert sorted(os.listdir(tmp_path)) == before and (tmp_path / "notes.txt").read_text() == "mine"
     (tmp_path.parent / "a-file").write_text("x")
     with pytest.raises(CheckpointError, match="exists and is not a folder"):
-        save_showo2(small_model, tmp_path.parent / "a-file")
+        small_model.save_pretrained(tmp_path.parent / "a-file")
 
 
 def test_files_a_listing_covers_may_be_replaced(tmp_path, small_model):
@@ -240,11 +240,11 @@ def test_files_a_listing_covers_may_be_replaced(tmp_path, small_model):
 def test_a_listed_folder_loads_only_as_listed(saved, change, message):
     change(saved)
     with pytest.raises(CheckpointError, match=message):
-        load_showo2(saved)
+        Showo2.from_pretrained(saved)
 
 
 def test_invalid_save_arguments_fail_before_writing(tmp_path, small_model):
     for bad in (0, -5, 2.5, True, "1"):
         with pytest.raises(ValueError, match="max_shard_bytes must be a positive integer"):
-            save_showo2(small_model, tmp_path / "out", max_shard_bytes=bad)
+            small_model.save_pretrained(tmp_path / "out", max_shard_bytes=bad)
     assert not (tmp_path / "out").exists()

@@ -7,7 +7,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from flashu_compile.models.showo2.checkpoint import load_showo2
+from flashu_compile.models.showo2 import Showo2
 from flashu_compile.models.showo2.sampling import euler_cfg, time_grid
 from flashu_compile.models.showo2.sequences import Rows, mmu_row, t2i_rows
 from flashu_compile.models.showo2.tokenizer import ASSISTANT_PREFIX, SYSTEM_PROMPT, USER_PREFIX
@@ -24,7 +24,7 @@ def recorded():
 
 @pytest.fixture(scope="module")
 def model():
-    return load_showo2(FIXTURE / "ckpt")
+    return Showo2.from_pretrained(FIXTURE / "ckpt")
 
 
 class RecordedIds:

@@ -8,8 +8,8 @@ from torch._dynamo.utils import counters
 from transformers import DynamicCache
 
 from flashu_compile.backends import inductor
-from flashu_compile.backends.segmented import is_symbolic
 from flashu_compile.calibrate import calibrate
+from flashu_compile.graph.rewrite import is_symbolic
 from flashu_compile.models.showo2 import Showo2
 from flashu_compile.models.showo2.understanding import answer_tokens, prefill, prepare
 from flashu_compile.runtime.request import request

@@ -19,22 +19,24 @@ import os
 import re
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 from huggingface_hub.errors import StrictDataclassError
 from safetensors import safe_open
 from safetensors.torch import save_file
+from torch import nn
 from transformers import Qwen2Config, SiglipConfig, SiglipVisionConfig
 
 from ...files import CHECKSUMS, read_checksums, replacing_dir, sha256_file, write_checksums
 from .configuration import HUB_PRESETS, FlowHeadConfig, Showo2Config
-from .modeling import Showo2
 from .modules import llama3_inv_freq
 
 CONFIG_NAME = "config.json"
 SAFE_INDEX = "model.safetensors.index.json"
 BIN_INDEX = "pytorch_model.bin.index.json"
+
+M = TypeVar("M", bound=nn.Module)
 
 
 class CheckpointError(ValueError):
@@ -210,12 +212,14 @@ def _list(names: list[str], limit: int = 12) -> str:
 
 
 def load_showo2(
+    model_class: type[M],
     path: str | os.PathLike,
     dtype: torch.dtype = torch.float32,
     tokenizer_path: str | os.PathLike | None = None,
     vae_path: str | os.PathLike | None = None,
-) -> Showo2:
-    """Load an official-layout Show-o2 checkpoint folder into a :class:`Showo2` (eval mode).
+) -> M:
+    """Load an official-layout Show-o2 checkpoint folder into a ``model_class`` (eval mode); the class is
+    given by ``Showo2.from_pretrained``, which this module stays below.
 
     ``tokenizer_path`` is a local Qwen2.5 tokenizer folder and ``vae_path`` a local diffusers
     Wan2.1 VAE folder; small models with a pixel codec need neither.
@@ -228,7 +232,7 @@ def load_showo2(
     torch.set_default_dtype(dtype)
     try:
         with torch.device("meta"):
-            model = Showo2(config)  # shapes only: no memory, no init cost
+            model = model_class(config)  # shapes only: no memory, no init cost
     except (TypeError, ValueError, ArithmeticError, AttributeError, LookupError, RuntimeError) as err:
         # A config value the modules cannot be built from (an unknown activation, a negative size).
         raise CheckpointError(f"{folder / CONFIG_NAME} does not describe a buildable model: "
@@ -293,7 +297,7 @@ def load_showo2(
     return model
 
 
-def _reset_buffers(model: Showo2) -> None:
+def _reset_buffers(model: nn.Module) -> None:
     """Recompute the non-persistent rotary tables that meta construction left empty."""
     from transformers.models.qwen2.modeling_qwen2 import Qwen2RotaryEmbedding
 
@@ -338,7 +342,7 @@ def _check_replaceable(folder: Path) -> None:
 
 
 def save_showo2(
-    model: Showo2, path: str | os.PathLike, format: str = "safetensors", max_shard_bytes: int | None = None
+    model: nn.Module, path: str | os.PathLike, format: str = "safetensors", max_shard_bytes: int | None = None
 ) -> None:
     """Write ``model`` in the official layout (config.json + weights, optionally sharded) plus ``SHA256SUMS``.
 

@@ -1,11 +1,14 @@
-"""The embedded default model: a small Show-o2 trained on the synthetic scenes, shipped in the package."""
+"""The embedded default model's folder: a small Show-o2 trained on the synthetic scenes, shipped in the package.
+
+``Showo2.default()`` loads it; this module knows the folder and checks it, not the model class.
+"""
 
 from __future__ import annotations
 
-import warnings
 from pathlib import Path
 
 from ...files import sha256_file
+from .checkpoint import CheckpointError
 
 WEIGHTS_DIR = Path(__file__).resolve().parents[2] / "weights" / "showo2-scenes"
 CHECKSUMS = "SHA256SUMS"
@@ -13,8 +16,6 @@ CHECKSUMS = "SHA256SUMS"
 
 def verify_checksums(folder: Path) -> None:
     """Compare every file listed in ``SHA256SUMS`` with its digest; raise naming the first mismatch."""
-    from .checkpoint import CheckpointError
-
     listing = folder / CHECKSUMS
     if not listing.is_file():
         raise CheckpointError(f"{listing} is missing: the embedded weights cannot be verified")
@@ -26,19 +27,3 @@ def verify_checksums(folder: Path) -> None:
         actual = sha256_file(file)
         if actual != digest:
             raise CheckpointError(f"checksum mismatch for {file}: expected {digest}, got {actual}")
-
-
-def load_default():
-    """The shipped trained model, checksum-verified; the seeded ``tiny`` preset if none is shipped."""
-    from .checkpoint import load_showo2
-    from .modeling import Showo2
-
-    if not (WEIGHTS_DIR / "config.json").is_file():
-        warnings.warn(
-            f"no trained embedded weights at {WEIGHTS_DIR}; using the randomly initialised 'tiny' preset "
-            "(outputs are not meaningful images or answers)",
-            stacklevel=2,
-        )
-        return Showo2.from_preset("tiny")
-    verify_checksums(WEIGHTS_DIR)
-    return load_showo2(WEIGHTS_DIR)

@@ -8,13 +8,16 @@ loops over tensor values, so one denoising step or prefill traces into a single 
 from __future__ import annotations
 
 import copy
+import warnings
 
 import torch
 from torch import nn
 from transformers import Qwen2ForCausalLM
 from transformers.models.siglip.modeling_siglip import SiglipEncoder
 
+from .checkpoint import load_showo2, save_showo2
 from .configuration import Showo2Config, preset
+from .embedded import WEIGHTS_DIR, verify_checksums
 from .modules import (
     FinalLayer,
     ModulatedAttentionBlock,
@@ -111,16 +114,21 @@ class Showo2(nn.Module):
     @classmethod
     def from_pretrained(cls, path: str, **kwargs) -> Showo2:
         """Load an official-layout checkpoint folder; see :func:`checkpoint.load_showo2`."""
-        from .checkpoint import load_showo2
-
-        return load_showo2(path, **kwargs)
+        return load_showo2(cls, path, **kwargs)
 
     @classmethod
     def default(cls) -> Showo2:
-        """The embedded default model shipped with the package."""
-        from .embedded import load_default
-
-        return load_default()
+        """The embedded default model shipped with the package, checksum-verified; the seeded ``tiny`` preset
+        (with a warning) if none is shipped."""
+        if not (WEIGHTS_DIR / "config.json").is_file():
+            warnings.warn(
+                f"no trained embedded weights at {WEIGHTS_DIR}; using the randomly initialised 'tiny' preset "
+                "(outputs are not meaningful images or answers)",
+                stacklevel=2,
+            )
+            return cls.from_preset("tiny")
+        verify_checksums(WEIGHTS_DIR)
+        return cls.from_pretrained(WEIGHTS_DIR)
 
     def attach(self, tokenizer=None, codec=None) -> Showo2:
         """Set the tokenizer and latent codec the high-level methods use; returns self."""
@@ -167,8 +175,6 @@ class Showo2(nn.Module):
     def save_pretrained(self, path: str, **kwargs) -> None:
         """Write an official-layout checkpoint folder that replaces whatever checkpoint ``path`` held;
         see :func:`checkpoint.save_showo2`."""
-        from .checkpoint import save_showo2
-
         save_showo2(self, path, **kwargs)
 
     @torch.no_grad()
