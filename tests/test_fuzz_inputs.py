@@ -16,7 +16,7 @@ from hypothesis import strategies as st
 from flashu_compile.models.showo2 import Showo2
 from flashu_compile.models.showo2.sampling import generate_latents
 from flashu_compile.options import PASSES, FlashUOptions
-from flashu_compile.tools import cli
+from flashu_compile.tools import cli, common
 
 FAST = settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 
@@ -131,7 +131,7 @@ def test_command_lines_exit_0_or_2_with_an_error_line(argv, capsys):
         raise ValueError("stand-in: the checks passed and the model would load now")
 
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(cli, "_load", load)
+        patch.setattr(common, "load_model", load)
         code = cli.main(argv)
     out, err = capsys.readouterr()
     assert "Traceback" not in out + err

@@ -7,8 +7,8 @@ does the same for any causal LM (or a vision-language model's LLM) from the call
 """
 
 from .lm import calibrate_lm
-from .plan import Plan, PlanError, ffn_signature, model_fingerprint
-from .report import draw_specialization, format_specialization, specialization
+from .plan import Plan, PlanError, ffn_signature, model_fingerprint, specialization
+from .report import draw_specialization, format_specialization
 from .scores import calibrate
 
 __all__ = [

@@ -259,8 +259,6 @@ class Plan:
 
     def summary(self) -> str:
         """One line: layers, kept neurons per task, mean t2i/mmu overlap, settings, fingerprint."""
-        from .report import specialization
-
         sizes = sorted(set(self.intermediate_sizes))
         ffn = "/".join(str(s) for s in sizes)
         kept = ", ".join(
@@ -513,3 +511,29 @@ def _meta_digest(meta: dict) -> str:
     """SHA-256 of ``plan.json``'s contents without its own digest, independent of the JSON's layout."""
     body = {k: v for k, v in meta.items() if k != "meta_sha256"}
     return hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()
+
+
+PAIR = ("t2i", "mmu")
+
+
+def _jaccard(a: set[int], b: set[int]) -> float:
+    union = a | b
+    return len(a & b) / len(union) if union else 1.0
+
+
+def specialization(plan: Plan) -> list[dict]:
+    """One dict per layer: ``layer`` (index), ``path``, ``intermediate_size``, ``kept`` (task -> count),
+    and when the plan has both t2i and mmu: ``shared``, ``t2i_only``, ``mmu_only`` counts and their
+    ``jaccard`` overlap (``None`` otherwise)."""
+    both = all(task in plan.keep for task in PAIR)
+    rows = []
+    for i, (path, size) in enumerate(zip(plan.layer_paths, plan.intermediate_sizes, strict=True)):
+        row: dict = {"layer": i, "path": path, "intermediate_size": size,
+                     "kept": {task: len(plan.keep[task][i]) for task in plan.tasks},
+                     "shared": None, "t2i_only": None, "mmu_only": None, "jaccard": None}
+        if both:
+            gen, und = (set(plan.keep[task][i].tolist()) for task in PAIR)
+            row.update(shared=len(gen & und), t2i_only=len(gen - und), mmu_only=len(und - gen),
+                       jaccard=_jaccard(gen, und))
+        rows.append(row)
+    return rows

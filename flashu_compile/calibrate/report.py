@@ -1,4 +1,5 @@
-"""Specialization report: how much the generation and understanding keep sets overlap, per layer.
+"""Specialization report: how much the generation and understanding keep sets overlap, per layer (the numbers
+come from :func:`plan.specialization`; this module prints and draws them).
 
 A low Jaccard overlap means the two tasks rely on different FFN neurons in that layer (the
 paper's "parameter specialization"); the compiler exploits it by ordering neurons as
@@ -10,32 +11,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from .plan import Plan
-
-PAIR = ("t2i", "mmu")
-
-
-def _jaccard(a: set[int], b: set[int]) -> float:
-    union = a | b
-    return len(a & b) / len(union) if union else 1.0
-
-
-def specialization(plan: Plan) -> list[dict]:
-    """One dict per layer: ``layer`` (index), ``path``, ``intermediate_size``, ``kept`` (task -> count),
-    and when the plan has both t2i and mmu: ``shared``, ``t2i_only``, ``mmu_only`` counts and their
-    ``jaccard`` overlap (``None`` otherwise)."""
-    both = all(task in plan.keep for task in PAIR)
-    rows = []
-    for i, (path, size) in enumerate(zip(plan.layer_paths, plan.intermediate_sizes, strict=True)):
-        row: dict = {"layer": i, "path": path, "intermediate_size": size,
-                     "kept": {task: len(plan.keep[task][i]) for task in plan.tasks},
-                     "shared": None, "t2i_only": None, "mmu_only": None, "jaccard": None}
-        if both:
-            gen, und = (set(plan.keep[task][i].tolist()) for task in PAIR)
-            row.update(shared=len(gen & und), t2i_only=len(gen - und), mmu_only=len(und - gen),
-                       jaccard=_jaccard(gen, und))
-        rows.append(row)
-    return rows
+from .plan import Plan, specialization
 
 
 def format_specialization(plan: Plan) -> str:

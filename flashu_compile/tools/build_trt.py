@@ -19,6 +19,8 @@ from typing import Any
 from ..backends import tensorrt
 from ..backends.trt_cache import ENV_VAR, engine_entries
 from ..options import PRESETS, TRT_PRECISIONS, FlashUOptions
+from . import common
+from .common import model_args
 
 
 def _recording(fn: Callable, keys: list[str]) -> Callable:
@@ -39,7 +41,6 @@ def cmd_build_trt(args) -> int:
     from ..models.showo2 import understanding
     from ..models.showo2.sampling import generate_latents
     from .bench import load_plan
-    from .cli import _load
 
     reason = tensorrt.tensorrt_unavailable_reason()
     if reason is not None:  # before loading or calibrating anything; a missing library is the user's to install
@@ -48,7 +49,7 @@ def cmd_build_trt(args) -> int:
         return 2
     out = Path(args.out)
     engines = out / "engines"
-    model = _load(args).to("cuda")
+    model = common.load_model(args).to("cuda")
     options: dict[str, Any] = {"preset": args.preset, "lowering": "tensorrt", "trt_cache_dir": str(engines),
                                "trt_precision": args.precision}
     if "prune_channels" in FlashUOptions.from_dict(options).passes:
@@ -75,8 +76,6 @@ def cmd_build_trt(args) -> int:
 
 def add_parser(sub) -> None:
     """Register the ``build-trt`` subcommand on the ``flashu-compile`` subparsers ``sub``."""
-    from .cli import model_args  # not at import time: cli imports this module
-
     p = sub.add_parser("build-trt", help="build and serialise the TensorRT engines of the flashu graphs",
                        description=__doc__.split("\n\n")[0])
     model_args(p)

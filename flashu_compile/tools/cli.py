@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 import shlex
 import sys
-import tempfile
 import time
 import warnings
 from pathlib import Path
@@ -14,56 +13,14 @@ import torch
 from huggingface_hub.errors import StrictDataclassError
 
 from flashu_compile.files import write_atomic
+from flashu_compile.tools import common
+from flashu_compile.tools.common import check_output, model_args
 from flashu_compile.validate import MAX_GUIDANCE, MAX_SEED, MAX_STEPS, check_float, check_int, check_text
 
 # What a user's input can cause: bad values (ValueError, with PlanError and CheckpointError), unusable paths
 # (OSError), and a transformers config that rejects a value of a checkpoint's sub-config files. Anything else is
 # a bug and keeps its traceback.
 USER_ERRORS = (ValueError, OSError, StrictDataclassError)
-
-
-def _load(args: argparse.Namespace):
-    from flashu_compile.models.showo2 import Showo2
-
-    if args.model == "default":
-        return Showo2.default()
-    if Path(args.model).is_dir():
-        model = Showo2.from_pretrained(args.model, tokenizer_path=args.tokenizer, vae_path=args.vae)
-    else:
-        model = Showo2.from_preset(args.model)
-    for part, flag in (("tokenizer", "--tokenizer"), ("codec", "--vae")):
-        if getattr(model, part) is None:
-            raise ValueError(f"model {args.model!r} has no {part}: give one with {flag}")
-    return model
-
-
-def check_output(flag: str, value: str, *, folder: bool, whole: bool = False) -> Path:
-    """An output path that can be written, checked before any work; returns it as a Path.
-
-    ``folder``: the command writes files inside it (created if missing); otherwise it is one file.
-    ``whole``: the folder is replaced as a whole (a plan), so it must be named and must not hold
-    the working directory, which ``.`` or ``..`` would.
-    """
-    path = Path(value)
-    if whole and (not path.name or path.name in (".", "..") or Path.cwd().resolve().is_relative_to(path.resolve())):
-        raise ValueError(f"{flag} {value!r} must name a new or earlier output folder, not one that holds the "
-                         "working directory (it is replaced as a whole)")
-    if path.exists() and path.is_dir() != folder:
-        raise ValueError(f"{flag} {value!r} exists and is {'a file' if folder else 'a folder'}; "
-                         f"give {'a folder' if folder else 'a file'} path")
-    # Writes happen in the folder itself when it exists and is filled in place, else where it will be created.
-    parent = path if folder and not whole and path.is_dir() else path.parent
-    while not parent.exists():
-        parent = parent.parent
-    if not parent.is_dir():
-        raise ValueError(f"{flag} {value!r} cannot be created: {str(parent)!r} is a file")
-    try:
-        # A real write: permission bits say nothing for root, and nothing about read-only file systems.
-        with tempfile.TemporaryFile(dir=parent):
-            pass
-    except OSError as err:
-        raise ValueError(f"{flag} {value!r} is not writable: {err.strerror or err} in {str(parent)!r}") from None
-    return path
 
 
 def _save_grid(images: torch.Tensor, path: Path, upscale: int) -> None:
@@ -93,7 +50,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     out = check_output("--out", args.out, folder=True)
     torch.manual_seed(args.seed)
     t0 = time.perf_counter()
-    model = _load(args)
+    model = common.load_model(args)
     load_s = time.perf_counter() - t0
     check_int("--max-new-tokens", args.max_new_tokens, 1, model.config.llm.max_position_embeddings)
     params = sum(p.numel() for p in model.parameters())
@@ -153,7 +110,7 @@ def cmd_ask(args: argparse.Namespace) -> int:
         image = (to_tensor(scene.render()) + 1) / 2
         question, expected = (args.question, None) if args.question is not None else scene.qa[0]
         print(f"image: held-out scene {args.scene}: {scene.caption!r}")
-    model = _load(args)
+    model = common.load_model(args)
     check_int("--max-new-tokens", args.max_new_tokens, 1, model.config.llm.max_position_embeddings)
     if "prune_channels" in checked.passes:
         options["plan"] = load_plan(args, model)
@@ -168,15 +125,6 @@ def cmd_ask(args: argparse.Namespace) -> int:
     print(f"flashu {args.preset} on {args.lowering}: first answer {cold:.2f} s (compilation included), "
           f"then {warm:.3f} s")
     return 0
-
-
-def model_args(p: argparse.ArgumentParser) -> None:
-    """The options every command that loads a model takes (see :func:`_load`)."""
-    p.add_argument("--model", default="default",
-                   help="'default' (the embedded scenes model), a preset name (tiny; bench: Show-o2 1.5B's depth and "
-                        "729 image tokens at 1/16 width, random weights) or a checkpoint folder")
-    p.add_argument("--tokenizer", help="local Qwen2.5 tokenizer folder (real checkpoints)")
-    p.add_argument("--vae", help="local diffusers Wan2.1 VAE folder (real checkpoints)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -206,7 +154,7 @@ def build_parser() -> argparse.ArgumentParser:
     ask.add_argument("--max-new-tokens", type=int, default=32)
     ask.add_argument("--no-progress", action="store_true")
     ask.set_defaults(func=cmd_ask)
-    __import__("flashu_compile.calibrate.cli", fromlist=["add_parser"]).add_parser(sub)  # lazy import
+    __import__("flashu_compile.tools.calibrate", fromlist=["add_parser"]).add_parser(sub)  # lazy imports
     __import__("flashu_compile.tools.graph_diff", fromlist=["add_parser"]).add_parser(sub)
     __import__("flashu_compile.tools.bench", fromlist=["add_parser"]).add_parser(sub)
     __import__("flashu_compile.tools.bench_ffn", fromlist=["add_parser"]).add_parser(sub)

@@ -28,7 +28,8 @@ from ..options import FlashUOptions
 from ..scenes.dataset import make_split
 from ..scenes.evaluate import BOOTSTRAP_RESAMPLES, compare, evaluate, markdown_tables
 from ..validate import MAX_GUIDANCE, MAX_SEED, MAX_STEPS, check_float, check_int
-from .graph_diff import _parse_option
+from . import common
+from .common import check_output, model_args, parse_option
 
 
 def split_top_level(text: str) -> list[str]:
@@ -57,7 +58,7 @@ def parse_config(text: str) -> tuple[str, dict[str, Any]]:
     preset, *overrides = split_top_level(rest)
     options: dict[str, Any] = {"preset": preset.strip()}  # "a = paper" as "a=paper"
     for item in overrides:
-        key, value = _parse_option(item)
+        key, value = parse_option(item)
         if key in options:
             raise ValueError(f"--config {name}: option {key!r} is given twice")
         options[key] = value
@@ -70,20 +71,20 @@ def configurations(args: argparse.Namespace) -> list[tuple[str, dict[str, Any]]]
     Each is built with :meth:`FlashUOptions.from_dict` here, so a bad preset, key or value fails
     before any model loads; ``plan`` is added later, for the configurations that prune.
     """
-    common = dict(_parse_option(o) for o in args.option)
-    if "plan" in common:
+    shared = dict(parse_option(o) for o in args.option)
+    if "plan" in shared:
         raise ValueError("give the plan with --plan, not -O plan=...")
     if args.config:
         if args.preset is not None:
             raise ValueError("--preset names the one configuration without --config; with --config, "
                              "give each configuration its preset (NAME=PRESET)")
-        named = [(name, {**common, **options}) for name, options in map(parse_config, args.config)]
+        named = [(name, {**shared, **options}) for name, options in map(parse_config, args.config)]
     else:
         # The baseline stays plain: -O describes the configuration it is compared with.
         preset = args.preset or "paper"
         named = [("off", {"preset": "off"})]
-        if preset != "off" or common:
-            named.append((preset if not common else f"{preset} {' '.join(args.option)}", {**common, "preset": preset}))
+        if preset != "off" or shared:
+            named.append((preset if not shared else f"{preset} {' '.join(args.option)}", {**shared, "preset": preset}))
     names = [name for name, _ in named]
     if len(set(names)) != len(names):
         raise ValueError(f"--config names must differ, got {names}")
@@ -100,7 +101,6 @@ def configurations(args: argparse.Namespace) -> list[tuple[str, dict[str, Any]]]
 
 def check_args(args: argparse.Namespace) -> list[tuple[str, dict[str, Any]]]:
     """Every argument checked before any work; returns the configurations."""
-    from .cli import check_output
 
     check_int("--steps", args.steps, 2, MAX_STEPS)
     if args.guidance is not None:
@@ -119,10 +119,9 @@ def check_args(args: argparse.Namespace) -> list[tuple[str, dict[str, Any]]]:
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
     from .bench import load_plan, machine_line
-    from .cli import _load
 
     configs = check_args(args)
-    model = _load(args)
+    model = common.load_model(args)
     # The embedded scenes model draws best at guidance 1; a real checkpoint at the official 7.5.
     guidance = args.guidance if args.guidance is not None else 1.0 if args.model == "default" else 7.5
     print(f"model: {args.model} ({sum(p.numel() for p in model.parameters()) / 1e6:.2f} M parameters); "
@@ -165,8 +164,6 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
 def add_parser(sub) -> None:
     """Register the ``evaluate`` subcommand on the ``flashu-compile`` subparsers ``sub``."""
-    from .cli import model_args  # not at import time: cli imports this module
-
     p = sub.add_parser("evaluate", help="GenEval-like and VQA scores of flashu configurations, with paired "
                        "bootstrap intervals", description=__doc__.split("\n\n")[0])
     model_args(p)

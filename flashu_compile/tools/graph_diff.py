@@ -689,19 +689,9 @@ def sample_call(model, task: str, prompt: str, question: str, seed: int) -> tupl
     return prefill, (embeds, rows.attention_mask, rows.image_positions())
 
 
-def _parse_option(text: str) -> tuple[str, Any]:
-    key, sep, value = text.partition("=")
-    if not sep:
-        raise ValueError(f"--option takes KEY=VALUE, got {text!r}")
-    try:
-        return key, json.loads(value)
-    except json.JSONDecodeError:
-        return key, value  # a bare word, e.g. step_semantics=project
-
-
 def cmd_graph_diff(args: argparse.Namespace) -> int:
     from ..validate import MAX_SEED, MAX_STEPS, check_float, check_int
-    from .cli import _load, check_output
+    from .common import check_output, load_model, parse_option
     from .graph_diff_render import render_html, render_terminal
 
     steps = check_int("--steps", args.steps, 2, MAX_STEPS)
@@ -713,11 +703,11 @@ def cmd_graph_diff(args: argparse.Namespace) -> int:
     options: dict[str, Any] = {"preset": args.preset, "task": args.task}
     if args.passes is not None:
         options["passes"] = args.passes
-    options.update(_parse_option(o) for o in args.option)
+    options.update(parse_option(o) for o in args.option)
     opts = FlashUOptions.from_dict(options)  # bad options and passes fail here, before the model loads
     build_pass_list(opts)
     torch.manual_seed(args.seed)
-    model = _load(args)
+    model = load_model(args)
     log = sys.stderr
     print(f"model: {args.model} ({sum(p.numel() for p in model.parameters()) / 1e6:.2f} M parameters)", file=log)
     if args.plan:
@@ -750,7 +740,7 @@ def cmd_graph_diff(args: argparse.Namespace) -> int:
 
 def add_parser(sub) -> None:
     """Register the ``graph-diff`` subcommand on the ``flashu-compile`` subparsers ``sub``."""
-    from .cli import model_args  # not at import time: cli imports this module
+    from .common import model_args
 
     p = sub.add_parser("graph-diff", help="what every flashu pass did to the graph: modules, shapes, FLOPs, "
                        "guards, numeric divergence", description=__doc__.split("\n\n")[0])

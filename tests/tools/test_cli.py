@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from flashu_compile.tools import cli
+from flashu_compile.tools import common
 from flashu_compile.tools.cli import main
 
 
@@ -17,7 +17,7 @@ def no_model(monkeypatch):
     def load(args):
         raise AssertionError("the model was loaded before the arguments were checked")
 
-    monkeypatch.setattr(cli, "_load", load)
+    monkeypatch.setattr(common, "load_model", load)
 
 
 def run(argv, capsys) -> str:

@@ -5,7 +5,7 @@ import re
 
 import pytest
 
-from flashu_compile.tools import cli
+from flashu_compile.tools import common
 from flashu_compile.tools.cli import build_parser, main
 from flashu_compile.tools.evaluate import configurations, parse_config, split_top_level
 
@@ -15,7 +15,7 @@ def no_model(monkeypatch):
     def load(args):
         raise AssertionError("the model was loaded before the arguments were checked")
 
-    monkeypatch.setattr(cli, "_load", load)
+    monkeypatch.setattr(common, "load_model", load)
 
 
 @pytest.mark.parametrize("argv, message", [

@@ -18,7 +18,7 @@ DESCRIPTION = ("``flashu-compile bench``: speed, FLOPs, memory and fidelity of e
 def check_args(args) -> tuple[torch.device, torch.dtype]:
     """Every argument of ``bench`` checked before any work; returns the device and dtype."""
     from ...validate import MAX_GUIDANCE, MAX_SEED, check_float, check_int
-    from ..cli import check_output
+    from ..common import check_output
 
     check_int("--runs", args.runs, 1)
     check_int("--prompts", args.prompts, 1)
@@ -72,7 +72,7 @@ def cmd_bench(args) -> int:
 
 def add_parser(sub) -> None:
     """Register the ``bench`` subcommand on the ``flashu-compile`` subparsers ``sub``."""
-    from ..cli import model_args  # not at import time: cli imports this module
+    from ..common import model_args
 
     p = sub.add_parser("bench", help="speed, FLOPs, memory and fidelity of eager, Inductor and flashu side by side",
                        description=DESCRIPTION)

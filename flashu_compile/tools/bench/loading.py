@@ -45,14 +45,14 @@ def load_model(args, device: torch.device, dtype: torch.dtype):
     scenes tokenizer (see the module docstring)."""
     from ...models.showo2 import Showo2
     from ...models.showo2.tokenizer import SceneTokenizer
-    from ..cli import _load
+    from ..common import load_model
 
     if args.model in OFFICIAL:
         # Initialised where it runs: 7B parameters in fp32 take minutes to fill on a CPU and then to copy over.
         with device:
             model = Showo2.from_preset(args.model, seed=args.seed)
         return model.attach(tokenizer=SceneTokenizer()).to(device=device, dtype=dtype)
-    return _load(args).to(device=device, dtype=dtype)
+    return load_model(args).to(device=device, dtype=dtype)
 
 
 def load_plan(args, model):

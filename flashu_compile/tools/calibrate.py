@@ -6,14 +6,15 @@ import argparse
 import sys
 import time
 
+from ..validate import MAX_GUIDANCE, MAX_SEED, MAX_STEPS, check_float, check_int
+from . import common
+from .common import check_output, model_args
+
 
 def cmd_calibrate(args: argparse.Namespace) -> int:
     """Calibrate, save the plan to ``--out``, print the specialization table, draw ``<out>-specialization.png``."""
-    from flashu_compile.tools.cli import _load, check_output
-    from flashu_compile.validate import MAX_GUIDANCE, MAX_SEED, MAX_STEPS, check_float, check_int
-
-    from .report import draw_specialization, format_specialization
-    from .scores import calibrate
+    from ..calibrate.report import draw_specialization, format_specialization
+    from ..calibrate.scores import calibrate
 
     # Calibrating takes minutes: every argument and the output folder are checked first.
     check_float("--prune-ratio", args.prune_ratio, 0.0, 1.0, high_open=True)
@@ -25,7 +26,7 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
     check_int("--batch-size", args.batch_size, 1)
     out = check_output("--out", args.out, folder=True, whole=True)
     t0 = time.perf_counter()
-    model = _load(args)
+    model = common.load_model(args)
     print(f"model: {args.model} ({sum(p.numel() for p in model.parameters()) / 1e6:.2f} M parameters), "
           f"loaded in {time.perf_counter() - t0:.2f} s")
     t0 = time.perf_counter()
@@ -49,8 +50,7 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
 
 def add_parser(sub) -> None:
     """Register the ``calibrate`` subcommand on the ``flashu-compile`` subparsers ``sub``."""
-    from ..tools.cli import model_args  # not at import time: cli imports this module
-    from .scores import DEFAULT_SAMPLES, TASKS
+    from ..calibrate.scores import DEFAULT_SAMPLES, TASKS
 
     p = sub.add_parser("calibrate", help="score FFN neurons per task (Wanda) and save a pruning plan",
                        description="Calibrate task-specific FFN keep sets and save them as a plan directory.")

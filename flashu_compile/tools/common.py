@@ -1,0 +1,83 @@
+"""What the ``flashu-compile`` subcommands share: loading the model a command names, its flags, and checking an
+output path before any work.
+
+Every tool imports these from here (never from ``cli``, which imports the tools to register them). Commands call
+``common.load_model`` through the module, so a test can stand in for the model load of every command at once.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import tempfile
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from ..models.showo2 import Showo2
+
+
+def load_model(args: argparse.Namespace) -> Showo2:
+    """The model ``--model`` names (see :func:`model_args`), with ``--tokenizer`` and ``--vae``; a model that cannot
+    generate and answer (no tokenizer or codec) is refused."""
+    from ..models.showo2 import Showo2  # not at import time: the command line starts without transformers
+
+    if args.model == "default":
+        return Showo2.default()
+    if Path(args.model).is_dir():
+        model = Showo2.from_pretrained(args.model, tokenizer_path=args.tokenizer, vae_path=args.vae)
+    else:
+        model = Showo2.from_preset(args.model)
+    for part, flag in (("tokenizer", "--tokenizer"), ("codec", "--vae")):
+        if getattr(model, part) is None:
+            raise ValueError(f"model {args.model!r} has no {part}: give one with {flag}")
+    return model
+
+
+def check_output(flag: str, value: str, *, folder: bool, whole: bool = False) -> Path:
+    """An output path that can be written, checked before any work; returns it as a Path.
+
+    ``folder``: the command writes files inside it (created if missing); otherwise it is one file.
+    ``whole``: the folder is replaced as a whole (a plan), so it must be named and must not hold
+    the working directory, which ``.`` or ``..`` would.
+    """
+    path = Path(value)
+    if whole and (not path.name or path.name in (".", "..") or Path.cwd().resolve().is_relative_to(path.resolve())):
+        raise ValueError(f"{flag} {value!r} must name a new or earlier output folder, not one that holds the "
+                         "working directory (it is replaced as a whole)")
+    if path.exists() and path.is_dir() != folder:
+        raise ValueError(f"{flag} {value!r} exists and is {'a file' if folder else 'a folder'}; "
+                         f"give {'a folder' if folder else 'a file'} path")
+    # Writes happen in the folder itself when it exists and is filled in place, else where it will be created.
+    parent = path if folder and not whole and path.is_dir() else path.parent
+    while not parent.exists():
+        parent = parent.parent
+    if not parent.is_dir():
+        raise ValueError(f"{flag} {value!r} cannot be created: {str(parent)!r} is a file")
+    try:
+        # A real write: permission bits say nothing for root, and nothing about read-only file systems.
+        with tempfile.TemporaryFile(dir=parent):
+            pass
+    except OSError as err:
+        raise ValueError(f"{flag} {value!r} is not writable: {err.strerror or err} in {str(parent)!r}") from None
+    return path
+
+
+def model_args(p: argparse.ArgumentParser) -> None:
+    """The options every command that loads a model takes (see :func:`load_model`)."""
+    p.add_argument("--model", default="default",
+                   help="'default' (the embedded scenes model), a preset name (tiny; bench: Show-o2 1.5B's depth and "
+                        "729 image tokens at 1/16 width, random weights) or a checkpoint folder")
+    p.add_argument("--tokenizer", help="local Qwen2.5 tokenizer folder (real checkpoints)")
+    p.add_argument("--vae", help="local diffusers Wan2.1 VAE folder (real checkpoints)")
+
+
+def parse_option(text: str) -> tuple[str, Any]:
+    """``KEY=VALUE`` (a ``-O`` flag) as ``(KEY, value)``: the value read as JSON, else kept as a bare word."""
+    key, sep, value = text.partition("=")
+    if not sep:
+        raise ValueError(f"--option takes KEY=VALUE, got {text!r}")
+    try:
+        return key, json.loads(value)
+    except json.JSONDecodeError:
+        return key, value  # a bare word, e.g. step_semantics=project
