@@ -5,6 +5,9 @@ layer K is a proxy for how little it matters, so the fraction rho with the highe
 dropped (``token_drop_order`` flips the direction). Everything is computed in the graph with
 static shapes: N image tokens always lose int(rho * N), whatever the image shows.
 
+The sequence length may be symbolic (dynamo makes it dynamic once a second prompt length is seen);
+N is the image's token count, which is static, and so is the number dropped.
+
 What the rewritten prefill does:
 - layers 0..K run on every token and keep every token in the KV cache;
 - after layer K the residual stream, the rotary tables and the attention mask are gathered to the
@@ -27,7 +30,16 @@ import torch.fx
 
 from ..runtime.markers import MARK_VISUAL
 from .manager import PassContext, PassNotApplicable, PassResult, tag
-from .token_subset import classify, example_value, propagate_shapes, resize, sequence_sized, tagged, users_closure
+from .token_subset import (
+    classify,
+    example_value,
+    propagate_shapes,
+    resize,
+    sequence_sized,
+    size_key,
+    tagged,
+    users_closure,
+)
 
 NAME = "token_drop"
 
@@ -52,7 +64,7 @@ def token_drop(gm: torch.fx.GraphModule, ctx: PassContext, options) -> PassResul
         raise PassNotApplicable(f"one prompt per prefill is supported, this graph has {batch}")
     n_drop = int(n_visual * options.token_drop_ratio)
     later = layers[k + 1:]
-    plan = _Plan(gm, layers[k], later, seq, seq - n_drop)  # checks everything before the graph changes
+    plan = _Plan(gm, layers[k], later, seq, n_drop)  # checks everything before the graph changes
 
     marker.replace_all_uses_with(embeds)
     ctx.index.replace_input(marker, embeds)
@@ -60,9 +72,10 @@ def token_drop(gm: torch.fx.GraphModule, ctx: PassContext, options) -> PassResul
     if n_drop == 0:
         return PassResult(True, {"after_layer": k, "visual_tokens": n_visual, "dropped": 0})
     keep = _keep_positions(gm, plan, positions, n_drop, options.token_drop_order == "highest")
-    # What graph-diff and other readers need to describe the op without re-deriving it.
+    # What graph-diff and other readers need to describe the op without re-deriving it (a symbolic length as text).
+    sequence = [seq, seq - n_drop] if type(seq) is int else [str(seq), str(seq - n_drop)]
     keep.meta["flashu_token_drop"] = {"after_layer": layers[k].path, "visual_tokens": n_visual, "dropped": n_drop,
-                                      "order": options.token_drop_order, "sequence": [seq, seq - n_drop]}
+                                      "order": options.token_drop_order, "sequence": sequence}
     ctx.index.replace_input(layers[k].output, plan.apply(keep))  # for the passes that follow (layer_skip)
     propagate_shapes(gm, NAME)
     return PassResult(True, {"after_layer": k, "visual_tokens": n_visual, "dropped": n_drop,
@@ -72,8 +85,8 @@ def token_drop(gm: torch.fx.GraphModule, ctx: PassContext, options) -> PassResul
 class _Plan:
     """Which values downstream of layer K are per-token, and how each is narrowed to the survivors."""
 
-    def __init__(self, gm: torch.fx.GraphModule, layer, later: list, seq: int, kept: int) -> None:
-        self.gm, self.layer, self.seq, self.kept = gm, layer, seq, kept
+    def __init__(self, gm: torch.fx.GraphModule, layer, later: list, seq: int | torch.SymInt, n_drop: int) -> None:
+        self.gm, self.layer, self.seq, self.n_drop = gm, layer, seq, n_drop
         self.v, self.heads = self._value_heads(layer)
         order = {n: i for i, n in enumerate(gm.graph.nodes)}
         output = next(n for n in gm.graph.nodes if n.op == "output")
@@ -94,10 +107,11 @@ class _Plan:
                     self.gathers[arg] = kind
         for arg in output.all_input_nodes:
             value = example_value(arg)
-            if arg in self.downstream and value is not None and value.dim() == 3 and value.shape[1] == seq:
+            if (arg in self.downstream and value is not None and value.dim() == 3
+                    and size_key(value.shape[1]) == size_key(seq)):
                 raise PassNotApplicable(f"the graph returns per-token values after layer {layer.index} "
                                         f"({arg.name}); dropping tokens would change them")
-        # Dynamo writes the sequence length into view/reshape/expand sizes.
+        # Dynamo writes the sequence length (a literal, or its symbol's node) into view/reshape/expand sizes.
         self.resized = sequence_sized(self.downstream, seq, weights | set(self.heads))
 
     def _value_heads(self, layer) -> tuple[torch.fx.Node, tuple[int, int]]:
@@ -114,9 +128,12 @@ class _Plan:
         stream = self.layer.output
         with tagged(graph, NAME), graph.inserting_before(keep.next):
             survivors = graph.call_method("select", (keep, 0, 0))  # (S',): one prompt per prefill
-            index = graph.call_method("expand", (graph.call_method("unsqueeze", (keep, -1)), 1, self.kept,
+            index = graph.call_method("expand", (graph.call_method("unsqueeze", (keep, -1)), 1, -1,
                                                  example_value(stream).shape[-1]))
             new_stream = graph.call_function(torch.gather, (stream, 1, index))
+            # The later layers' sizes: a literal in a static graph, read off the survivors where S is symbolic.
+            kept = (self.seq - self.n_drop if type(self.seq) is int
+                    else graph.call_method("size", (new_stream, 1)))
             self._replace(stream, new_stream)
         order = {n: i for i, n in enumerate(graph.nodes)}
         for value, kind in self.gathers.items():
@@ -125,7 +142,7 @@ class _Plan:
                 if kind == "square":
                     narrowed = graph.call_method("index_select", (narrowed, -1, survivors))
             self._replace(value, narrowed)
-        resize(self.resized, self.seq, self.kept, NAME)
+        resize(self.resized, self.seq, kept, NAME)
         return new_stream
 
     def _replace(self, value: torch.fx.Node, narrowed: torch.fx.Node) -> None:
@@ -139,15 +156,15 @@ def _keep_positions(gm, plan: _Plan, positions: torch.fx.Node, n_drop: int, high
     """(1, S') long: the surviving positions in increasing order, computed from layer K's value vectors."""
     graph = gm.graph
     call, fn = graph.call_method, graph.call_function
+    # No size here depends on S, so the same nodes serve a static and a symbolic sequence length.
     with tagged(graph, NAME), graph.inserting_before(plan.layer.output.next):
-        v = call("view", (plan.v, 1, plan.seq, *plan.heads))
+        v = call("view", (plan.v, 1, -1, *plan.heads))
         # L2 over head_dim, then the mean over KV heads: one score per token.
         norms = call("mean", (fn(torch.linalg.vector_norm, (call("float", (v,)),), {"dim": -1}), -1))
         visual = fn(torch.gather, (norms, 1, positions))
         chosen = fn(operator.getitem, (fn(torch.topk, (visual, n_drop), {"dim": 1, "largest": highest}), 1))
         dropped = fn(torch.gather, (positions, 1, chosen))
-        flags = call("scatter", (fn(torch.zeros, ((1, plan.seq),), {"dtype": torch.long}), 1, dropped, 1))
-        # Survivors sort before dropped positions and keep their order among themselves.
-        key = fn(operator.add, (fn(operator.mul, (flags, plan.seq)), fn(torch.arange, (plan.seq,))))
-        order = fn(operator.getitem, (fn(torch.sort, (key,), {"dim": 1}), 1))
-        return fn(operator.getitem, (order, (slice(None), slice(0, plan.kept))))
+        flags = call("scatter", (fn(torch.zeros_like, (norms,), {"dtype": torch.long}), 1, dropped, 1))
+        # A stable sort of the flags puts survivors before dropped positions, in their original order.
+        order = fn(operator.getitem, (fn(torch.sort, (flags,), {"dim": 1, "stable": True}), 1))
+        return fn(operator.getitem, (order, (slice(None), slice(None, -n_drop))))

@@ -4,9 +4,10 @@
 both take the per-token computation downstream of some residual stream and run it on fewer
 positions. What that needs is the same: find the per-token region, classify what it reads from
 outside (rotary tables and embeddings by row, attention masks by row and column, weights), and
-rewrite the sequence length dynamo wrote as a literal into view/reshape/expand. Sizes are
-rewritten by value, so every helper refuses when the value is ambiguous, and the rewritten graph
-is re-checked on fake tensors before it is lowered.
+rewrite the sequence length dynamo wrote into view/reshape/expand: a literal in a static graph,
+the node of its symbol where dynamo made the length dynamic (a second prompt length). Literal
+sizes are rewritten by value, so every helper refuses when the value is ambiguous, and the
+rewritten graph is re-checked on fake tensors before it is lowered.
 """
 
 from __future__ import annotations
@@ -72,19 +73,35 @@ def users_closure(starts: Iterable[torch.fx.Node], stop: Callable[[torch.fx.Node
     return region
 
 
-def classify(node: torch.fx.Node, seq: int, reader: str) -> str | None:
+def size_key(size: int | torch.SymInt) -> object:
+    """What a size is compared by: an int as itself, a symbolic size by its expression. Comparing SymInts
+    by value would add guards to the traced graph; their expressions compare structurally, without any."""
+    return size if type(size) is int else size.node.expr
+
+
+def holds_size(arg: object, seq: int | torch.SymInt) -> bool:
+    """Whether ``arg``, one argument of an op, is the size ``seq``: the literal dynamo writes for a static
+    size, the node carrying the symbol (a placeholder dynamo lifted) for a symbolic one."""
+    if type(seq) is int:
+        return type(arg) is int and arg == seq
+    value = arg.meta.get("example_value") if isinstance(arg, torch.fx.Node) else None
+    return isinstance(value, torch.SymInt) and size_key(value) == size_key(seq)
+
+
+def classify(node: torch.fx.Node, seq: int | torch.SymInt, reader: str) -> str | None:
     """How a value read by per-token code from outside is narrowed along a sequence of length ``seq``.
 
     "rows": (B, S, d), e.g. rotary tables or a span mask; "square": (B, heads, S, S), an attention
     mask; "weight": a parameter one of whose sizes happens to equal S; None: no sequence axis.
     """
     value = example_value(node)
-    dims = static_dims(value) if value is not None else []
-    if seq not in dims:
+    dims = [size_key(d) for d in value.shape] if value is not None else []
+    key = size_key(seq)
+    if key not in dims:
         return None
-    if len(dims) == 3 and dims[1] == seq:
+    if len(dims) == 3 and dims[1] == key:
         return "rows"
-    if len(dims) == 4 and dims[2:] == [seq, seq]:
+    if len(dims) == 4 and dims[2:] == [key, key]:
         return "square"
     if node.op == "placeholder" and value.dim() <= 2:
         return "weight"
@@ -92,28 +109,33 @@ def classify(node: torch.fx.Node, seq: int, reader: str) -> str | None:
                             "one this pass can narrow")
 
 
-def sequence_sized(nodes: Iterable[torch.fx.Node], seq: int, model_dims: set[int]) -> list[torch.fx.Node]:
+def sequence_sized(nodes: Iterable[torch.fx.Node], seq: int | torch.SymInt, model_dims: set[int]
+                   ) -> list[torch.fx.Node]:
     """The shape ops among ``nodes`` that hold the sequence length ``seq``, refusing where it is ambiguous."""
-    # Sizes are told apart by value, which is only unambiguous when no model dimension has the same size.
-    if seq in model_dims:
+    static = type(seq) is int
+    # Literal sizes are told apart by value, which is only unambiguous when no model dimension has the same
+    # size; a symbolic length is its own node, never a model dimension.
+    if static and seq in model_dims:
         raise PassNotApplicable(f"the sequence length {seq} equals a model dimension, so the traced sizes "
                                 "cannot be told apart; pad the prompt to another length")
     sized = []
     for node in nodes:
         if not is_shape_op(node):
             continue
-        sizes = [a for a in flat_args(node) if type(a) is int]
-        if sizes.count(seq) > 1:
+        hits = sum(holds_size(a, seq) for a in flat_args(node))
+        if static and hits > 1:
             raise PassNotApplicable(f"{node.name} has the sequence length {seq} twice among its sizes")
-        if seq in sizes:
+        if hits:
             sized.append(node)
     return sized
 
 
-def resize(nodes: Iterable[torch.fx.Node], seq: int, new: int, pass_name: str) -> None:
-    """Replace the literal sequence length ``seq`` by ``new`` in the sizes of ``nodes`` (see ``sequence_sized``)."""
+def resize(nodes: Iterable[torch.fx.Node], seq: int | torch.SymInt, new: int | torch.fx.Node, pass_name: str
+           ) -> None:
+    """Replace the sequence length ``seq`` by ``new`` (a literal, or a node computing a symbolic size) in the
+    sizes of ``nodes`` (see ``sequence_sized``)."""
     for node in nodes:
-        node.args = torch.fx.node.map_aggregate(node.args, lambda a: new if type(a) is int and a == seq else a)
+        node.args = torch.fx.node.map_aggregate(node.args, lambda a: new if holds_size(a, seq) else a)
         tag(node, pass_name, replaces=node.name)
 
 

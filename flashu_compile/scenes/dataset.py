@@ -312,11 +312,3 @@ def make_split(split: str, n: int, seed: int = 0, *, kinds: Sequence[str] = KIND
             seen.add(key)
             out.append(scene)
     return out
-
-
-def vocabulary() -> list[str]:
-    """Every word that captions, questions and answers use, in a fixed order, for word-level
-    tokenizers (punctuation such as "?" is left to the tokenizer)."""
-    words = ["a", "the", "is", "are", "there", "what", "colour", "shape", "object", "objects", "how", "many",
-             "yes", "no", "left", "right", "of", "above", "below", *NUMBER_WORDS, *COLOURS, *SHAPES]
-    return words + [f"{s}s" for s in SHAPES]

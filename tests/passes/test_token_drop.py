@@ -8,6 +8,7 @@ from transformers import DynamicCache
 
 from flashu_compile.models.showo2 import Showo2
 from flashu_compile.models.showo2.understanding import answer_tokens, prefill, prepare
+from flashu_compile.passes.manager import observe_passes
 from flashu_compile.runtime import FlopTally
 from tests.conftest import small_config
 from tests.passes.reference import assert_close_rel, reference_answer
@@ -49,6 +50,38 @@ def test_compiled_prefill_and_answer_equal_the_reference(tokenizer, num_layers, 
     n = len(want_tokens) - (len(want_tokens) == 16)  # no decode step after the last allowed token
     assert [lay.keys.shape[2] for lay in want_cache.layers] == \
         [rows.seq_len + n] * (layer + 1) + [kept + n] * (num_layers - 1 - layer)
+
+
+def test_prompts_of_different_lengths_drop_on_the_symbolic_prefill_and_equal_the_reference(tokenizer):
+    """A second prompt length makes dynamo trace the prefill with a symbolic sequence length; the pass
+    rewrites that graph too (it used to fail on the symbol and fall back to the full prefill)."""
+    model = Showo2.random(small_config(num_layers=3), seed=2).attach(tokenizer=tokenizer)
+    image = _image(model, 2)
+    layer, ratio = 0, 0.5
+    options = {"passes": ["token_drop"], "lowering": "eager", "strict": True, "token_drop_layer": layer,
+               "token_drop_ratio": ratio}
+    questions = [QUESTION, "what is left of the red square?", "what colour is the triangle right of the green circle?"]
+    wanted = [reference_answer(model, tokenizer, image, q, 8, drop=(layer, ratio, True)) for q in questions]
+    sequences = []
+
+    def record(name, when, gm, context, result):
+        if name == "token_drop" and when == "after":
+            sequences.append(result.stats.get("sequence"))
+
+    torch._dynamo.reset()
+    model.compile_tasks("flashu", options)
+    with torch.no_grad(), observe_passes(record):
+        for question, (want_logits, want_tokens, _, _) in zip(questions, wanted, strict=True):
+            rows, embeds = prepare(model, tokenizer, image, question)
+            cache = DynamicCache(config=model.config.llm)
+            logits = model.compiled["prefill"](model, embeds, rows.attention_mask, cache, rows.image_positions())
+            assert_close_rel(logits, want_logits)
+            kept = rows.seq_len - int(rows.image_positions().shape[1] * ratio)
+            assert [lay.keys.shape[2] for lay in cache.layers] == [rows.seq_len, kept, kept]
+            assert answer_tokens(model, tokenizer, image, question, max_new_tokens=8) == want_tokens
+    # One static prefill graph for the first length, one symbolic graph for every later length.
+    assert len(sequences) == 2 and sequences[0].split()[0].isdigit(), sequences
+    assert not sequences[1].split()[0].isdigit(), sequences
 
 
 def test_dropping_changes_the_prefill_it_is_not_a_no_op(small_model, tokenizer):

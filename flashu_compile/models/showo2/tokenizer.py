@@ -43,6 +43,13 @@ class Showo2Tokenizer(Protocol):
     def __len__(self) -> int: ...
 
 
+# Every word of the synthetic scenes' captions, questions and answers, frozen with the embedded weights: a word's
+# position here fixes its token id, so the order never changes (tests/scenes checks the dataset uses exactly these).
+SCENE_WORDS = ("a", "the", "is", "are", "there", "what", "colour", "shape", "object", "objects", "how", "many",
+               "yes", "no", "left", "right", "of", "above", "below", "zero", "one", "two", "three",
+               "red", "green", "blue", "yellow", "circle", "square", "triangle", "circles", "squares", "triangles")
+
+
 class SceneTokenizer:
     """Word-level tokenizer for the embedded model: special tokens, newline, punctuation, words."""
 
@@ -53,11 +60,7 @@ class SceneTokenizer:
     # any other symbol (an emoji, a dash) is a piece of its own. Pieces outside the vocabulary become <unk>.
     _split = re.compile(r"(<\|[a-z_]+\|>|\[PAD\]|<image>|<unk>|\n|[.,?!':]|[^\W_]+|\S)")
 
-    def __init__(self, words: list[str] | None = None) -> None:
-        if words is None:
-            from flashu_compile.scenes import vocabulary
-
-            words = vocabulary()
+    def __init__(self, words: list[str] | tuple[str, ...] = SCENE_WORDS) -> None:
         ordered = list(dict.fromkeys([*self.SPECIALS, *self.PUNCTUATION, *self.CHAT_WORDS,
                                       *(w.lower() for w in words)]))
         self.id_to_token = ordered

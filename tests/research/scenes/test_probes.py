@@ -10,7 +10,7 @@ import torch
 from flashu_compile.models.showo2.codecs import PixelUnshuffleCodec
 from flashu_compile.models.showo2.tokenizer import SceneTokenizer
 from flashu_compile.scenes import Obj, Scene, make_split, to_tensor
-from flashu_compile.scenes.probes import (
+from research.scenes.probes import (
     colour_centroid,
     data_mean_image,
     relation_sensitivity,

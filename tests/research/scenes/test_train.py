@@ -10,7 +10,7 @@ from flashu_compile.models.showo2.checkpoint import CheckpointError
 from flashu_compile.models.showo2.embedded import verify_checksums
 from flashu_compile.models.showo2.sampling import shift_time
 from flashu_compile.scenes.dataset import KINDS, Obj, Scene
-from flashu_compile.scenes.train import (
+from research.scenes.train import (
     ANSWERS_FROM,
     grid_position_table,
     kind_mix,
@@ -101,7 +101,7 @@ def test_train_options_are_recorded_in_the_log(tmp_path):
 
 def record_scenes(monkeypatch) -> dict[str, list]:
     """Per task, the scenes of each step's rows, recorded as the trainer hands them to its losses."""
-    from flashu_compile.scenes import train as train_module
+    from research.scenes import train as train_module
 
     seen = {"flow": [], "answer": []}
     for name, task in (("flow_loss", "flow"), ("answer_loss", "answer")):

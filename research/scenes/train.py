@@ -5,7 +5,7 @@ Both of Show-o2's losses on the official row layouts: flow matching on text-to-i
 prediction on understanding rows (the answer after the assistant prefix). Latents are the
 images pixel-unshuffled by 4, so no VAE is involved.
 
-    python -m flashu_compile.scenes.train --out flashu_compile/weights/showo2-scenes
+    python -m research.scenes.train --out flashu_compile/weights/showo2-scenes
 """
 
 from __future__ import annotations
@@ -26,8 +26,7 @@ from flashu_compile.models.showo2 import Showo2, custom_config
 from flashu_compile.models.showo2.sampling import shift_time
 from flashu_compile.models.showo2.sequences import mmu_row, omni_attention_mask, t2i_rows
 from flashu_compile.models.showo2.tokenizer import SceneTokenizer
-
-from .dataset import KINDS, Scene, draw, to_tensor
+from flashu_compile.scenes.dataset import KINDS, Scene, draw, to_tensor
 
 CFG_DROP = 0.1
 # Fraction of the budget trained on text-to-image rows alone before the understanding rows join (see train()).

@@ -1,6 +1,6 @@
 """Probes of whether a model uses where things are, for telling "cannot place" from "cannot score".
 
-    python -m flashu_compile.scenes.probes MODEL_DIR
+    python -m research.scenes.probes MODEL_DIR
 
 - ``vqa_layout_sensitivity``: VQA accuracy on the test scenes' own renders, and on the same
   renders with their 4x4 pixel tiles (one latent token each) shuffled. A model that reads the
@@ -34,10 +34,17 @@ import torch
 import torch.nn.functional as F
 
 from flashu_compile.models.showo2.sequences import t2i_rows
-
-from .dataset import COLOURS, QUESTION_TYPES, SHAPES, make_split, question_type, scenes_of, to_tensor
-from .evaluate import vqa_items
-from .scoring import colour_classes, normalise_answer
+from flashu_compile.scenes.dataset import (
+    COLOURS,
+    QUESTION_TYPES,
+    SHAPES,
+    make_split,
+    question_type,
+    scenes_of,
+    to_tensor,
+)
+from flashu_compile.scenes.evaluate import vqa_items
+from flashu_compile.scenes.scoring import colour_classes, normalise_answer
 
 _NAMES = tuple(COLOURS)
 
