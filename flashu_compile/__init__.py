@@ -1,5 +1,7 @@
 """flashu-compile: a task-aware torch.compile backend for unified multimodal models."""
 
+# Importing the passes declares them into options.PASSES, which every option check reads.
+from . import passes as passes
 from .calibrate.lm import calibrate_lm
 from .models.showo2 import Showo2, Showo2Config
 from .runtime.request import auto_request as request

@@ -22,35 +22,24 @@ from .graph import build_index
 from .graph.rewrite import copy_graph, is_symbolic
 from .graph.specialize import layer_guards
 from .graph.timestep import timestep_input
-from .options import PASS_TASKS, PASSES, FlashUOptions
-from .passes.head_cache import head_cache
-from .passes.layer_skip import layer_skip
+from .options import FlashUOptions
 from .passes.manager import Pass, PassContext, PassManager
-from .passes.prefix_cache import prefix_cache
-from .passes.prune_channels import prune_channels, verify_plan
-from .passes.token_drop import token_drop
+from .passes.prune_channels import verify_plan
+from .passes.registry import REGISTRY
 from .runtime.flops import call_counted, counted
 from .runtime.guards import Controller, full_phase
 from .runtime.request import current_request, serving
 from .runtime.schedule import StepRules
 from .runtime.timeline import CallWatch, recording
 
-# Every pass, by option name (options.PASSES lists the same names in their canonical order).
-AVAILABLE_PASSES: dict[str, Pass] = {
-    "prune_channels": prune_channels,
-    "layer_skip": layer_skip,
-    "head_cache": head_cache,
-    "token_drop": token_drop,
-    "prefix_cache": prefix_cache,
-}
-GENERATION_PASSES = ("prune_channels", "layer_skip", "head_cache")
-
 
 def build_pass_list(options: FlashUOptions, task: str | None = None) -> list[tuple[str, Pass]]:
-    # Canonical order: tokens are dropped and the prefix cached before layers are outlined (both rewrite
-    # inside them), and layer and prefix guards must exist before the head trunk that contains them is outlined.
-    names = sorted(options.passes, key=PASSES.index)
-    return [(name, AVAILABLE_PASSES[name]) for name in names if task is None or task in PASS_TASKS[name]]
+    """The enabled passes that rewrite ``task``'s graphs (any task's when None), in the registry's canonical order."""
+    # Canonical order (each pass's ``order``): tokens are dropped and the prefix cached before layers are outlined
+    # (both rewrite inside them), and layer and prefix guards must exist before the head trunk that contains them
+    # is outlined.
+    return [(spec.name, spec.fn) for spec in REGISTRY.values()
+            if spec.name in options.passes and (task is None or task in spec.tasks)]
 
 
 class PhasedProgram:
@@ -133,7 +122,7 @@ def flashu_backend(gm: torch.fx.GraphModule, example_inputs: list, options: Any 
         return counted(lower(gm, example_inputs, lowering))
     task = opts.task if opts.task != "auto" else ("t2i" if index.head_blocks else "mmu")
     passes = build_pass_list(opts, task)
-    phased = task == "t2i" and opts.hybrid_tau > 0 and any(name in GENERATION_PASSES for name, _ in passes)
+    phased = task == "t2i" and opts.hybrid_tau > 0 and any(REGISTRY[name].hybrid for name, _ in passes)
     # Layers are measured only where some will be skipped: int(L * skip_ratio) may round to none.
     skipping = any(name == "layer_skip" for name, _ in passes) and int(len(index.layers) * opts.skip_ratio) > 0
     controller = Controller(task, StepRules.from_options(opts), num_layers=len(index.layers) if skipping else 0,
@@ -142,9 +131,10 @@ def flashu_backend(gm: torch.fx.GraphModule, example_inputs: list, options: Any 
     # Found before the passes, which may outline the time embedding's first ops into a region.
     timestep = timestep_input(gm, example_inputs) if task == "t2i" else None
     manager = PassManager(passes, strict=opts.strict, dump_dir=opts.debug_dir)
-    for name in sorted(set(opts.passes) - {name for name, _ in passes}, key=PASSES.index):
-        manager.not_applicable(name, f"it rewrites {' and '.join(PASS_TASKS[name])} graphs and this is a {task} graph "
-                                     f"({'with' if index.head_blocks else 'without'} a flow head)")
+    for spec in REGISTRY.values():
+        if spec.name in opts.passes and task not in spec.tasks:
+            manager.not_applicable(spec.name, f"it rewrites {' and '.join(spec.tasks)} graphs and this is a {task} "
+                                              f"graph ({'with' if index.head_blocks else 'without'} a flow head)")
     gm = manager.run(gm, PassContext(index, task, controller, verify_plan(_load_plan(opts.plan), index)), opts)
     # Kept before lowering, which may rewrite the graph it is given.
     rewritten = copy_graph(gm) if _specializable(gm, controller, opts) else None

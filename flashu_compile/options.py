@@ -9,6 +9,7 @@ names the key and what it accepts.
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, fields
 from typing import Any
 
@@ -17,12 +18,78 @@ from .validate import check_float, check_int
 
 TASKS = ("auto", "t2i", "mmu")
 LOWERINGS = ("inductor", "eager", "tensorrt")
-PASSES = ("prune_channels", "token_drop", "prefix_cache", "layer_skip", "head_cache")  # in the order they run
-# The graphs each pass rewrites: t2i (a denoising step), mmu (an answer's prefill or decode step, or any LLM's forward).
-PASS_TASKS = {"prune_channels": ("t2i", "mmu"), "token_drop": ("mmu",), "prefix_cache": ("t2i",),
-              "layer_skip": ("t2i", "mmu"), "head_cache": ("t2i",)}
 TOKEN_DROP_ORDERS = ("highest", "lowest")
 TRT_PRECISIONS = ("explicit", "bf16", "fp16")  # explicit: the graph's own dtypes
+
+
+@dataclass(frozen=True)
+class PassInfo:
+    """What options know of a pass: enough to validate ``passes`` without importing the passes layer."""
+
+    name: str
+    order: int  # canonical position: passes run by increasing order, whatever order ``passes`` lists them in
+    tasks: tuple[str, ...]  # t2i (a denoising step), mmu (an answer's prefill or decode step, or any LLM's forward)
+    conflicts: Mapping[str, str]  # another pass -> why the two cannot both be enabled
+
+
+class PassCatalogue(Mapping[str, PassInfo]):
+    """The passes ``passes`` may name, in canonical order.
+
+    Options sit below the passes, so the passes declare themselves into this catalogue
+    (``passes.registry.register``) rather than options importing them. Every pass module is
+    imported when the ``flashu_compile`` package is (``flashu_compile.passes`` discovers them), and
+    importing ``flashu_compile.options`` imports the package first: the catalogue is complete
+    before any option is validated.
+    """
+
+    def __init__(self) -> None:
+        self._infos: dict[str, PassInfo] = {}
+
+    def declare(self, info: PassInfo) -> None:
+        if info.name in self._infos:
+            raise ValueError(f"pass {info.name!r} is declared twice")
+        unknown = sorted(set(info.tasks) - set(TASKS[1:]))
+        if not info.tasks or unknown:
+            raise ValueError(f"pass {info.name!r}: tasks must be some of {list(TASKS[1:])}, got {list(info.tasks)}")
+        self._infos[info.name] = info
+        self._infos = dict(sorted(self._infos.items(), key=lambda item: (item[1].order, item[0])))
+
+    def withdraw(self, name: str) -> None:
+        del self._infos[name]
+
+    def __getitem__(self, name: str) -> PassInfo:
+        return self._infos[name]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._infos)
+
+    def __len__(self) -> int:
+        return len(self._infos)
+
+    def conflict(self, names: tuple[str, ...]) -> str | None:
+        """Why ``names`` cannot run together (the first conflict either side declares), or None."""
+        for name in self:
+            for other, why in self._infos[name].conflicts.items():
+                if name in names and other in names:
+                    return f"{name} does not compose with {other} ({why})"
+        return None
+
+
+class _PassTasks(Mapping[str, tuple[str, ...]]):
+    """pass name -> the graphs it rewrites: a view of :data:`PASSES`."""
+
+    def __getitem__(self, name: str) -> tuple[str, ...]:
+        return PASSES[name].tasks
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(PASSES)
+
+    def __len__(self) -> int:
+        return len(PASSES)
+
+
+PASSES = PassCatalogue()
+PASS_TASKS: Mapping[str, tuple[str, ...]] = _PassTasks()
 
 
 @dataclass(frozen=True)
@@ -64,15 +131,11 @@ class FlashUOptions:
         _choice("preset", self.preset, tuple(PRESETS))
         _check_passes(self.passes)
         for name in self.passes:
-            _choice("passes", name, PASSES)
+            _choice("passes", name, tuple(PASSES))
         if len(set(self.passes)) != len(self.passes):
             raise ValueError(f"option 'passes' lists a pass twice: {list(self.passes)}")
-        if {"prefix_cache", "layer_skip"} <= set(self.passes):
-            # A skipped layer changes the prefix's hidden states too, and importance is measured over every
-            # token: neither fits a span-only step with a prefix computed once.
-            raise ValueError("option 'passes': prefix_cache does not compose with layer_skip (skipping a layer "
-                             "changes the cached prefix, and layer importance is measured over all tokens); "
-                             "enable one of them")
+        if (conflict := PASSES.conflict(self.passes)) is not None:
+            raise ValueError(f"option 'passes': {conflict}; enable one of them")
         for name in _FLOAT_FIELDS:
             check_float(f"option {name!r}", getattr(self, name), 0.0, 1.0, high_open=True)
         for name, low in _INT_FIELDS.items():
@@ -172,4 +235,5 @@ PRESETS: dict[str, dict[str, Any]] = {
                          "guidance_schedule": PAPER_GUIDANCE, "step_semantics": "flashu-reference"},
 }
 
-__all__ = ["LOWERINGS", "PAPER_GUIDANCE", "PASSES", "PASS_TASKS", "PRESETS", "TASKS", "FlashUOptions"]
+__all__ = ["LOWERINGS", "PAPER_GUIDANCE", "PASSES", "PASS_TASKS", "PRESETS", "TASKS", "FlashUOptions", "PassCatalogue",
+           "PassInfo"]

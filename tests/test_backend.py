@@ -1,3 +1,4 @@
+import dataclasses
 import re
 import subprocess
 import sys
@@ -6,11 +7,12 @@ import textwrap
 import pytest
 import torch
 
-from flashu_compile.backend import AVAILABLE_PASSES, flashu_backend
+from flashu_compile.backend import build_pass_list, flashu_backend
 from flashu_compile.backends.tensorrt import tensorrt_unavailable_reason
 from flashu_compile.models.showo2 import Showo2
 from flashu_compile.models.showo2.understanding import answer_tokens
-from flashu_compile.options import PASS_TASKS, PASSES
+from flashu_compile.options import PASS_TASKS, PASSES, FlashUOptions
+from flashu_compile.passes.registry import REGISTRY
 from tests.conftest import small_config
 from tests.models.test_compile_friendly import t2i_inputs
 
@@ -53,8 +55,14 @@ def test_no_pass_inductor_lowering_matches_eager(small_model, tokenizer):
     torch.testing.assert_close(logits, ref_logits, rtol=1e-5, atol=1e-5)
 
 
-def test_every_option_pass_is_implemented():
-    assert set(AVAILABLE_PASSES) == set(PASSES) and set(PASS_TASKS) == set(PASSES)
+def test_every_option_pass_is_implemented_and_runs_in_canonical_order():
+    assert list(REGISTRY) == list(PASSES) == list(PASS_TASKS)
+    assert list(PASSES) == ["prune_channels", "token_drop", "prefix_cache", "layer_skip", "head_cache"]
+    opts = FlashUOptions(passes=("head_cache", "layer_skip", "token_drop", "prune_channels"))
+    assert [name for name, _ in build_pass_list(opts)] == ["prune_channels", "token_drop", "layer_skip", "head_cache"]
+    assert [name for name, _ in build_pass_list(opts, "t2i")] == ["prune_channels", "layer_skip", "head_cache"]
+    assert [fn for _, fn in build_pass_list(opts, "mmu")] == [REGISTRY[n].fn for n in
+                                                               ("prune_channels", "token_drop", "layer_skip")]
 
 
 def test_bad_option_surfaces_from_torch_compile():
@@ -81,12 +89,11 @@ def test_tensorrt_lowering_matches_eager():
 
 
 def test_not_applicable_graph_is_lowered_unchanged_or_rejected_in_strict_mode(monkeypatch):
-    from flashu_compile import backend
     from flashu_compile.passes.manager import PassResult
 
     seen = []
-    monkeypatch.setitem(backend.AVAILABLE_PASSES, "layer_skip",
-                        lambda gm, index, opts: seen.append(index) or PassResult(False))
+    monkeypatch.setitem(REGISTRY, "layer_skip", dataclasses.replace(
+        REGISTRY["layer_skip"], fn=lambda gm, index, opts: seen.append(index) or PassResult(False)))
     mlp = torch.nn.Sequential(torch.nn.Linear(3, 3), torch.nn.ReLU())
     x = torch.randn(2, 3)
     gm = torch.fx.symbolic_trace(mlp)

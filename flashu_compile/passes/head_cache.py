@@ -12,8 +12,20 @@ from __future__ import annotations
 import torch.fx
 
 from ..graph.outline import outline
-from ..runtime.guards import memo_guard
+from ..runtime.guards import controller, memo_guard
 from .manager import PassContext, PassNotApplicable, PassResult
+from .registry import (
+    GUARD_REGION,
+    BenchRow,
+    DescribeContext,
+    Described,
+    PassSpec,
+    full_calls,
+    full_text,
+    register,
+    shape_text,
+    steps_text,
+)
 
 NAME = "head_cache"
 
@@ -37,3 +49,31 @@ def head_cache(gm, ctx: PassContext, options) -> PassResult:
     region = exclusive_ancestors(gm, blocks[-1].output)
     outline(gm, region, "flashu_head_trunk", memo_guard, (ctx.controller.id, "head"), NAME)
     return PassResult(True, {"memoized_nodes": len(region), "refresh_every": options.cache_interval})
+
+
+def describe(node: torch.fx.Node, request: DescribeContext) -> Described | None:
+    if node.target is not memo_guard:
+        return None
+    cid, key = node.args[0], node.args[2]
+    rules = controller(cid).rules
+    full = full_calls(controller(cid), request.calls)
+    actions, have, was_full = {}, False, False
+    for s in range(1, request.calls + 1):
+        # The same rules the controller applies; the memo is dropped when the phase changes.
+        if (s in full) != was_full:
+            have, was_full = False, s in full
+        actions[s] = "full" if s in full else rules.head_action(s, have)
+        have = have or actions[s] == "store"
+    by = {a: [s for s, b in actions.items() if b == a] for a in ("store", "reuse", "compute")}
+    return Described(
+        reads=(f"the {request.task} request's memo {key!r} of controller {cid} and the shapes of the region's "
+               f"inputs (a batch change, e.g. guidance switching off, invalidates it)"),
+        refresh=(f"over a {request.calls}-call request ({rules.semantics} rules, every {rules.cache_interval}): "
+                 f"stores on calls {steps_text(by['store'])}; reuses on {len(by['reuse'])} calls, computes "
+                 f"without storing on {len(by['compute'])}; {full_text(full)}"),
+        shapes=(f"none: the memo holds the region's output {shape_text(node)}; on a reuse call its "
+                f"{request.region_nodes} nodes do not run"))
+
+
+SPEC = register(PassSpec(NAME, head_cache, order=50, tasks=("t2i",), hybrid=True, describe=describe,
+                         writes=GUARD_REGION, bench_row=BenchRow("cache", NAME)))

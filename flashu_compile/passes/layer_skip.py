@@ -17,8 +17,20 @@ import torch
 import torch.fx
 
 from ..graph.outline import outline
-from ..runtime.guards import layer_guard
+from ..runtime.guards import controller, layer_guard
 from .manager import PassContext, PassNotApplicable, PassResult
+from .registry import (
+    GUARD_REGION,
+    BenchRow,
+    DescribeContext,
+    Described,
+    PassSpec,
+    full_calls,
+    full_text,
+    register,
+    shape_text,
+    steps_text,
+)
 
 NAME = "layer_skip"
 
@@ -56,3 +68,30 @@ def layer_skip(gm, ctx: PassContext, options) -> PassResult:
                                 (ctx.controller.id, layer.index), NAME, first_input=stream, carry=carry))
     return PassResult(True, {"guarded_layers": len(layers), "skipped_per_step": ctx.controller.num_skipped,
                              "recalculate_every": options.skip_interval if ctx.task == "t2i" else "prefill"})
+
+
+def describe(node: torch.fx.Node, request: DescribeContext) -> Described | None:
+    if node.target is not layer_guard:
+        return None
+    cid, index = node.args[0], node.args[2]
+    ctl = controller(cid)
+    full = full_calls(ctl, request.calls)
+    skipping = f"skips the layer when it is among the {ctl.num_skipped} least important of {ctl.num_layers}"
+    if request.task == "mmu":
+        refresh = (f"measures 1 - cos(h_in, h_out) at the last token in the prefill (call 1); every decoded "
+                   f"token then {skipping} (layer 0 always runs); a skipped layer appends no K/V")
+    else:
+        measure = [s for s in range(1, request.calls + 1) if ctl.rules.recalculate(s) and s not in full]
+        refresh = (f"over a {request.calls}-call request: measures 1 - cos(h_in, h_out) on calls {steps_text(measure)} "
+                   f"(every {ctl.rules.skip_interval}); in between, {skipping}; {full_text(full)}")
+    return Described(
+        reads=(f"the {request.task} request's step state of controller {cid}: step index, phase, the importance "
+               f"measured for layer {index} and the skip set"),
+        refresh=refresh,
+        shapes=f"none: a skipped layer returns its input stream {shape_text(node)} unchanged")
+
+
+SPEC = register(PassSpec(
+    NAME, layer_skip, order=40, tasks=("t2i", "mmu"), hybrid=True, describe=describe,
+    writes=GUARD_REGION,
+    bench_row=BenchRow("skip", NAME)))

@@ -33,8 +33,18 @@ import torch.fx
 import torch.nn.functional as F
 
 from ..graph.outline import outline
-from ..runtime.guards import prefix_guard
+from ..runtime.guards import controller, prefix_guard
 from .manager import PassContext, PassNotApplicable, PassResult, tag
+from .registry import (
+    GUARD_REGION,
+    BenchRow,
+    DescribeContext,
+    Described,
+    PassSpec,
+    full_calls,
+    full_text,
+    register,
+)
 from .token_subset import (
     classify,
     example_value,
@@ -48,6 +58,7 @@ from .token_subset import (
 )
 
 NAME = "prefix_cache"
+PREFIX_KEY = "flashu_prefix_cache"  # node.meta of the prefix guard call: what graph-diff says about the window
 _KEEP_META = ("nn_module_stack", "source_fn_stack", "stack_trace")
 
 
@@ -277,7 +288,38 @@ def prefix_cache(gm: torch.fx.GraphModule, ctx: PassContext, options) -> PassRes
     replaced = outline(gm, window, "flashu_prefix", prefix_guard, (ctx.controller.id, "prefix", positions, rw.mask),
                        NAME)
     guard = next(iter(replaced.values())).args[0]
-    guard.meta["flashu_prefix_cache"] = {"sequence": [rw.seq, rw.span], "window": rw.window,
-                                         "attentions": len(rw.attentions), "kv_bytes_per_row": kv_bytes}
+    guard.meta[PREFIX_KEY] = {"sequence": [rw.seq, rw.span], "window": rw.window,
+                              "attentions": len(rw.attentions), "kv_bytes_per_row": kv_bytes}
     return PassResult(True, {"sequence": f"{rw.seq} -> {rw.span}", "prefix_window": rw.window,
                              "cached_attentions": len(rw.attentions), "cached_kv_bytes_per_row": kv_bytes})
+
+
+def describe(node: torch.fx.Node, request: DescribeContext) -> Described | None:
+    if node.target is not prefix_guard:
+        return None
+    prefix = node.meta[PREFIX_KEY]
+    seq, span = prefix["sequence"]
+    cid = node.args[0]
+    full = full_text(full_calls(controller(cid), request.calls))
+    return Described(
+        reads=(f"the {request.task} request's memo {node.args[2]!r} of controller {cid}, one entry per shape of the "
+               "region's inputs (guidance switching off halves the batch: each batch keeps its own)"),
+        refresh=(f"over a {request.calls}-call request: runs the prefix window on the first call of each batch size "
+                 f"and reuses its keys/values on every later call; {full}"),
+        shapes=(f"sequence {seq} -> {span} after the LLM's input: every layer and flow-head block runs on each "
+                f"row's image span (time token + image tokens, gathered at the row's offset); its "
+                f"{prefix['attentions']} attentions read [the cached window of {prefix['window']} positions, "
+                f"masked past the row's prefix ; the span]; eoi, eos and padding are never computed; "
+                f"the memo holds {prefix['kv_bytes_per_row'] / 2**10:.1f} KiB of keys/values per row"))
+
+
+SPEC = register(PassSpec(
+    NAME, prefix_cache, order=30, tasks=("t2i",), describe=describe,
+    writes={**GUARD_REGION, PREFIX_KEY: '{"sequence": [full length, span length], "window": prefix positions '
+                                        'cached, "attentions": how many read the cache, "kv_bytes_per_row": int} '
+                                        "on the prefix guard call"},
+    # A skipped layer changes the prefix's hidden states too, and importance is measured over every token:
+    # neither fits a span-only step with a prefix computed once.
+    conflicts={"layer_skip": "skipping a layer changes the cached prefix, and layer importance is measured over all "
+                             "tokens"},
+    bench_row=BenchRow("prefix", "prefix_cache (exact; not in the paper preset)")))

@@ -17,8 +17,10 @@ import torch
 from torch.utils.weak import WeakIdKeyDictionary
 
 from .manager import PassContext, PassNotApplicable, PassResult, tag
+from .registry import BenchRow, PassSpec, register
 
 NAME = "prune_channels"
+SHAPE_KEY = "flashu_shape"  # node.meta of a narrowed weight view: the shape the matmul now reads
 
 # The order each FFN weight tensor has been permuted into, so a second graph of the same model
 # (prefill after denoise) does not permute again. Keyed by tensor identity (tensors compare by value).
@@ -133,7 +135,7 @@ def prune_channels(gm, ctx: PassContext, options) -> PassResult:
             with gm.graph.inserting_before(ref.node):
                 view = gm.graph.call_function(torch.narrow, (ref.weight, dim, start, stop - start))
             tag(view, NAME, replaces=ref.weight.name)
-            view.meta["flashu_shape"] = tuple(stop - start if d == dim else s for d, s in enumerate(
+            view.meta[SHAPE_KEY] = tuple(stop - start if d == dim else s for d, s in enumerate(
                 ref.weight_value.shape))
             ref.node.update_arg(1, view)
             tag(ref.node, NAME, replaces=ref.node.name)
@@ -146,3 +148,9 @@ def prune_channels(gm, ctx: PassContext, options) -> PassResult:
         after += stop - start
     return PassResult(True, {"layers": len(layers), "task": ctx.task, "ffn_neurons_before": before,
                              "ffn_neurons_after": after})
+
+
+SPEC = register(PassSpec(
+    NAME, prune_channels, order=10, tasks=("t2i", "mmu"), hybrid=True,
+    writes={SHAPE_KEY: "on a narrow view of an FFN weight: the tuple shape the matmul reads"},
+    bench_row=BenchRow("prune", NAME)))

@@ -30,6 +30,7 @@ import torch.fx
 
 from ..runtime.markers import MARK_VISUAL
 from .manager import PassContext, PassNotApplicable, PassResult, tag
+from .registry import DescribeContext, Described, PassSpec, register
 from .token_subset import (
     classify,
     example_value,
@@ -42,6 +43,7 @@ from .token_subset import (
 )
 
 NAME = "token_drop"
+DROP_KEY = "flashu_token_drop"  # node.meta of the op computing the kept positions: what graph-diff says about it
 
 def token_drop(gm: torch.fx.GraphModule, ctx: PassContext, options) -> PassResult:
     markers = [n for n in gm.graph.nodes if n.op == "call_function" and n.target is MARK_VISUAL]
@@ -74,8 +76,8 @@ def token_drop(gm: torch.fx.GraphModule, ctx: PassContext, options) -> PassResul
     keep = _keep_positions(gm, plan, positions, n_drop, options.token_drop_order == "highest")
     # What graph-diff and other readers need to describe the op without re-deriving it (a symbolic length as text).
     sequence = [seq, seq - n_drop] if type(seq) is int else [str(seq), str(seq - n_drop)]
-    keep.meta["flashu_token_drop"] = {"after_layer": layers[k].path, "visual_tokens": n_visual, "dropped": n_drop,
-                                      "order": options.token_drop_order, "sequence": sequence}
+    keep.meta[DROP_KEY] = {"after_layer": layers[k].path, "visual_tokens": n_visual, "dropped": n_drop,
+                           "order": options.token_drop_order, "sequence": sequence}
     ctx.index.replace_input(layers[k].output, plan.apply(keep))  # for the passes that follow (layer_skip)
     propagate_shapes(gm, NAME)
     return PassResult(True, {"after_layer": k, "visual_tokens": n_visual, "dropped": n_drop,
@@ -168,3 +170,25 @@ def _keep_positions(gm, plan: _Plan, positions: torch.fx.Node, n_drop: int, high
         # A stable sort of the flags puts survivors before dropped positions, in their original order.
         order = fn(operator.getitem, (fn(torch.sort, (flags,), {"dim": 1, "stable": True}), 1))
         return fn(operator.getitem, (order, (slice(None), slice(None, -n_drop))))
+
+
+def describe(node: torch.fx.Node, request: DescribeContext) -> Described | None:
+    info = node.meta.get(DROP_KEY)
+    if info is None:
+        return None
+    seq, kept = info["sequence"]
+    return Described(
+        module=info["after_layer"],
+        reads=f"the value vectors of {info['after_layer']} (v_proj output: L2 over head_dim, mean over KV heads) "
+              f"at the {info['visual_tokens']} positions the prompt marks as image tokens",
+        refresh="every prefill: no state, the kept positions are computed from each prompt in the graph",
+        shapes=f"sequence {seq} -> {kept} after {info['after_layer']}: drops the {info['dropped']} image tokens with "
+               f"the {info['order']} norm; the residual stream, rotary tables and mask are gathered to the "
+               f"survivors, later layers cache {kept} positions")
+
+
+SPEC = register(PassSpec(
+    NAME, token_drop, order=20, tasks=("mmu",), describe=describe,
+    writes={DROP_KEY: '{"after_layer": module path of layer K, "visual_tokens": int, "dropped": int, "order": '
+                      '"highest" | "lowest", "sequence": [length before, after]} on the op computing the kept '
+                      "positions"}))

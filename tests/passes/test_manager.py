@@ -1,3 +1,5 @@
+import dataclasses
+
 import pytest
 import torch
 
@@ -122,16 +124,16 @@ def test_failing_pass_restores_the_structure_index(small_model, tokenizer):
 
 
 def test_failing_pass_in_a_compiled_program_runs_it_unrewritten(monkeypatch, small_model, tokenizer):
-    from flashu_compile import backend
+    from flashu_compile.passes.registry import REGISTRY
     from tests.models.test_compile_friendly import t2i_inputs
 
-    real = backend.AVAILABLE_PASSES["layer_skip"]
+    real = REGISTRY["layer_skip"].fn
 
     def broken(gm, ctx, options):
         real(gm, ctx, options)  # outlines every layer, then fails
         raise IndexError("pass bug")
 
-    monkeypatch.setitem(backend.AVAILABLE_PASSES, "layer_skip", broken)
+    monkeypatch.setitem(REGISTRY, "layer_skip", dataclasses.replace(REGISTRY["layer_skip"], fn=broken))
     args = t2i_inputs(small_model, tokenizer)
     options = {"passes": ["layer_skip"], "skip_ratio": 0.5, "hybrid_tau": 0, "lowering": "eager"}
     with torch.no_grad():
