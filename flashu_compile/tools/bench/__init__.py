@@ -29,11 +29,11 @@ from .cli import add_parser, check_args, cmd_bench, run_bench
 from .harness import Bench, PeakRss, inductor_caches, peak_gpu_mb, synchronize, timed_prefill
 from .loading import DTYPES, OFFICIAL, check_device, load_model, load_plan, machine_line, random_latents
 from .report import draw, draw_models, markdown, plot, summary, write
-from .rows import CUDAGRAPH_ROWS, SPLIT, Config, Result, default_configs, select
+from .rows import CUDAGRAPH_ROWS, Config, Result, default_configs, select, split_rows
 from .stats import off_vs_inductor, speedups, technique_savings
 
-__all__ = ["CUDAGRAPH_ROWS", "DTYPES", "OFFICIAL", "SPLIT", "Bench", "Config", "PeakRss", "Result", "add_parser",
+__all__ = ["CUDAGRAPH_ROWS", "DTYPES", "OFFICIAL", "Bench", "Config", "PeakRss", "Result", "add_parser",
            "check_args", "check_device", "cmd_bench", "default_configs", "draw", "draw_models", "inductor_caches",
            "load_model", "load_plan", "machine_line", "markdown", "off_vs_inductor", "peak_gpu_mb", "plot",
-           "random_latents", "run_bench", "select", "speedups", "summary", "synchronize", "technique_savings",
-           "timed_prefill", "write"]
+           "random_latents", "run_bench", "select", "speedups", "split_rows", "summary", "synchronize",
+           "technique_savings", "timed_prefill", "write"]

@@ -5,6 +5,9 @@ from __future__ import annotations
 import statistics
 from dataclasses import dataclass, field
 
+from ...options import PRESETS
+from ...passes.registry import REGISTRY, PassSpec
+
 
 @dataclass
 class Config:
@@ -37,11 +40,19 @@ class Result:
         return statistics.median(self.runs_s)
 
 
-# The per-technique rows (``--split``): what each generation technique saves on its own, at the
-# paper preset's settings. The pass rows drop the guidance schedule so that each row changes one thing.
-SPLIT = {"flashu prune 50": "prune_channels", "flashu skip 50": "layer_skip", "flashu cache 50": "head_cache",
-         "flashu prefix 50": "prefix_cache (exact; not in the paper preset)",
-         "flashu guidance 50": "guidance schedule", "flashu paper 50": "all of the paper preset"}
+def _technique_passes() -> list[PassSpec]:
+    """The passes with a bench row (the registry's ``bench_row``): the paper preset's first, each group in
+    canonical order."""
+    paper = PRESETS["paper"]["passes"]
+    return sorted((s for s in REGISTRY.values() if s.bench_row is not None), key=lambda s: s.name not in paper)
+
+
+def split_rows() -> dict[str, str]:
+    """The per-technique rows (``--split``), row name -> technique: what each generation technique saves on its
+    own, at the paper preset's settings. The pass rows drop the guidance schedule so that each row changes one
+    thing."""
+    rows = {f"flashu {s.bench_row.short} 50": s.bench_row.technique for s in _technique_passes()}
+    return rows | {"flashu guidance 50": "guidance schedule", "flashu paper 50": "all of the paper preset"}
 
 
 # The rows that replay CUDA graphs; without a GPU they are left out of the default rows (--only still
@@ -71,9 +82,8 @@ def default_configs(plan, split: bool = False, cudagraphs: bool = False) -> list
         Config("flashu paper answer", "mmu", "flashu", options=paper),
     ]
     if split:
-        one = {"prune": "prune_channels", "skip": "layer_skip", "cache": "head_cache", "prefix": "prefix_cache"}
-        configs += [Config(f"flashu {short} 50", "t2i", "flashu", 50,
-                           paper | {"passes": [name], "guidance_schedule": None}) for short, name in one.items()]
+        configs += [Config(f"flashu {s.bench_row.short} 50", "t2i", "flashu", 50,
+                           paper | {"passes": [s.name], "guidance_schedule": None}) for s in _technique_passes()]
         # No pass: the graphs are lowered as by preset "off"; only the sampler's guidance scales change.
         configs.append(Config("flashu guidance 50", "t2i", "flashu", 50, paper | {"passes": []}))
     return configs if cudagraphs else [c for c in configs if c.name not in CUDAGRAPH_ROWS]

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from .rows import SPLIT, Result
+from .rows import Result, split_rows
 
 
 def _baselines(results: list[Result]) -> dict[tuple[str, str], Result]:
@@ -38,9 +38,10 @@ def off_vs_inductor(results: list[Result]) -> dict[str, float]:
 
 
 def technique_savings(results: list[Result]) -> dict[str, dict]:
-    """Per-technique row (``SPLIT``): its technique and the share of the Inductor baseline's FLOPs it removes."""
+    """Per-technique row (``split_rows``): its technique and the share of the Inductor baseline's FLOPs it removes."""
     base = _baselines(results).get(("t2i", "inductor"))
     if base is None or not base.flops:
         return {}
-    return {r.name: {"technique": SPLIT[r.name], "baseline": base.name, "flops_saved": 1 - r.flops / base.flops}
-            for r in results if r.name in SPLIT}
+    split = split_rows()
+    return {r.name: {"technique": split[r.name], "baseline": base.name, "flops_saved": 1 - r.flops / base.flops}
+            for r in results if r.name in split}
