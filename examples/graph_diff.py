@@ -7,8 +7,7 @@ from pathlib import Path
 
 from flashu_compile import Showo2
 from flashu_compile.calibrate import calibrate
-from flashu_compile.tools.graph_diff import graph_diff, sample_call
-from flashu_compile.tools.graph_diff_render import render_html, render_terminal
+from flashu_compile.tools.graph_diff import graph_diff, render_html, render_terminal, sample_call
 
 model = Showo2.default()
 plan = calibrate(model, progress=False)

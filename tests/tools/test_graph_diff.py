@@ -15,7 +15,7 @@ from flashu_compile.models.showo2 import Showo2
 from flashu_compile.passes.manager import PassManager, observe_passes
 from flashu_compile.tools.cli import main
 from flashu_compile.tools.graph_diff import SCHEMA_PATH, graph_diff, sample_call, to_json
-from flashu_compile.tools.graph_diff_render import WIDTH, render_html, render_terminal, visible_width
+from flashu_compile.tools.graph_diff.render import WIDTH, render_html, render_terminal, visible_width
 from tests.conftest import small_config
 from tests.models.test_compile_friendly import t2i_inputs
 from tests.passes.test_manager import never_applies, relu_to_gelu, traced

@@ -1,4 +1,4 @@
-"""Views of a :class:`~flashu_compile.tools.graph_diff.GraphDiff`: a 100-column terminal text and one HTML page.
+"""Views of a :class:`~flashu_compile.tools.graph_diff.report.GraphDiff`: a 100-column terminal text and one HTML page.
 
 The HTML page is self-contained (inline CSS and script, no external resource), so it opens from
 disk or an archived CI artifact without a network.
@@ -10,7 +10,7 @@ import html
 import re
 import textwrap
 
-from .graph_diff import GraphDiff, GuardInfo, ModuleChange, PassDiff
+from .report import GraphDiff, GuardInfo, ModuleChange, PassDiff
 
 WIDTH = 100
 _ANSI = re.compile(r"\x1b\[[0-9;]*m")

@@ -1,0 +1,101 @@
+"""The package's imports: no cycle between modules, and no package importing a higher layer.
+
+Every import counts, including those inside functions: a deferred import hides a cycle from the
+interpreter, not from a reader. Imports are read with ``ast`` (nothing is executed), relative ones
+resolved against the importing module's package.
+"""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import networkx as nx
+
+import flashu_compile
+
+ROOT = Path(flashu_compile.__file__).parent
+
+# Lowest first. A unit (a subpackage or a top-level module of flashu_compile) may import units of lower layers
+# only; units sharing a layer do not import each other.
+LAYERS: list[tuple[str, ...]] = [
+    ("validate", "files"),  # argument checks and file helpers, shared by everything
+    ("runtime",),  # per-request step state read by guard ops
+    ("options",),  # knobs and presets
+    ("graph",),  # analysis of FX graphs and the FX utilities passes share
+    ("passes",),  # the rewrites
+    ("backends",),  # lowering of a rewritten graph
+    ("models",),  # Show-o2 on transformers parts; knows the compiler only through options and runtime markers
+    ("scenes",),  # the embedded model's data and scorers
+    ("calibrate",),  # plans, scored on a model
+    ("backend",),  # the "flashu" entry point
+    ("tools", "__init__"),  # command lines and the package's public names
+]
+
+
+def module_name(path: Path) -> str:
+    parts = ["flashu_compile", *path.relative_to(ROOT).with_suffix("").parts]
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def modules() -> dict[str, Path]:
+    return {module_name(path): path for path in ROOT.rglob("*.py")}
+
+
+def imports(name: str, path: Path, known: set[str]) -> set[str]:
+    """The package's modules ``name`` imports; ``from pkg import sub`` counts as importing ``pkg.sub`` alone
+    when ``sub`` is a module (so a package's submodules importing their siblings is not a cycle through it)."""
+    package = name if path.name == "__init__.py" else name.rpartition(".")[0]
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text(), str(path))):
+        if isinstance(node, ast.Import):
+            found.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom):
+            if node.level:
+                base = package.split(".")[: len(package.split(".")) - node.level + 1]
+                source = ".".join(base + ([node.module] if node.module else []))
+            else:
+                source = node.module
+            submodules = {f"{source}.{alias.name}" for alias in node.names} & known
+            found.update(submodules)
+            if len(submodules) < len(node.names):
+                found.add(source)
+    return {target for target in found if target in known and target != name}
+
+
+def import_graph() -> nx.DiGraph:
+    found = modules()
+    graph = nx.DiGraph()
+    graph.add_nodes_from(found)
+    for name, path in found.items():
+        graph.add_edges_from((name, target) for target in imports(name, path, set(found)))
+    return graph
+
+
+def unit(name: str) -> str:
+    parts = name.split(".")
+    return parts[1] if len(parts) > 1 else "__init__"
+
+
+def test_imports_are_read_with_relative_and_deferred_imports_resolved():
+    graph = import_graph()
+    # A relative import at module level, and one inside a function.
+    assert "flashu_compile.runtime.guards" in graph["flashu_compile.graph.specialize"]
+    assert "flashu_compile.models.showo2.checkpoint" in graph["flashu_compile.models.showo2.modeling"]
+
+
+def test_no_module_imports_itself_through_others():
+    cycles = sorted(" -> ".join([*cycle, cycle[0]]) for cycle in nx.simple_cycles(import_graph()))
+    assert not cycles, "import cycles:\n" + "\n".join(cycles)
+
+
+def test_every_unit_has_a_layer():
+    declared = {u for layer in LAYERS for u in layer}
+    assert {unit(name) for name in import_graph()} <= declared
+
+
+def test_no_package_imports_a_higher_or_sibling_layer():
+    layer = {u: i for i, units in enumerate(LAYERS) for u in units}
+    back = sorted(f"{a} ({unit(a)}) imports {b} ({unit(b)})" for a, b in import_graph().edges
+                  if unit(a) != unit(b) and layer[unit(a)] <= layer[unit(b)])
+    assert not back, "imports against the layer order:\n" + "\n".join(back)
