@@ -26,6 +26,7 @@ from .options import FlashUOptions
 from .passes.manager import Pass, PassContext, PassManager
 from .passes.prune_channels import verify_plan
 from .passes.registry import REGISTRY
+from .runtime.compile_profile import phase, profiled
 from .runtime.flops import call_counted, counted
 from .runtime.guards import Controller, full_phase
 from .runtime.request import current_request, serving
@@ -113,7 +114,8 @@ def flashu_backend(gm: torch.fx.GraphModule, example_inputs: list, options: Any 
     lowering = lowering_for(opts)  # a name, or the TensorRT lowering's settings
     if not build_pass_list(opts):
         return counted(lower(gm, example_inputs, lowering))
-    index = build_index(gm, example_inputs)
+    with phase("structure index"):
+        index = build_index(gm, example_inputs)
     if not index.applicable:
         if opts.strict:
             raise RuntimeError(f"flashu cannot rewrite this graph: {index.report()}")
@@ -130,7 +132,8 @@ def flashu_backend(gm: torch.fx.GraphModule, example_inputs: list, options: Any 
     full = copy_graph(gm) if phased else None
     # Found before the passes, which may outline the time embedding's first ops into a region.
     timestep = timestep_input(gm, example_inputs) if task == "t2i" else None
-    manager = PassManager(passes, strict=opts.strict, dump_dir=opts.debug_dir)
+    manager = PassManager([(name, profiled(f"pass {name}")(fn)) for name, fn in passes], strict=opts.strict,
+                          dump_dir=opts.debug_dir)
     for spec in REGISTRY.values():
         if spec.name in opts.passes and task not in spec.tasks:
             manager.not_applicable(spec.name, f"it rewrites {' and '.join(spec.tasks)} graphs and this is a {task} "
@@ -138,7 +141,8 @@ def flashu_backend(gm: torch.fx.GraphModule, example_inputs: list, options: Any 
     gm = manager.run(gm, PassContext(index, task, controller, verify_plan(_load_plan(opts.plan), index)), opts)
     # Kept before lowering, which may rewrite the graph it is given.
     rewritten = copy_graph(gm) if _specializable(gm, controller, opts) else None
-    compiled = lower(gm, example_inputs, lowering)
+    with phase("lowering graph"):
+        compiled = lower(gm, example_inputs, lowering)
     specialized = Specializations(rewritten, lowering, opts.decode_graphs, compiled) if rewritten else None
     # The program holds its controller: guard nodes only name it by id (a weak registry).
     return PhasedProgram(controller, compiled,

@@ -22,6 +22,7 @@ import torch.utils._pytree as pytree
 
 from ..graph.compat import FakeTensor, TracingContext, detect_fake_mode, fuse_as_graphmodule
 from ..graph.rewrite import copy_graph, has_guards, is_symbolic
+from ..runtime.compile_profile import phase, piece_kind
 from ..runtime.guards import GUARDS
 from .registry import Lowering, lower_unguarded
 
@@ -121,7 +122,8 @@ class LazyLowered:
                     last = gm.graph.placeholder(f"symbol_{k}")
                 last.meta["val"] = last.meta["example_value"] = value
             gm.recompile()
-        self.fn = lower(gm, [*example_inputs, *extra], self.lowering)
+        with phase(f"lowering {piece_kind(self.gm)}"):
+            self.fn = lower(gm, [*example_inputs, *extra], self.lowering)
 
     def fall_back_to_eager(self) -> None:
         """Forget any compiled form (and those of nested pieces); lower eagerly on the next call."""

@@ -17,6 +17,7 @@ from typing import Any
 import torch
 
 from ..graph.specialize import resolve_layer_guards
+from ..runtime.compile_profile import phase
 from .segmented import lower
 
 
@@ -38,7 +39,8 @@ class Specializations:
 
     def _build(self, skip: frozenset[int]) -> Callable:
         self.built += 1
-        gm = resolve_layer_guards(self.gm, skip)
+        with phase("specialization: guards resolved"):
+            gm = resolve_layer_guards(self.gm, skip)
         if gm is None:
             return self.guarded
         if self.lowering == "eager":
@@ -46,7 +48,8 @@ class Specializations:
         return _FirstCallFallback(torch.compile(gm, backend=self._lower, dynamic=True), self.guarded, skip)
 
     def _lower(self, gm: torch.fx.GraphModule, example_inputs: list) -> Callable:
-        return lower(gm, example_inputs, self.lowering)
+        with phase("lowering specialization"):
+            return lower(gm, example_inputs, self.lowering)
 
 
 class _FirstCallFallback:

@@ -13,6 +13,7 @@ from collections.abc import Callable, Iterable
 
 import torch.fx
 
+from ..runtime.compile_profile import profiled
 from .compat import fuse_as_graphmodule, topo_sort
 from .rewrite import PassNotApplicable, tag
 
@@ -40,6 +41,7 @@ def region_cycle(region: Iterable[torch.fx.Node]) -> tuple[torch.fx.Node, torch.
     return None
 
 
+@profiled("outlining")
 def outline(
     gm: torch.fx.GraphModule,
     nodes: Iterable[torch.fx.Node],

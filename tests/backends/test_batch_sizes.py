@@ -29,12 +29,10 @@ def model(tokenizer):
 def _serve(model, options, sizes):
     """Latents for one request per batch size in ``sizes``, all from one compilation."""
     torch._dynamo.reset()
-    model.compile_tasks("flashu", options)
-    try:
-        return [generate_latents(model, model.tokenizer, PROMPTS[:b], steps=STEPS, guidance=4.0,
-                                 noise=latent_noise(model, b, seed=b), progress=False) for b in sizes]
-    finally:
-        model.compiled, model.flashu_options = {}, None
+    compiled = model.compile_tasks("flashu", options)
+    return [generate_latents(model, model.tokenizer, PROMPTS[:b], steps=STEPS, guidance=4.0,
+                             noise=latent_noise(model, b, seed=b), progress=False, denoise=compiled.entries["denoise"],
+                             options=compiled.options) for b in sizes]
 
 
 def _reference(model, b, passes):

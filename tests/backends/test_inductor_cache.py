@@ -20,8 +20,8 @@ SCRIPT = textwrap.dedent("""
     warnings.simplefilter("ignore")
     model = Showo2.random(small_config(num_layers=4), seed=3).attach(tokenizer=SceneTokenizer(words=WORDS))
     # layer_skip outlines the four decoder layers: four pieces of one structure, differing only in weights.
-    model.compile_tasks("flashu", {"passes": ["layer_skip"], "skip_ratio": 0.5, "hybrid_tau": 0})
-    latents = model.generate_images(["a red circle"], steps=4, guidance=1.0, progress=False)
+    compiled = model.compile_tasks("flashu", {"passes": ["layer_skip"], "skip_ratio": 0.5, "hybrid_tau": 0})
+    latents = compiled.generate_images(["a red circle"], steps=4, guidance=1.0, progress=False)
     print(json.dumps({"inductor": dict(counters["inductor"]), "aot": dict(counters["aot_autograd"]),
                       "sum": float(latents.double().sum())}))
 """)

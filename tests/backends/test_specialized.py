@@ -24,17 +24,17 @@ def _model(tokenizer, num_layers=4, seed=2):
 def _decode(model, tokenizer, image, options, steps):
     """Every decode step's logits, feeding back the argmax, and how many entries each layer's cache gained."""
     torch._dynamo.reset()
-    model.compile_tasks("flashu", options)
+    compiled = model.compile_tasks("flashu", options)
     rows, embeds = prepare(model, tokenizer, image, QUESTION)
     cache = DynamicCache(config=model.config.llm)
     out = []
     with torch.no_grad(), request("mmu", steps + 1) as req:
         req.advance()
-        logits = model.compiled["prefill"](model, embeds, rows.attention_mask, cache, rows.image_positions())
+        logits = compiled.entries["prefill"](model, embeds, rows.attention_mask, cache, rows.image_positions())
         prompt = [lay.keys.shape[2] for lay in cache.layers]
         for _ in range(steps):
             req.advance()
-            logits = model.compiled["decode"](model, logits.argmax(-1), cache)
+            logits = compiled.entries["decode"](model, logits.argmax(-1), cache)
             out.append(logits)
     return out, [lay.keys.shape[2] - n for lay, n in zip(cache.layers, prompt, strict=True)]
 
@@ -74,7 +74,7 @@ def test_a_specialization_that_fails_to_compile_falls_back_to_the_guarded_graph(
     model, image = _model(tokenizer, num_layers=2, seed=0)
     _, want, _, _ = reference_answer(model, tokenizer, image, QUESTION, 6, skip_ratio=0.5)
     torch._dynamo.reset()
-    model.compile_tasks("flashu", {"passes": ["layer_skip"], "skip_ratio": 0.5})
+    compiled = model.compile_tasks("flashu", {"passes": ["layer_skip"], "skip_ratio": 0.5})
     with torch.no_grad(), pytest.warns(UserWarning, match=r"specialized on skip set \[1\] failed .*no kernel"):
-        assert answer_tokens(model, tokenizer, image, QUESTION, max_new_tokens=6) == want
+        assert answer_tokens(model, tokenizer, image, QUESTION, max_new_tokens=6, entries=compiled.entries) == want
     assert builds == [frozenset({1})]

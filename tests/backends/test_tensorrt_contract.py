@@ -239,14 +239,16 @@ def test_an_answer_lowers_through_the_flashu_backend(trt, tokenizer, passes):
     image = torch.randn(1, c, h, w, generator=torch.Generator().manual_seed(2))
     options = {"passes": passes, "skip_ratio": 0.5, "decode_graphs": 0}
     torch._dynamo.reset()
-    model.compile_tasks("flashu", {**options, "lowering": "eager"})
+    compiled = model.compile_tasks("flashu", {**options, "lowering": "eager"})
     with torch.no_grad():
-        want = answer_tokens(model, tokenizer, image, "what colour is the circle?", max_new_tokens=5)
+        want = answer_tokens(model, tokenizer, image, "what colour is the circle?", max_new_tokens=5,
+                             entries=compiled.entries)
     torch._dynamo.reset()
-    model.compile_tasks("flashu", {**options, "lowering": "tensorrt"})
+    compiled = model.compile_tasks("flashu", {**options, "lowering": "tensorrt"})
     with torch.no_grad(), warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        got = answer_tokens(model, tokenizer, image, "what colour is the circle?", max_new_tokens=5)
+        got = answer_tokens(model, tokenizer, image, "what colour is the circle?", max_new_tokens=5,
+                            entries=compiled.entries)
     assert got == want
     assert not [w for w in caught if "TensorRT cannot lower" in str(w.message) or "eagerly" in str(w.message)]
     dynamic = [c for c in trt.calls if any(i.declared.get("min_shape") != i.declared.get("max_shape")
