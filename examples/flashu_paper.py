@@ -27,9 +27,9 @@ def timed(label, fn):
 eager = Showo2.default()
 reference = timed("eager, 50 steps", lambda: eager.generate_images([PROMPT], steps=50, progress=False))
 
-fast = Showo2.default()
-plan = calibrate(fast, progress=False)
-fast.compile_tasks("flashu", {"preset": "paper", "plan": plan})
+model = Showo2.default()
+plan = calibrate(model, progress=False)
+fast = model.compile_tasks("flashu", {"preset": "paper", "plan": plan})
 timed("flashu paper, 35 steps, first run (compiles)", lambda: fast.generate_images([PROMPT], steps=35, progress=False))
 images = timed("flashu paper, 35 steps", lambda: fast.generate_images([PROMPT], steps=35, progress=False))
 print(f"mean |difference| from the eager image: {float((images - reference).abs().mean()):.3f}")

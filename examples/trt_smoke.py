@@ -33,9 +33,10 @@ def _latents(model, options: dict[str, Any], steps: int):
     from flashu_compile.models.showo2.sampling import generate_latents
 
     torch._dynamo.reset()
-    model.compile_tasks("flashu", options)
+    compiled = model.compile_tasks("flashu", options)
     with torch.no_grad():
-        return generate_latents(model, model.tokenizer, [PROMPT], steps=steps, progress=False)
+        return generate_latents(model, model.tokenizer, [PROMPT], steps=steps, progress=False,
+                                denoise=compiled.entries["denoise"], options=compiled.options)
 
 
 def _answer(model, options: dict[str, Any], image) -> list[int]:
@@ -44,9 +45,9 @@ def _answer(model, options: dict[str, Any], image) -> list[int]:
     from flashu_compile.models.showo2.understanding import answer_tokens
 
     torch._dynamo.reset()
-    model.compile_tasks("flashu", options)
+    compiled = model.compile_tasks("flashu", options)
     with torch.no_grad():
-        return answer_tokens(model, model.tokenizer, image, QUESTION, max_new_tokens=8)
+        return answer_tokens(model, model.tokenizer, image, QUESTION, max_new_tokens=8, entries=compiled.entries)
 
 
 def _time(fn: Callable, args: tuple, repeats: int = 20) -> float:
@@ -117,11 +118,11 @@ def main(argv: list[str] | None = None) -> int:
     timings = {}
     for lowering in ("inductor", "tensorrt"):
         torch._dynamo.reset()
-        model.compile_tasks("flashu", {**trt, "lowering": lowering, "passes": []})
-        denoise, calls = model.compiled["denoise"], []
-        model.compiled["denoise"] = lambda *a, fn=denoise, seen=calls: seen.append(a) or fn(*a)
+        compiled = model.compile_tasks("flashu", {**trt, "lowering": lowering, "passes": []})
+        denoise, calls = compiled.entries["denoise"], []
         with torch.no_grad():
-            generate_latents(model, model.tokenizer, [PROMPT], steps=2, progress=False)
+            generate_latents(model, model.tokenizer, [PROMPT], steps=2, progress=False,
+                             denoise=lambda *a, fn=denoise, seen=calls: seen.append(a) or fn(*a))
             timings[lowering] = _time(denoise, calls[-1])
     check("one denoising step", True, f"Inductor {timings['inductor']:.2f} ms, TensorRT {timings['tensorrt']:.2f} ms")
     print(f"{len(failed)} of 7 checks failed" if failed else "all 7 checks passed")

@@ -221,6 +221,7 @@ def _coerce(key: str, value: Any, spec: dataclasses.Field) -> Any:
 
 
 PAPER_GUIDANCE = RelativeSchedule(((0.7, 0.75), (0.3, 1.0)))
+FAST_GUIDANCE = RelativeSchedule(((0.5, 1.0), (0.5, 0.0)))
 
 PRESETS: dict[str, dict[str, Any]] = {
     # A plain, correct backend: everything later is measured against it.
@@ -233,7 +234,12 @@ PRESETS: dict[str, dict[str, Any]] = {
     # [(24, 7.5), (11, 10.0)] at 35 grid points is this relative schedule at s0 = 10, call for call.
     "flashu-reference": {"preset": "flashu-reference", "passes": ("prune_channels", "layer_skip", "head_cache"),
                          "guidance_schedule": PAPER_GUIDANCE, "step_semantics": "flashu-reference"},
+    # Beyond the paper (docs/presets.md, measured in docs/fidelity.md): no layer skipping, whose loss the
+    # exact prefix cache avoids while saving the text rows' work; guidance s0 on the first half of the calls
+    # and off after (scale 0 runs the conditional rows alone: half the batch), where the layout is set.
+    "fast": {"preset": "fast", "passes": ("prune_channels", "token_drop", "prefix_cache", "head_cache"),
+             "guidance_schedule": FAST_GUIDANCE},
 }
 
-__all__ = ["LOWERINGS", "PAPER_GUIDANCE", "PASSES", "PASS_TASKS", "PRESETS", "TASKS", "FlashUOptions", "PassCatalogue",
-           "PassInfo"]
+__all__ = ["FAST_GUIDANCE", "LOWERINGS", "PAPER_GUIDANCE", "PASSES", "PASS_TASKS", "PRESETS", "TASKS", "FlashUOptions",
+           "PassCatalogue", "PassInfo"]

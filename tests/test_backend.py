@@ -115,17 +115,19 @@ def test_compiled_tasks_do_not_recompile_across_steps_or_requests(tokenizer):
     ref_answer = answer_tokens(model, tokenizer, latents, "what colour is the circle?", max_new_tokens=32)
     torch._dynamo.reset()
     counters.clear()
-    model.compile_tasks(options={"lowering": "eager"})
+    compiled = model.compile_tasks(options={"lowering": "eager"})
 
-    image = model.generate_images(["red circle"], steps=50, guidance=5.0, seed=0, progress=False)
+    image = compiled.generate_images(["red circle"], steps=50, guidance=5.0, seed=0, progress=False)
     assert counters["stats"]["unique_graphs"] == 1  # one denoising graph for all 49 calls
-    answer = answer_tokens(model, tokenizer, latents, "what colour is the circle?", max_new_tokens=32)
+    answer = answer_tokens(model, tokenizer, latents, "what colour is the circle?", max_new_tokens=32,
+                           entries=compiled.entries)
     # the embedding, the prefill, the first decode step, then one decode graph with a dynamic cache length.
     graphs = counters["stats"]["unique_graphs"]
     assert graphs <= 1 + 4
     for seed in (1, 2, 3):
-        model.generate_images(["blue square"], steps=50, guidance=5.0, seed=seed, progress=False)
-        assert answer_tokens(model, tokenizer, latents, "what colour is the circle?", max_new_tokens=32) == answer
+        compiled.generate_images(["blue square"], steps=50, guidance=5.0, seed=seed, progress=False)
+        assert answer_tokens(model, tokenizer, latents, "what colour is the circle?", max_new_tokens=32,
+                             entries=compiled.entries) == answer
     assert counters["stats"]["unique_graphs"] == graphs  # 0 recompiles over 3 further requests
     assert torch.equal(image, ref_image) and answer == ref_answer and len(answer) == 32
 
@@ -182,10 +184,7 @@ def test_strict_turns_a_pass_that_does_not_act_into_an_error(case, small_model, 
 def test_compile_tasks_gives_each_entry_only_the_passes_that_act_on_it(tokenizer):
     model = Showo2.random(small_config(num_layers=4), seed=2).attach(tokenizer=tokenizer)
     torch._dynamo.reset()
-    model.compile_tasks("flashu", {"passes": ["token_drop", "layer_skip", "head_cache"], "skip_ratio": 0.5,
-                                   "lowering": "eager", "strict": True})
-    try:
-        image = model.generate_images(["a red circle"], steps=4, guidance=2.0, progress=False)
-        assert model.answer(image[0], "what colour is the circle?", max_new_tokens=3) is not None
-    finally:
-        model.compiled, model.flashu_options = {}, None
+    compiled = model.compile_tasks("flashu", {"passes": ["token_drop", "layer_skip", "head_cache"], "skip_ratio": 0.5,
+                                              "lowering": "eager", "strict": True})
+    image = compiled.generate_images(["a red circle"], steps=4, guidance=2.0, progress=False)
+    assert compiled.answer(image[0], "what colour is the circle?", max_new_tokens=3) is not None

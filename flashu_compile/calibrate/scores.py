@@ -200,11 +200,6 @@ def calibrate(
     device = next(model.parameters()).device
     was_training = model.training
     model.eval()
-    # generate_latents follows the guidance schedule a flashu compilation attached to the model;
-    # calibration scores the unmodified sampler (cond + uncond rows at every step), so hide it.
-    schedule_options = getattr(model, "flashu_options", None)
-    if schedule_options is not None:
-        model.flashu_options = None
     t2i_batches = [list(prompts[i:i + batch_size]) for i in range(0, len(prompts), batch_size)] \
         if "t2i" in tasks else []
     mmu_pairs = list(zip(images, questions, strict=True)) if "mmu" in tasks else []
@@ -216,9 +211,10 @@ def calibrate(
                 if task == "t2i":
                     for b, batch in enumerate(t2i_batches):
                         bar.set_postfix_str(f"t2i batch {b + 1}/{len(t2i_batches)}")
-                        # The eager denoise, so hooks fire even when compile_tasks() was called.
+                        # The eager model and the plain sampler (cond + uncond rows at every step, no
+                        # schedule): the hooks see every FFN input the unmodified model computes.
                         generate_latents(model, model.tokenizer, batch, steps=steps, guidance=guidance,
-                                         seed=seed + b, progress=False, denoise=model.denoise)
+                                         seed=seed + b, progress=False)
                         bar.update()
                 else:
                     for k, (image, question) in enumerate(mmu_pairs):
@@ -231,8 +227,6 @@ def calibrate(
     finally:
         bar.close()
         model.train(was_training)
-        if schedule_options is not None:
-            model.flashu_options = schedule_options
 
     samples_used = {"t2i": len(prompts) if "t2i" in tasks else 0, "mmu": len(mmu_pairs)}
     settings = {

@@ -54,14 +54,14 @@ def cmd_build_trt(args) -> int:
                                "trt_precision": args.precision}
     if "prune_channels" in FlashUOptions.from_dict(options).passes:
         options["plan"] = load_plan(args, model)
-    model.compile_tasks("flashu", options)
-    used: dict[str, list[str]] = {name: [] for name in model.compiled}
-    model.compiled = {name: _recording(fn, used[name]) for name, fn in model.compiled.items()}
+    compiled = model.compile_tasks("flashu", options)
+    used: dict[str, list[str]] = {name: [] for name in compiled.entries}
+    entries = {name: _recording(fn, used[name]) for name, fn in compiled.entries.items()}
     with torch.no_grad():
         latents = generate_latents(model, model.tokenizer, [args.prompt], steps=args.steps,
-                                   progress=not args.no_progress)
+                                   progress=not args.no_progress, denoise=entries["denoise"], options=compiled.options)
         understanding.answer_tokens(model, model.tokenizer, latents[:1].to(model.dtype), args.question,
-                                    max_new_tokens=args.max_new_tokens)
+                                    max_new_tokens=args.max_new_tokens, entries=entries)
     manifest = {
         "model": args.model, "preset": args.preset, "plan": args.plan or "calibrated by build-trt",
         "precision": args.precision, "environment": tensorrt.environment(), "engines": engines.name,

@@ -134,14 +134,11 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     for i, (name, options) in enumerate(configs, start=1):
         print(f"[{i}/{len(configs)}] {name}: {json.dumps({k: v for k, v in options.items() if k != 'plan'})}")
         torch._dynamo.reset()
-        model.compile_tasks("flashu", options)
+        compiled = model.compile_tasks("flashu", options)
         t0 = time.perf_counter()
-        try:
-            results[name] = evaluate(model, args.prompts, args.questions, args.steps, guidance, seed=args.seed,
-                                     batch=args.batch, images_per_prompt=args.images_per_prompt, label=name,
-                                     progress=not args.no_progress)
-        finally:
-            model.compiled, model.flashu_options = {}, None
+        results[name] = evaluate(compiled, args.prompts, args.questions, args.steps, guidance, seed=args.seed,
+                                 batch=args.batch, images_per_prompt=args.images_per_prompt, label=name,
+                                 progress=not args.no_progress)
         seconds[name] = time.perf_counter() - t0
         result = results[name]
         print(f"  GenEval-like overall {result['geneval']['overall']:.3f}, VQA {result['vqa_accuracy']:.3f} "

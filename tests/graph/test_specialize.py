@@ -35,10 +35,11 @@ def test_skipped_layers_leave_the_graph_and_kept_ones_are_plain_calls(tokenizer,
     image = torch.randn(1, model.config.image_latent_dim, *model.config.latent_size)
 
     def run():
-        model.compile_tasks("flashu", {"passes": ["layer_skip"], "skip_ratio": 0.5, "lowering": "eager",
-                                       "decode_graphs": 0})
+        compiled = model.compile_tasks("flashu", {"passes": ["layer_skip"], "skip_ratio": 0.5, "lowering": "eager",
+                                                  "decode_graphs": 0})
         with torch.no_grad():
-            answer_tokens(model, tokenizer, image, "what colour is the circle?", max_new_tokens=4)
+            answer_tokens(model, tokenizer, image, "what colour is the circle?", max_new_tokens=4,
+                          entries=compiled.entries)
 
     prefill, *decodes = [gm for gm in _rewritten(monkeypatch, run) if layer_guards(gm)]  # not the embedding
     decode = decodes[-1]

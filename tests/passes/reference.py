@@ -24,14 +24,11 @@ def latent_noise(model, n, seed=0):
 
 
 def compiled_generate(model, options, prompts, steps, noise, guidance=5.0):
-    """Latents from the ``flashu`` backend with ``options``; the model is left uncompiled afterwards."""
+    """Latents from the ``flashu`` backend with ``options``."""
     torch._dynamo.reset()  # every example compiles a new backend; stay below dynamo's recompile limit
-    model.compile_tasks("flashu", options)
-    try:
-        return generate_latents(model, model.tokenizer, prompts, steps=steps, guidance=guidance, noise=noise,
-                                progress=False)
-    finally:
-        model.compiled, model.flashu_options = {}, None
+    compiled = model.compile_tasks("flashu", options)
+    return generate_latents(model, model.tokenizer, prompts, steps=steps, guidance=guidance, noise=noise,
+                            progress=False, denoise=compiled.entries["denoise"], options=compiled.options)
 
 
 def assert_close_rel(a, b, rel=1e-5):

@@ -70,24 +70,18 @@ def test_no_recompiles_after_first_request(model):
     torch._dynamo.utils.counters.clear()
     options = {"passes": ["layer_skip", "head_cache"], "lowering": "eager", "skip_ratio": 0.5,
                "skip_interval": 10, "cache_interval": 5, "guidance_schedule": ((24, 7.5), (11, 10.0))}
-    model.compile_tasks("flashu", options)
-    try:
-        generate_latents(model, model.tokenizer, PROMPTS, steps=50, noise=latent_noise(model, len(PROMPTS)),
-                         progress=False)
-        first = torch._dynamo.utils.counters["stats"]["unique_graphs"]
-        for seed in (1, 2, 3):
-            generate_latents(model, model.tokenizer, PROMPTS, steps=50, noise=latent_noise(model, len(PROMPTS), seed),
-                             progress=False)
-        assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == first
-        assert first <= 2  # at most one graph per batch size (cond + uncond, cond only)
-    finally:
-        model.compiled, model.flashu_options = {}, None
+    compiled = model.compile_tasks("flashu", options)
+    run = {"denoise": compiled.entries["denoise"], "options": compiled.options, "progress": False}
+    generate_latents(model, model.tokenizer, PROMPTS, steps=50, noise=latent_noise(model, len(PROMPTS)), **run)
+    first = torch._dynamo.utils.counters["stats"]["unique_graphs"]
+    for seed in (1, 2, 3):
+        generate_latents(model, model.tokenizer, PROMPTS, steps=50, noise=latent_noise(model, len(PROMPTS), seed),
+                         **run)
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == first
+    assert first <= 2  # at most one graph per batch size (cond + uncond, cond only)
 
 
 def test_options_reach_the_sampler(model):
-    model.compile_tasks("flashu", {"guidance_schedule": ((1, 0.0), (1, 5.0)), "lowering": "eager"})
-    try:
-        assert model.flashu_options == FlashUOptions.from_dict({"guidance_schedule": ((1, 0.0), (1, 5.0)),
-                                                                "lowering": "eager"})
-    finally:
-        model.compiled, model.flashu_options = {}, None
+    compiled = model.compile_tasks("flashu", {"guidance_schedule": ((1, 0.0), (1, 5.0)), "lowering": "eager"})
+    assert compiled.options == FlashUOptions.from_dict({"guidance_schedule": ((1, 0.0), (1, 5.0)),
+                                                        "lowering": "eager"})

@@ -89,21 +89,18 @@ def test_composes_with_pruned_ffns(tokenizer, data, steps, tau, head_cache):
 
 def test_prefix_is_computed_once_per_request_and_batch(model):
     torch._dynamo.reset()
-    model.compile_tasks("flashu", {"passes": ["prefix_cache"], "lowering": "eager",
-                                   "guidance_schedule": ((2, 5.0), (2, 0.0), (2, 5.0))})
+    compiled = model.compile_tasks("flashu", {"passes": ["prefix_cache"], "lowering": "eager",
+                                              "guidance_schedule": ((2, 5.0), (2, 0.0), (2, 5.0))})
     histories = []
-    fn = model.compiled["denoise"]
+    fn = compiled.entries["denoise"]
 
     def denoise(*args):
         out = fn(*args)
         histories.append([h for st in current_request().scratch.values() for h in st.history])
         return out
 
-    try:
-        generate_latents(model, model.tokenizer, ["red circle"], steps=7, noise=latent_noise(model, 1), progress=False,
-                         denoise=denoise)
-    finally:
-        model.compiled, model.flashu_options = {}, None
+    generate_latents(model, model.tokenizer, ["red circle"], steps=7, noise=latent_noise(model, 1), progress=False,
+                     denoise=denoise, options=compiled.options)
     # Guided calls (2 rows) and unguided ones (1 row) each fill their own cache once.
     assert histories[-1] == [(1, "prefix store"), (2, "prefix reuse"), (3, "prefix store"), (4, "prefix reuse"),
                              (5, "prefix reuse"), (6, "prefix reuse")]
@@ -144,18 +141,14 @@ def test_step_flops_fall_by_the_prefix_and_tail_share(tokenizer):
 def test_no_recompiles_after_the_first_request(model):
     torch._dynamo.reset()
     torch._dynamo.utils.counters.clear()
-    model.compile_tasks("flashu", {"passes": ["prefix_cache", "head_cache"], "lowering": "eager",
-                                   "guidance_schedule": ((24, 7.5), (11, 10.0))})
-    try:
-        generate_latents(model, model.tokenizer, ["red circle", ""], steps=20, noise=latent_noise(model, 2),
-                         progress=False)
-        first = torch._dynamo.utils.counters["stats"]["unique_graphs"]
-        for seed, prompts in ((1, ["two blue squares above the green triangle", "red"]), (2, ["", "circle"])):
-            generate_latents(model, model.tokenizer, prompts, steps=20, noise=latent_noise(model, 2, seed),
-                             progress=False)
-        assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == first == 1
-    finally:
-        model.compiled, model.flashu_options = {}, None
+    compiled = model.compile_tasks("flashu", {"passes": ["prefix_cache", "head_cache"], "lowering": "eager",
+                                              "guidance_schedule": ((24, 7.5), (11, 10.0))})
+    run = {"denoise": compiled.entries["denoise"], "options": compiled.options, "progress": False}
+    generate_latents(model, model.tokenizer, ["red circle", ""], steps=20, noise=latent_noise(model, 2), **run)
+    first = torch._dynamo.utils.counters["stats"]["unique_graphs"]
+    for seed, prompts in ((1, ["two blue squares above the green triangle", "red"]), (2, ["", "circle"])):
+        generate_latents(model, model.tokenizer, prompts, steps=20, noise=latent_noise(model, 2, seed), **run)
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == first == 1
 
 
 def test_inductor_lowering_matches_eager_lowering(model):

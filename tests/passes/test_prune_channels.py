@@ -72,8 +72,9 @@ def test_pruned_model_equals_zeroed_neurons(tokenizer, data, num_layers, size, s
     noise, image = _latents(model, len(PROMPTS), 0), _latents(model, 1, 1)
 
     torch._dynamo.reset()
-    model.compile_tasks("flashu", options)
-    got = generate_latents(model, tokenizer, PROMPTS, steps=steps, guidance=5.0, noise=noise, progress=False)
+    compiled = model.compile_tasks("flashu", options)
+    got = generate_latents(model, tokenizer, PROMPTS, steps=steps, guidance=5.0, noise=noise, progress=False,
+                           denoise=compiled.entries["denoise"], options=compiled.options)
     want = reference_generate(full, PROMPTS, steps, 5.0, noise, layer_skip=with_generation_passes,
                               head_cache=with_generation_passes, tau=tau, skip_interval=2, skip_ratio=0.5,
                               cache_interval=2, pruned=zeroed["t2i"])
@@ -81,10 +82,11 @@ def test_pruned_model_equals_zeroed_neurons(tokenizer, data, num_layers, size, s
 
     with torch.no_grad():
         rows, embeds = prepare(model, tokenizer, image, QUESTION)
-        logits = model.compiled["prefill"](model, embeds, rows.attention_mask, DynamicCache(config=model.config.llm))
+        logits = compiled.entries["prefill"](model, embeds, rows.attention_mask,
+                                             DynamicCache(config=model.config.llm))
         expected = prefill(zeroed["mmu"], embeds, rows.attention_mask, DynamicCache(config=model.config.llm))
     _close(logits, expected)
-    assert answer_tokens(model, tokenizer, image, QUESTION, max_new_tokens=8) == \
+    assert answer_tokens(model, tokenizer, image, QUESTION, max_new_tokens=8, entries=compiled.entries) == \
         answer_tokens(zeroed["mmu"], tokenizer, image, QUESTION, max_new_tokens=8)
 
 
@@ -120,13 +122,10 @@ def test_ffn_flops_fall_with_the_prune_ratio(calibrated):
     ffn = sum(sum(ops.values()) for name, ops in mode.get_flop_counts().items()
               if name.startswith("Qwen2Model.layers.") and name.endswith(".mlp"))
     torch._dynamo.reset()
-    model.compile_tasks("flashu", {"passes": ["prune_channels"], "plan": plan, "lowering": "eager",
-                                   "hybrid_tau": 0})
-    try:
-        with request("t2i", 1), torch.no_grad(), FlopTally() as tally:
-            model.compiled["denoise"](*args)
-    finally:
-        model.compiled, model.flashu_options = {}, None
+    compiled = model.compile_tasks("flashu", {"passes": ["prune_channels"], "plan": plan, "lowering": "eager",
+                                              "hybrid_tau": 0})
+    with request("t2i", 1), torch.no_grad(), FlopTally() as tally:
+        compiled.entries["denoise"](*args)
     assert tally.calls == 1
     # Only the LLM FFNs change, so the whole-model difference is the FFN saving.
     assert (mode.get_total_flops() - tally.total) / ffn >= 0.19
@@ -138,8 +137,9 @@ def test_both_plans_and_the_full_network_share_one_weight_set(calibrated, tokeni
     before = {name: (p.data_ptr(), p.numel() * p.element_size()) for name, p in params.items()}
     storages = {p.untyped_storage().data_ptr() for p in params.values()}
     torch._dynamo.reset()
-    model.compile_tasks("flashu", {"passes": ["prune_channels"], "plan": plan, "lowering": "eager",
-                                   "hybrid_tau": 1})
+    compiled = model.compile_tasks("flashu", {"passes": ["prune_channels"], "plan": plan, "lowering": "eager",
+                                              "hybrid_tau": 1})
+    run = {"denoise": compiled.entries["denoise"], "options": compiled.options, "progress": False}
     narrowed = []
 
     class Views(torch.overrides.TorchFunctionMode):
@@ -149,16 +149,11 @@ def test_both_plans_and_the_full_network_share_one_weight_set(calibrated, tokeni
                 narrowed.append(out)
             return out
 
-    try:
-        # Generation with a full-network final step, then an answer: all three weight uses are live.
-        generate_latents(model, tokenizer, PROMPTS, steps=3, guidance=5.0, noise=_latents(model, 2, 4),
-                         progress=False)
-        with Views():
-            generate_latents(model, tokenizer, PROMPTS, steps=3, guidance=5.0, noise=_latents(model, 2, 4),
-                             progress=False)
-            answer_tokens(model, tokenizer, _latents(model, 1, 5), QUESTION, max_new_tokens=2)
-    finally:
-        model.compiled, model.flashu_options = {}, None
+    # Generation with a full-network final step, then an answer: all three weight uses are live.
+    generate_latents(model, tokenizer, PROMPTS, steps=3, guidance=5.0, noise=_latents(model, 2, 4), **run)
+    with Views():
+        generate_latents(model, tokenizer, PROMPTS, steps=3, guidance=5.0, noise=_latents(model, 2, 4), **run)
+        answer_tokens(model, tokenizer, _latents(model, 1, 5), QUESTION, max_new_tokens=2, entries=compiled.entries)
     # Every parameter is where it was, with its size: the permutation happened in place.
     assert {name: (p.data_ptr(), p.numel() * p.element_size()) for name, p in model.named_parameters()} == before
     # The pruned FFNs read views of those parameters, never copies.
@@ -176,13 +171,11 @@ def test_a_second_plan_on_the_same_weights_is_refused(calibrated, tokenizer):
 
 
 def _compile_and_generate(model, tokenizer, options, error):
-    model.compile_tasks("flashu", {"passes": ["prune_channels"], "lowering": "eager", "hybrid_tau": 0, **options})
-    try:
-        with pytest.raises(Exception, match=error) if error else contextlib.nullcontext():
-            generate_latents(model, tokenizer, PROMPTS, steps=2, guidance=0.0, noise=_latents(model, 2, 6),
-                             progress=False)
-    finally:
-        model.compiled, model.flashu_options = {}, None
+    compiled = model.compile_tasks("flashu", {"passes": ["prune_channels"], "lowering": "eager", "hybrid_tau": 0,
+                                              **options})
+    with pytest.raises(Exception, match=error) if error else contextlib.nullcontext():
+        generate_latents(model, tokenizer, PROMPTS, steps=2, guidance=0.0, noise=_latents(model, 2, 6),
+                         progress=False, denoise=compiled.entries["denoise"], options=compiled.options)
 
 
 @pytest.mark.parametrize("family", ["qwen2", "llama"])

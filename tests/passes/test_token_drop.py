@@ -34,17 +34,17 @@ def test_compiled_prefill_and_answer_equal_the_reference(tokenizer, num_layers, 
                                                                drop=(layer, ratio, highest))
 
     torch._dynamo.reset()
-    model.compile_tasks("flashu", options)
+    compiled = model.compile_tasks("flashu", options)
     with torch.no_grad():
         rows, embeds = prepare(model, tokenizer, image, QUESTION)
         cache = DynamicCache(config=model.config.llm)
-        logits = model.compiled["prefill"](model, embeds, rows.attention_mask, cache, rows.image_positions())
+        logits = compiled.entries["prefill"](model, embeds, rows.attention_mask, cache, rows.image_positions())
         assert_close_rel(logits, want_logits)
         n_image = rows.image_positions().shape[1]
         kept = rows.seq_len - int(n_image * ratio)
         assert [lay.keys.shape[2] for lay in cache.layers] == \
             [rows.seq_len] * (layer + 1) + [kept] * (num_layers - 1 - layer)
-        got_tokens = answer_tokens(model, tokenizer, image, QUESTION, max_new_tokens=16)
+        got_tokens = answer_tokens(model, tokenizer, image, QUESTION, max_new_tokens=16, entries=compiled.entries)
     assert got_tokens == want_tokens
     # Decoding appends to every layer: a new token's position is layer 0's length (every prompt token).
     n = len(want_tokens) - (len(want_tokens) == 16)  # no decode step after the last allowed token
@@ -69,16 +69,17 @@ def test_prompts_of_different_lengths_drop_on_the_symbolic_prefill_and_equal_the
             sequences.append(result.stats.get("sequence"))
 
     torch._dynamo.reset()
-    model.compile_tasks("flashu", options)
+    compiled = model.compile_tasks("flashu", options)
     with torch.no_grad(), observe_passes(record):
         for question, (want_logits, want_tokens, _, _) in zip(questions, wanted, strict=True):
             rows, embeds = prepare(model, tokenizer, image, question)
             cache = DynamicCache(config=model.config.llm)
-            logits = model.compiled["prefill"](model, embeds, rows.attention_mask, cache, rows.image_positions())
+            logits = compiled.entries["prefill"](model, embeds, rows.attention_mask, cache, rows.image_positions())
             assert_close_rel(logits, want_logits)
             kept = rows.seq_len - int(rows.image_positions().shape[1] * ratio)
             assert [lay.keys.shape[2] for lay in cache.layers] == [rows.seq_len, kept, kept]
-            assert answer_tokens(model, tokenizer, image, question, max_new_tokens=8) == want_tokens
+            assert answer_tokens(model, tokenizer, image, question, max_new_tokens=8,
+                                 entries=compiled.entries) == want_tokens
     # One static prefill graph for the first length, one symbolic graph for every later length.
     assert len(sequences) == 2 and sequences[0].split()[0].isdigit(), sequences
     assert not sequences[1].split()[0].isdigit(), sequences

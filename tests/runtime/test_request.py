@@ -63,12 +63,9 @@ def user_loop(denoise, model, steps, scales, noise):
 
 def _sampler_latents(model, options, steps, noise):
     torch._dynamo.reset()
-    model.compile_tasks("flashu", options)
-    try:
-        return generate_latents(model, model.tokenizer, PROMPTS[:noise.shape[0]], steps=steps, guidance=GUIDANCE,
-                                noise=noise, progress=False)
-    finally:
-        model.compiled, model.flashu_options = {}, None
+    compiled = model.compile_tasks("flashu", options)
+    return generate_latents(model, model.tokenizer, PROMPTS[:noise.shape[0]], steps=steps, guidance=GUIDANCE,
+                            noise=noise, progress=False, denoise=compiled.entries["denoise"], options=compiled.options)
 
 
 CONFIGS = {

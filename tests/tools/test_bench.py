@@ -171,7 +171,7 @@ def test_flops_of_a_cudagraph_row_are_counted_on_the_eager_lowering(tokenizer):
     image = torch.zeros(1, model.config.image_latent_dim, *model.config.latent_size)
     bench = Bench(model, [], ["a red circle"], image, "what colour?")
     bench._use(Config("cg", "t2i", "flashu", 3, {"preset": "paper", "cudagraphs": True}), lowering="eager")
-    assert model.flashu_options.lowering == "eager" and not model.flashu_options.cudagraphs
+    assert bench.options.lowering == "eager" and not bench.options.cudagraphs
 
 
 def test_gpu_memory_column_only_for_gpu_runs():
@@ -233,3 +233,51 @@ def test_model_without_codec_is_calibrated_and_asked_on_random_latents(monkeypat
     assert plan.settings["samples"] == {"t2i": 8, "mmu": 8}
     latent = bench.random_latents(model, 1, 0)
     assert latent.shape == (1, model.config.image_latent_dim, *model.config.latent_size)
+
+
+def test_profile_compile_reports_phases_cold_and_warm(tokenizer, tmp_path):
+    model = Showo2.random(small_config(num_layers=2), seed=6).attach(tokenizer=tokenizer)
+    image = torch.zeros(1, model.config.image_latent_dim, *model.config.latent_size)
+    skip = {"passes": ["layer_skip"], "lowering": "eager", "skip_ratio": 0.5, "hybrid_tau": 0}
+    configs = [Config("eager 3", "t2i", "eager", 3), Config("skip 3", "t2i", "flashu", 3, skip)]
+
+    def run(profile_compile: bool) -> list[Result]:
+        torch._dynamo.reset()  # each run compiles its own graphs
+        bench = Bench(model, configs, ["a red circle"], image, "what colour?", profile_compile=profile_compile)
+        return bench.run(runs=1, progress=False)
+
+    plain, profiled = run(False), run(True)
+    assert all(not r.compile_profile for r in plain)
+    eager, skipped = profiled
+    assert eager.compile_profile.keys() == {"cold"}  # nothing compiled: no warm first request
+    assert skipped.compile_profile.keys() == {"cold", "warm"}
+    for span in skipped.compile_profile.values():
+        counts = {row["phase"]: row["count"] for row in span["phases"]}
+        assert counts["pass layer_skip"] == 1 and counts["outlining"] == 2
+        assert sum(row["seconds"] for row in span["phases"]) == pytest.approx(span["total_s"])
+    table = write(profiled, tmp_path, "m", "c")
+    assert "Compile time by phase, skip 3" in table and "| pass layer_skip | " in table
+    saved = json.loads((tmp_path / "bench.json").read_text())["results"][1]["compile_profile"]
+    assert saved == skipped.compile_profile
+
+
+def test_profile_compile_flag_reaches_the_harness(monkeypatch, tokenizer, tmp_path):
+    from flashu_compile.tools import bench
+
+    seen = {}
+
+    class Harness:
+        def __init__(self, *args, **kwargs):
+            seen.update(kwargs)
+
+        def run(self, *args, **kwargs):
+            return []
+
+    monkeypatch.setattr(bench.cli, "load_model", lambda *a: Showo2.random(small_config(), seed=1).attach(
+        tokenizer=tokenizer))
+    monkeypatch.setattr(bench.cli, "load_plan", lambda *a: None)
+    monkeypatch.setattr(bench.cli, "Bench", Harness)
+    for flag, expected in (([], False), (["--profile-compile"], True)):
+        args = _bench_args(*flag, "--out", str(tmp_path), "--only", "inductor 50", "--prompts", "1")
+        assert bench.run_bench(args, torch.device("cpu"), torch.float32) == []
+        assert seen["profile_compile"] is expected

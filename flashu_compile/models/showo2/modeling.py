@@ -9,13 +9,17 @@ from __future__ import annotations
 
 import copy
 import warnings
+from collections.abc import Callable, Mapping
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
 from transformers import Qwen2ForCausalLM
 from transformers.models.siglip.modeling_siglip import SiglipEncoder
 
+from ...options import PASS_TASKS, FlashUOptions
 from .checkpoint import load_showo2, save_showo2
+from .compiled import CompiledShowo2
 from .configuration import Showo2Config, preset
 from .embedded import WEIGHTS_DIR, verify_checksums
 from .modules import (
@@ -29,6 +33,9 @@ from .modules import (
     rotary_cos_sin,
 )
 from .sequences import span_membership
+
+if TYPE_CHECKING:
+    from .sampling import DenoiseFn
 
 # Float rounding in a caller's conversion (e.g. (x + 1) / 2) moves [0, 1] pixels by a hair; anything
 # further is another value range.
@@ -79,9 +86,6 @@ class Showo2(nn.Module):
         # Set by attach(): what generate_images() / answer() need beyond the network.
         self.tokenizer = None
         self.codec = None
-        # Set by compile_tasks(): compiled denoise / prefill / decode entry points.
-        self.compiled: dict = {}
-        self.flashu_options = None  # set by compile_tasks(backend="flashu")
 
     # ----------------------------------------------------------------- construction helpers
     @classmethod
@@ -141,25 +145,24 @@ class Showo2(nn.Module):
             self.codec = codec
         return self
 
-    def compile_tasks(self, backend: str = "flashu", options: dict | None = None) -> Showo2:
-        """Compile the four hot entry points the task methods use, in place; returns self.
+    def compile_tasks(self, backend: str = "flashu", options: dict | None = None) -> CompiledShowo2:
+        """Compile the four hot entry points the task methods use; the model itself is left unchanged.
 
         ``torch.compile(model)`` compiles only ``forward``, and the returned wrapper's other
-        methods run uncompiled; this compiles what generate_images() and answer() actually call.
+        methods run uncompiled; this compiles what generate_images() and answer() actually call
+        and returns them with the options (see :class:`compiled.CompiledShowo2`).
         """
-        from ...options import PASS_TASKS, FlashUOptions
         from . import understanding
 
         entries = {"embed": (self.embed, None), "denoise": (self.denoise, "t2i"),
                    "prefill": (understanding.prefill, "mmu"), "decode": (understanding.decode_step, "mmu")}
         if backend != "flashu":
-            self.flashu_options = None
             extra = {"options": options} if options else {}
-            self.compiled = {name: torch.compile(fn, backend=backend, fullgraph=name in ("embed", "denoise"), **extra)
-                             for name, (fn, _) in entries.items()}
-            return self
-        # The sampler reads the guidance schedule from here; the graphs read the rest.
-        self.flashu_options = opts = FlashUOptions.from_dict(options)
+            compiled = {name: torch.compile(fn, backend=backend, fullgraph=name in ("embed", "denoise"), **extra)
+                        for name, (fn, _) in entries.items()}
+            return CompiledShowo2(self, compiled)
+        # The sampler applies the guidance schedule; the graphs read the rest.
+        opts = FlashUOptions.from_dict(options)
 
         def entry_options(name: str, task: str | None) -> dict:
             # Each entry gets the passes that act on its graphs, so none is reported as not applying: the image +
@@ -167,10 +170,9 @@ class Showo2(nn.Module):
             passes = [p for p in opts.passes if task in PASS_TASKS[p] and not (name == "decode" and p == "token_drop")]
             return {**(options or {}), "passes": passes, **({"task": task} if task else {})}
 
-        self.compiled = {name: torch.compile(fn, backend="flashu", options=entry_options(name, task),
-                                             fullgraph=name in ("embed", "denoise"))
-                         for name, (fn, task) in entries.items()}
-        return self
+        return CompiledShowo2(self, {name: torch.compile(fn, backend="flashu", options=entry_options(name, task),
+                                                         fullgraph=name in ("embed", "denoise"))
+                                     for name, (fn, task) in entries.items()}, opts)
 
     def save_pretrained(self, path: str, **kwargs) -> None:
         """Write an official-layout checkpoint folder that replaces whatever checkpoint ``path`` held;
@@ -353,18 +355,22 @@ class Showo2(nn.Module):
     @torch.no_grad()
     def generate_images(
         self, prompts: list[str] | str, steps: int = 50, guidance: float | None = None, shift: float = 3.0,
-        seed: int = 0, progress: bool = True, denoise=None,
+        seed: int = 0, progress: bool = True, denoise: DenoiseFn | None = None,
+        options: FlashUOptions | dict | None = None,
     ) -> torch.Tensor:
         """Images (B, 3, H, W) in [0, 1]; without a decoder, a preview of the latents.
 
-        ``guidance`` defaults to 7.5, or to the guidance schedule of the flashu options the model
-        was compiled with (see :func:`sampling.generate_latents`).
+        ``denoise`` replaces ``self.denoise`` (e.g. ``torch.compile(model.denoise, backend="flashu",
+        options=...)``), and ``options`` (a FlashUOptions, or the dict given to ``torch.compile``) brings
+        its guidance schedule: ``guidance`` is the request's scale s0, 7.5 by default, which a relative
+        schedule scales per call (see :func:`sampling.generate_latents`).
         """
         from .codecs import preview
         from .sampling import generate_latents
 
         latents = generate_latents(self, self._require("tokenizer"), prompts, steps=steps, guidance=guidance,
-                                   shift=shift, seed=seed, denoise=denoise, progress=progress)
+                                   shift=shift, seed=seed, denoise=denoise, progress=progress,
+                                   options=FlashUOptions.from_dict(options) if options is not None else None)
         return self.codec.decode(latents) if self.codec is not None else preview(latents)
 
     def encode_image(self, image) -> torch.Tensor:
@@ -399,8 +405,13 @@ class Showo2(nn.Module):
         return codec.encode(image[None] * 2 - 1)
 
     @torch.no_grad()
-    def answer(self, image, question: str, max_new_tokens: int = 300) -> str:
-        """Greedy answer to ``question`` (a non-empty str) about ``image``, decoded with a KV cache."""
+    def answer(self, image, question: str, max_new_tokens: int = 300,
+               entries: Mapping[str, Callable] | None = None) -> str:
+        """Greedy answer to ``question`` (a non-empty str) about ``image``, decoded with a KV cache.
+
+        ``entries`` replaces the ``embed``, ``prefill`` and ``decode`` steps by name (compiled ones; see
+        :class:`compiled.CompiledShowo2`); a name it lacks runs eagerly.
+        """
         from ...validate import check_int, check_text
         from .understanding import answer_tokens
 
@@ -408,5 +419,6 @@ class Showo2(nn.Module):
         # The answer's positions must stay inside the LLM's rotary table.
         max_new_tokens = check_int("max_new_tokens", max_new_tokens, 1, self.config.llm.max_position_embeddings)
         tokenizer = self._require("tokenizer")
-        ids = answer_tokens(self, tokenizer, self.encode_image(image), question, max_new_tokens=max_new_tokens)
+        ids = answer_tokens(self, tokenizer, self.encode_image(image), question, max_new_tokens=max_new_tokens,
+                            entries=entries)
         return tokenizer.decode(ids)

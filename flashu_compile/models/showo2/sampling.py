@@ -99,13 +99,12 @@ def generate_latents(
 ) -> torch.Tensor:
     """Latents (B, c, H, W) for ``prompts`` at the model's default resolution.
 
-    ``guidance`` is the request's scale s0 (default :data:`DEFAULT_GUIDANCE`). ``options`` (a
-    FlashUOptions; default: the ones the model was compiled with) may carry a guidance schedule:
-    a relative one (the presets') scales s0 per call, so ``guidance`` always counts; an absolute
-    one fixes the scales itself, and a ``guidance`` it leaves unused is reported with a warning.
-    Every argument is checked before any work.
+    ``denoise`` replaces ``model.denoise`` (a compiled one). ``guidance`` is the request's scale s0
+    (default :data:`DEFAULT_GUIDANCE`). ``options`` (the FlashUOptions ``denoise`` was compiled with;
+    None: no schedule) may carry a guidance schedule: a relative one (the presets') scales s0 per
+    call, so ``guidance`` always counts; an absolute one fixes the scales itself, and a ``guidance``
+    it leaves unused is reported with a warning. Every argument is checked before any work.
     """
-    options = options if options is not None else getattr(model, "flashu_options", None)
     prompts = [prompts] if isinstance(prompts, str) else prompts
     if not isinstance(prompts, (list, tuple)) or not prompts:
         raise ValueError(f"prompts must be a str or a non-empty list of str, got {type(prompts).__name__}")
@@ -137,6 +136,6 @@ def generate_latents(
                     guidance=any(s > 0 for s in scales), dtype=model.dtype)
     # Noise is drawn on the CPU so a seed gives the same image on every device.
     device = model.device
-    denoise = denoise or model.compiled.get("denoise", model.denoise)
+    denoise = denoise or model.denoise
     return euler_cfg(denoise, rows.to(device), noise.to(device), time_grid(steps, shift).to(device), scales,
                      progress)

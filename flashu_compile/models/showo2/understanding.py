@@ -9,6 +9,7 @@ for comparison.
 from __future__ import annotations
 
 import inspect
+from collections.abc import Callable, Mapping
 
 import torch
 from transformers import DynamicCache, Qwen2Model
@@ -22,16 +23,17 @@ from .sequences import Rows, mmu_row, omni_attention_mask
 CACHE_ARGUMENT = "cache" if "cache" in inspect.signature(Qwen2Model.forward).parameters else "past_key_values"
 
 
-def prepare(model, tokenizer, image_latents: torch.Tensor, question: str) -> tuple[Rows, torch.Tensor]:
-    """The understanding row and its input embeddings (time token at t = 1, "clean" image)."""
+def prepare(model, tokenizer, image_latents: torch.Tensor, question: str, embed: Callable | None = None
+            ) -> tuple[Rows, torch.Tensor]:
+    """The understanding row and its input embeddings (time token at t = 1, "clean" image), through ``embed``
+    (a compiled ``model.embed``; default: the model's own)."""
     if image_latents.dim() != 4 or image_latents.shape[0] != 1:
         raise ValueError(f"one image latent (1, c, H, W) is expected, got {tuple(image_latents.shape)}")
     p = model.config.patch_size
     n = (image_latents.shape[-2] // p) * (image_latents.shape[-1] // p)
     rows = mmu_row(tokenizer, question, n, dtype=model.dtype).to(model.device)
     t = torch.ones(1, device=model.device)
-    embed = model.compiled.get("embed", model.embed)  # compiled by Showo2.compile_tasks(), when present
-    embeds, _ = embed(rows.text_tokens, image_latents.to(model.device), t, rows.time_positions)
+    embeds, _ = (embed or model.embed)(rows.text_tokens, image_latents.to(model.device), t, rows.time_positions)
     return rows, embeds
 
 
@@ -51,23 +53,38 @@ def prefill(
 
 
 def decode_step(model, token: torch.Tensor, cache: DynamicCache) -> torch.Tensor:
-    """One cached step: the new token sees every cached position, so no mask is needed."""
+    """One cached step: the new token sees every cached position of every layer, so no layer gets a mask.
+
+    The layers' caches need not be equally long (a layer skipped by ``layer_skip`` appends nothing).
+    Asked for a mask, transformers sizes one for all layers from the first layer's cache; it skips
+    that only in eager runs and, since torch 2.13, under ``torch.compile`` (transformers 5.17 under
+    any compile, and any release on torch 2.11, build it while tracing, where it then fails to
+    broadcast against a shorter cache). So the step passes transformers' per-layer-type mask
+    mapping with no mask for any type, which every release takes as given.
+    """
     embeds = model.showo.model.embed_tokens(token.view(1, 1))
-    hidden = model.llm_hidden(embeds, None, use_cache=True, **{CACHE_ARGUMENT: cache})
+    no_mask = dict.fromkeys(model.config.llm.layer_types)
+    hidden = model.llm_hidden(embeds, no_mask, use_cache=True, **{CACHE_ARGUMENT: cache})
     return model.showo.lm_head(hidden)[:, -1]
 
 
 @torch.no_grad()
 def answer_tokens(
-    model, tokenizer, image_latents: torch.Tensor, question: str, max_new_tokens: int = 300, use_cache: bool = True
+    model, tokenizer, image_latents: torch.Tensor, question: str, max_new_tokens: int = 300, use_cache: bool = True,
+    entries: Mapping[str, Callable] | None = None,
 ) -> list[int]:
-    """Greedy answer token ids, stopping at eos (not included) or ``max_new_tokens``."""
+    """Greedy answer token ids, stopping at eos (not included) or ``max_new_tokens``.
+
+    ``entries`` replaces :func:`prefill`, :func:`decode_step` and ``model.embed`` by name (``"prefill"``,
+    ``"decode"``, ``"embed"``: compiled ones, as :meth:`Showo2.compile_tasks` returns them); a name it lacks
+    runs eagerly.
+    """
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
-    rows, embeds = prepare(model, tokenizer, image_latents, question)
-    # Compiled entry points from Showo2.compile_tasks(), when present.
-    prefill_fn = model.compiled.get("prefill", prefill)
-    decode_fn = model.compiled.get("decode", decode_step)
+    entries = entries or {}
+    rows, embeds = prepare(model, tokenizer, image_latents, question, entries.get("embed"))
+    prefill_fn = entries.get("prefill", prefill)
+    decode_fn = entries.get("decode", decode_step)
     out: list[int] = []
     # One request per answer: the prefill is its first model call, each decoded token one more.
     with request("mmu", max_new_tokens) as req:

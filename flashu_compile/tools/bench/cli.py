@@ -57,7 +57,7 @@ def run_bench(args, device: torch.device, dtype: torch.dtype) -> list[Result]:
     scored = args.model == "default"
     bench = Bench(model, configs, prompts, image, question, max_new_tokens=args.max_new_tokens, seed=args.seed,
                   scenes=scenes[:-1] if scored else None, expected_answer=expected if scored else None,
-                  guidance=args.guidance)
+                  guidance=args.guidance, profile_compile=args.profile_compile)
     return bench.run(args.runs, progress=not args.no_progress, compile_warm=not args.no_compile_warm,
                      fresh_caches=not args.shared_caches)
 
@@ -98,6 +98,10 @@ def add_parser(sub) -> None:
     p.add_argument("--shared-caches", action="store_true",
                    help="one set of Inductor caches for all configurations (faster; compile cold then counts what "
                         "earlier rows compiled as cached)")
+    p.add_argument("--profile-compile", action="store_true",
+                   help="time each phase of every first request (dynamo tracing, the structure index, each pass, "
+                        "outlining, the lowering of each kind of piece, specializations): a table per configuration "
+                        "in bench.md, and in bench.json")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no-progress", action="store_true")
     p.add_argument("--out", default="outputs/bench")

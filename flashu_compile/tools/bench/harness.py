@@ -20,6 +20,7 @@ from tqdm import tqdm
 
 from ...models.showo2 import understanding
 from ...models.showo2.sampling import generate_latents
+from ...runtime.compile_profile import profiling
 from ...runtime.flops import FlopTally, counted
 from .rows import Config, Result
 
@@ -31,23 +32,23 @@ def synchronize(device: torch.device) -> None:
 
 
 @contextlib.contextmanager
-def timed_prefill(model, seconds: list[float]) -> Iterator[None]:
-    """Append the wall-clock of each prefill the model's answer path makes inside the block."""
-    run = model.compiled.get("prefill", understanding.prefill)
+def timed_prefill(entries: dict, device: torch.device, seconds: list[float]) -> Iterator[None]:
+    """Append the wall-clock of each prefill the answer path through ``entries`` makes inside the block."""
+    run = entries["prefill"]
 
     def prefill(*args):
-        synchronize(model.device)
+        synchronize(device)
         t0 = time.perf_counter()
         out = run(*args)
-        synchronize(model.device)
+        synchronize(device)
         seconds.append(time.perf_counter() - t0)
         return out
 
-    model.compiled["prefill"] = prefill
+    entries["prefill"] = prefill
     try:
         yield
     finally:
-        model.compiled["prefill"] = run
+        entries["prefill"] = run
 
 
 def _rss_mb() -> float:
@@ -120,13 +121,14 @@ class Bench:
 
     def __init__(self, model, configs: list[Config], prompts: list[str], image: torch.Tensor, question: str,
                  max_new_tokens: int = 32, seed: int = 0, scenes: list | None = None,
-                 expected_answer: str | None = None, guidance: float = 7.5) -> None:
+                 expected_answer: str | None = None, guidance: float = 7.5, profile_compile: bool = False) -> None:
         """``image`` is a latent (1, c, h, w); ``scenes`` (one per prompt) and ``expected_answer``
         switch on the scenes scorers. ``guidance`` is s0 of every text-to-image row: its constant scale,
-        or the base a preset's relative guidance schedule scales."""
+        or the base a preset's relative guidance schedule scales. ``profile_compile`` times the phases of each
+        first request (:mod:`flashu_compile.runtime.compile_profile`)."""
         if guidance < 0:  # the sampler would say so too, but only after every configuration has compiled
             raise ValueError(f"guidance must be >= 0, got {guidance}")
-        self.guidance = guidance
+        self.guidance, self.profile_compile = guidance, profile_compile
         self.model, self.configs = model, configs
         self.prompts, self.image, self.question = prompts, image, question
         self.scenes, self.expected_answer = scenes, expected_answer
@@ -150,17 +152,18 @@ class Bench:
                 if lowering:
                     # CUDA graphs belong to Inductor; the same graphs on another lowering run without them.
                     options = {k: v for k, v in options.items() if k != "cudagraphs"} | {"lowering": lowering}
-                model.compile_tasks(config.backend, options or None)
-                self.programs[key] = (model.compiled, model.flashu_options)
-        self.model.compiled, self.model.flashu_options = self.programs[key]
+                compiled = model.compile_tasks(config.backend, options or None)
+                self.programs[key] = (dict(compiled.entries), compiled.options)
+        self.entries, self.options = self.programs[key]
 
     @torch.no_grad()
     def request(self, config: Config):
         if config.task == "t2i":
             return generate_latents(self.model, self.model.tokenizer, self.prompts, steps=config.steps,
-                                    guidance=self.guidance, noise=self.noise, progress=False)
+                                    guidance=self.guidance, noise=self.noise, progress=False,
+                                    denoise=self.entries["denoise"], options=self.options)
         return understanding.answer_tokens(self.model, self.model.tokenizer, self.image, self.question,
-                                           max_new_tokens=self.max_new_tokens)
+                                           max_new_tokens=self.max_new_tokens, entries=self.entries)
 
     def run(self, runs: int = 5, progress: bool = True, compile_warm: bool = True,
             fresh_caches: bool = True) -> list[Result]:
@@ -180,7 +183,7 @@ class Bench:
         for i, config in enumerate(self.configs):  # cold: first request, compile included, empty caches
             r = results[config.name]
             before = _graphs()
-            with PeakRss() as rss, peak_gpu_mb(device, r), inductor_caches(caches[i]):
+            with PeakRss() as rss, peak_gpu_mb(device, r), inductor_caches(caches[i]), self._profile(r, "cold"):
                 synchronize(device)
                 t0 = time.perf_counter()
                 self._use(config)
@@ -196,7 +199,7 @@ class Bench:
                 r = results[config.name]
                 self._use(config)
                 before = _graphs()
-                with PeakRss() as rss, peak_gpu_mb(device, r), timed_prefill(self.model, r.prefill_s):
+                with PeakRss() as rss, peak_gpu_mb(device, r), timed_prefill(self.entries, device, r.prefill_s):
                     synchronize(device)
                     t0 = time.perf_counter()
                     self.request(config)
@@ -218,8 +221,17 @@ class Bench:
             self._compile_warm(results, caches, bar)
         bar.close()
         self._fidelity(results, outputs)
-        self.model.compiled, self.model.flashu_options = {}, None
         return list(results.values())
+
+    @contextlib.contextmanager
+    def _profile(self, result: Result, key: str) -> Iterator[None]:
+        """With ``profile_compile``, the block's compile phases in ``result.compile_profile[key]``."""
+        if not self.profile_compile:
+            yield
+            return
+        with profiling() as profile:
+            yield
+        result.compile_profile[key] = profile.to_dict()
 
     def _compile_warm(self, results: dict[str, Result], caches: list[Path], bar: tqdm) -> None:
         """First request again, after a dynamo reset, on the on-disk caches the cold request filled.
@@ -232,7 +244,7 @@ class Bench:
             if r.graphs:
                 torch._dynamo.reset()
                 self.programs.pop(config.name)
-                with inductor_caches(caches[i]):
+                with inductor_caches(caches[i]), self._profile(r, "warm"):
                     t0 = time.perf_counter()
                     self._use(config)
                     self.request(config)

@@ -69,7 +69,26 @@ def markdown(results: list[Result], machine: str, command: str) -> str:
             r = by_name[name]
             lines.append(f"| {row['technique']} | {name} | {r.flops / 1e9:.2f} | {row['flops_saved']:.1%} | "
                          f"{_num(ups[name].get('vs_inductor'))} | {_fidelity(r)} |")
+    for r in results:
+        if r.compile_profile:
+            lines += ["", *compile_phases(r)]
     return "\n".join(lines)
+
+
+def compile_phases(r: Result) -> list[str]:
+    """The markdown table of ``r``'s compile phases, cold and warm side by side (``--profile-compile``)."""
+    spans = {key: {row["phase"]: row for row in r.compile_profile[key]["phases"]}
+             for key in ("cold", "warm") if key in r.compile_profile}
+    names = list(dict.fromkeys(name for rows in spans.values() for name in rows))
+    lines = [f"Compile time by phase, {r.name} (own time of each phase; `n`: times it ran):", "",
+             "| phase | " + " | ".join(f"{key} (s) | {key} n" for key in spans) + " |",
+             "| --- | " + " | ".join("---: | ---:" for _ in spans) + " |"]
+    for name in names:
+        cells = [f"{rows[name]['seconds']:.2f} | {rows[name]['count']}" if name in rows else "- | -"
+                 for rows in spans.values()]
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    lines.append("| total | " + " | ".join(f"{r.compile_profile[key]['total_s']:.2f} | " for key in spans) + " |")
+    return lines
 
 
 def draw(results: list[Result], path: Path) -> None:

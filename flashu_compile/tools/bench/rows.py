@@ -34,6 +34,8 @@ class Result:
     scores: dict = field(default_factory=dict)
     peak_gpu_mb: float | None = None  # torch.cuda.max_memory_allocated over its runs; None off the GPU
     tokens: int | None = None  # mmu: tokens in the answer (it stops at eos), which its time depends on
+    # --profile-compile: "cold" and "warm" -> CompileProfile.to_dict() of that first request
+    compile_profile: dict = field(default_factory=dict)
 
     @property
     def median_s(self) -> float:
