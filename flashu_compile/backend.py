@@ -21,7 +21,7 @@ from .backends.specialized import Specializations
 from .graph import build_index
 from .graph.rewrite import copy_graph, is_symbolic
 from .graph.specialize import layer_guards
-from .graph.timestep import timestep_input
+from .graph.timestep import conditioning_inputs, timestep_input
 from .options import FlashUOptions
 from .passes.manager import Pass, PassContext, PassManager
 from .passes.prune_channels import verify_plan
@@ -51,17 +51,19 @@ class PhasedProgram:
     inferred from the inputs: a denoising graph's flow time ``t`` (input ``timestep``), or whether an
     answer's graph begins a request (``starts``: a prefill or a forward without a KV cache) or
     continues one (a decode step). A denoising graph whose ``t`` was not found cannot tell requests
-    apart: outside a request it runs its full network, with one warning.
+    apart: outside a request it runs its full network, with one warning. The denoising graph's
+    conditioning inputs (text rows, mask, span positions) tell whose request a call continues.
     """
 
     def __init__(self, controller: Controller, rewritten: Callable, full: Callable | None,
                  specialized: Specializations | None = None, *, timestep: int | None = None,
-                 starts: bool = True) -> None:
+                 conditioning: tuple[int, ...] = (), starts: bool = True) -> None:
         self.controller = controller
         self.rewritten = rewritten
         self.full = full
         self.specialized = specialized
         self.timestep = timestep
+        self.conditioning = conditioning
         self.starts = starts
         self.warned_ambiguous = False
 
@@ -75,8 +77,11 @@ class PhasedProgram:
                               "flashu_compile.request('t2i', calls=N). Until then it runs the full network",
                               stacklevel=2)
             return call_counted(self.rewritten, *args)
-        time = float(args[self.timestep].reshape(-1)[0]) if task == "t2i" and self.timestep is not None else None
-        with serving(task, starts=self.starts, time=time):
+        time = conditioning = None
+        if task == "t2i" and self.timestep is not None:
+            time = float(args[self.timestep].reshape(-1)[0])
+            conditioning = tuple(args[i] for i in self.conditioning) or None
+        with serving(task, starts=self.starts, time=time, conditioning=conditioning):
             run, phase = self.rewritten, "rewritten"
             if self.full is not None and full_phase(self.controller.id):
                 run, phase = self.full, "full"
@@ -132,6 +137,7 @@ def flashu_backend(gm: torch.fx.GraphModule, example_inputs: list, options: Any 
     full = copy_graph(gm) if phased else None
     # Found before the passes, which may outline the time embedding's first ops into a region.
     timestep = timestep_input(gm, example_inputs) if task == "t2i" else None
+    conditioning = conditioning_inputs(gm, example_inputs, timestep) if timestep is not None else ()
     manager = PassManager([(name, profiled(f"pass {name}")(fn)) for name, fn in passes], strict=opts.strict,
                           dump_dir=opts.debug_dir)
     for spec in REGISTRY.values():
@@ -147,7 +153,7 @@ def flashu_backend(gm: torch.fx.GraphModule, example_inputs: list, options: Any 
     # The program holds its controller: guard nodes only name it by id (a weak registry).
     return PhasedProgram(controller, compiled,
                          LazyLowered(full, lowering, example_inputs) if full is not None else None, specialized,
-                         timestep=timestep,
+                         timestep=timestep, conditioning=conditioning,
                          starts=not _continues_a_cache(gm))
 
 

@@ -21,7 +21,7 @@ def test_presets():
     "options, message",
     [
         ({"prune_rato": 0.1}, r"unknown flashu option\(s\) \['prune_rato'\]; valid options: \["),
-        ({"preset": "fast"}, r"option 'preset' must be one of \['off', 'paper', 'flashu-reference'\]"),
+        ({"preset": "turbo"}, r"option 'preset' must be one of \['off', 'paper', 'flashu-reference', 'fast'\]"),
         ({"lowering": "xla"}, r"option 'lowering' must be one of \['inductor', 'eager', 'tensorrt'\], got 'xla'"),
         ({"task": "video"}, r"option 'task' must be one of"),
         ({"passes": ["prune_channels", "magic"]}, r"option 'passes' must be one of .* got 'magic'"),

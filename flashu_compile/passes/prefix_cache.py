@@ -14,7 +14,8 @@ the prefix and itself, never what follows it, and v_pred is read from the span a
   span's own K/V]``; the tail (eoi, eos, padding) is never computed;
 - the prefix K/V come from a prefix-only run of the same layers over positions ``[0, P)``, outlined
   behind ``runtime.guards.prefix_guard``: computed on a request's first call, reused while the
-  batch and phase stay the same, dropped with the request.
+  batch and phase stay the same and the prefix it was computed from (each row's embeddings before
+  its span, span positions, mask) is the call's, dropped with the request.
 
 The span is found structurally: the LLM's input is token embeddings with the time and image
 tokens scattered in along the sequence (``scatter(1, index, values)``); its index is the span's
@@ -285,8 +286,8 @@ def prefix_cache(gm: torch.fx.GraphModule, ctx: PassContext, options) -> PassRes
     propagate_shapes(gm, NAME)
     # Per row: the batch may be a symbolic size.
     kv_bytes = sum(math.prod(example_value(n).shape[1:]) * example_value(n).element_size() for n in cached)
-    replaced = outline(gm, window, "flashu_prefix", prefix_guard, (ctx.controller.id, "prefix", positions, rw.mask),
-                       NAME)
+    replaced = outline(gm, window, "flashu_prefix", prefix_guard,
+                       (ctx.controller.id, "prefix", positions, rw.mask, rw.stream), NAME)
     guard = next(iter(replaced.values())).args[0]
     guard.meta[PREFIX_KEY] = {"sequence": [rw.seq, rw.span], "window": rw.window,
                               "attentions": len(rw.attentions), "kv_bytes_per_row": kv_bytes}

@@ -180,22 +180,38 @@ def _check_span_layout(positions: torch.Tensor, mask: torch.Tensor) -> None:
                            "omni-attention); this mask lets them")
 
 
-def prefix_guard(cid: int, region, key: str, positions: torch.Tensor, mask: torch.Tensor, *inputs: Any) -> Any:
+def _prefix_inputs(positions: torch.Tensor, mask: torch.Tensor, stream: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """What the prefix's keys/values are computed from: each row's embeddings before its span (later window
+    positions, the span and tail, are masked out of the window and zeroed here), the span positions and the mask."""
+    window = mask.shape[-1] - positions.shape[1]
+    before = torch.arange(window, device=stream.device) < positions[:, :1]  # (B, P)
+    rows = torch.where(before[..., None], stream[:, :window], torch.zeros((), dtype=stream.dtype,
+                                                                          device=stream.device))
+    return positions, mask, rows
+
+
+def prefix_guard(cid: int, region, key: str, positions: torch.Tensor, mask: torch.Tensor, stream: torch.Tensor,
+                 *inputs: Any) -> Any:
     """The text prefix's keys/values: computed on a request's first call, then reused while the batch is the same.
 
     The memo is per request and per input shapes (guidance switching off halves the batch: both
     batches keep their own), and is dropped when the phase changes, like the head cache. Outside
-    a request nothing is kept. Before computing, the layout the rewrite relies on is checked.
+    a request nothing is kept. A reuse is exact or does not happen: the memo keeps what its
+    keys/values were computed from (each row's prefix embeddings, span positions, mask) and is
+    recomputed whenever the call's differ, so no request can be served another prompt's prefix.
+    Before computing, the layout the rewrite relies on is checked.
     """
     st = controller(cid).state()
     shapes = tuple(tuple(v.shape) for v in inputs if isinstance(v, torch.Tensor))
-    if st is not None and (key, shapes) in st.memo:
+    source = _prefix_inputs(positions, mask, stream)
+    kept = st.memo.get((key, shapes)) if st is not None else None
+    if kept is not None and all(torch.equal(a, b) for a, b in zip(kept[0], source, strict=True)):
         st.history.append((st.step, "prefix reuse"))
-        return st.memo[key, shapes]
+        return kept[1]
     _check_span_layout(positions, mask)
     out = region(*inputs)
     if st is not None:
-        st.memo[key, shapes] = out
+        st.memo[key, shapes] = (tuple(t.clone() for t in source), out)
         st.history.append((st.step, "prefix store"))
     return out
 

@@ -12,23 +12,35 @@ A request comes from one of three places:
 - a user's own loop can run inside the public ``flashu_compile.request(task, calls)``
   (:func:`auto_request`): the programs advance it, and ``calls`` gives what no input shows,
   the request's length, which the final full-network phase (``hybrid_tau``) needs;
-- with no request open, a program call joins an implicit one per task and thread, which
-  :func:`serving` starts and advances from what the call's inputs show (see there).
+- with no request open, a program call joins an implicit request of its task and thread,
+  which :func:`serving` picks, starts and advances from what the call's inputs show (see there).
+
+Requests are told apart by what they compute, not only by the step: a denoising call carries its
+conditioning (text rows, attention mask, span positions), and an implicit request belongs to one
+conditioning. Two prompts' loops interleaved in one thread so each get a request of their own,
+and a loop that stops early cannot lend its state to the next prompt's loop.
 """
 
 from __future__ import annotations
 
 import contextlib
 import threading
+import warnings
 from collections.abc import Iterator
 from contextvars import ContextVar
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
+import torch
+
 TASKS = ("t2i", "mmu")
 # How one program call relates to the calls before it: the first of a request, the first of a new
 # step, or another call of the same step (the same flow time again).
 Boundary = Literal["start", "step", "same"]
+# Implicit requests kept per task and thread: each holds its programs' caches until it is pushed out by
+# newer ones (a loop that comes back after more than this many others were served starts anew).
+MAX_IMPLICIT = 8
+Conditioning = tuple[torch.Tensor, ...]
 
 
 @dataclass
@@ -39,6 +51,7 @@ class Request:
     scratch: dict[Any, Any] = field(default_factory=dict)  # state of the compiled programs serving it
     auto: bool = False  # the programs advance it, not the caller
     time: float | None = None  # the flow time of the latest denoising call (where an auto request tells steps apart)
+    conditioning: Conditioning | None = None  # a copy of the conditioning its denoising calls were given
 
     def __post_init__(self) -> None:
         if self.task not in TASKS:
@@ -60,11 +73,29 @@ class Request:
         self.scratch.clear()
 
 
-_CURRENT: ContextVar[Request | None] = ContextVar("flashu_request", default=None)
+# The open requests, innermost last. A stack rather than one value reset by tokens: contexts that two
+# interleaved loops (generators) enter and leave out of order must still all be gone once they are left.
+_CURRENT: ContextVar[tuple[Request, ...]] = ContextVar("flashu_request", default=())
 
 
 def current_request() -> Request | None:
-    return _CURRENT.get()
+    stack = _CURRENT.get()
+    return stack[-1] if stack else None
+
+
+@contextlib.contextmanager
+def _opened(req: Request) -> Iterator[list[bool]]:
+    """``req`` current inside; yields a flag the exit reads: whether another request was current when it ended."""
+    _CURRENT.set((*_CURRENT.get(), req))
+    crossed = [False]
+    try:
+        yield crossed
+    finally:
+        stack = _CURRENT.get()
+        crossed[0] = not stack or stack[-1] is not req
+        # Its own entry only: a program call serving an open request pushed that request once more.
+        last = max((i for i, r in enumerate(stack) if r is req), default=None)
+        _CURRENT.set(stack if last is None else stack[:last] + stack[last + 1:])
 
 
 @contextlib.contextmanager
@@ -74,11 +105,14 @@ def request(task: str, calls: int | None = None, *, auto: bool = False) -> Itera
     The caller advances it before each model call, unless ``auto``: see :func:`auto_request`.
     """
     req = Request(task, calls, auto=auto)
-    token = _CURRENT.set(req)
-    try:
+    with _opened(req) as crossed:
         yield req
-    finally:
-        _CURRENT.reset(token)
+    # Contexts entered in turn by two interleaved loops (generators, say) leave another one current here:
+    # their calls were served by each other's request.
+    if crossed[0]:
+        raise RuntimeError(f"flashu_compile.request({task!r}) contexts were interleaved: another request was current "
+                           "when this one ended, so their model calls were served by each other's state. Finish one "
+                           "request's loop before the next begins, or run the loops without a request context")
 
 
 def auto_request(task: str, calls: int | None = None) -> contextlib.AbstractContextManager[Request]:
@@ -94,51 +128,126 @@ def auto_request(task: str, calls: int | None = None) -> contextlib.AbstractCont
 
 class _Implicit(threading.local):
     def __init__(self) -> None:
-        self.requests: dict[str, Request] = {}
+        self.requests: dict[str, list[Request]] = {}  # per task, the most recently served first
+        self.warned_restart = False
 
 
 _IMPLICIT = _Implicit()
 
 
-def _boundary(req: Request, starts: bool | None, time: float | None) -> Boundary:
-    if time is not None:
-        # Flow time grows from 0 to 1 over a request: a call at an earlier t begins the next one, the same t
-        # is another call of the same step.
-        last, req.time = req.time, time
+def _rows_relation(kept: Conditioning | None, given: Conditioning) -> Literal["same", "rows"] | None:
+    """How a call's conditioning relates to a request's: the same tensors, the leading rows of one another (the
+    conditional rows alone, as when guidance switches off, or the whole batch again), or neither."""
+    if kept is None or len(kept) != len(given):
+        return None
+    relation: Literal["same", "rows"] = "same"
+    for old, new in zip(kept, given, strict=True):
+        if old.dtype != new.dtype or old.device != new.device or old.dim() != new.dim():
+            return None
+        if old.shape == new.shape:
+            if not torch.equal(old, new):
+                return None
+            continue
+        if old.dim() == 0 or old.shape[1:] != new.shape[1:]:
+            return None
+        n = min(old.shape[0], new.shape[0])
+        if not torch.equal(old[:n], new[:n]):
+            return None
+        relation = "rows"
+    return relation
+
+
+def _snapshot(conditioning: Conditioning) -> Conditioning:
+    return tuple(c.detach().clone() for c in conditioning)
+
+
+def _implicit(task: str, time: float | None, conditioning: Conditioning | None) -> Request:
+    """The implicit request of ``task`` in this thread that a call with this conditioning continues, or a new one."""
+    requests = _IMPLICIT.requests.setdefault(task, [])
+    if conditioning is not None:
+        for i, req in enumerate(requests):
+            if _rows_relation(req.conditioning, conditioning) == "same":
+                requests.insert(0, requests.pop(i))
+                return req
+        # The latest request's rows with their batch changed at a later t: the same request with guidance
+        # switched off (or on again).
+        if (requests and time is not None and requests[0].time is not None and time > requests[0].time
+                and _rows_relation(requests[0].conditioning, conditioning) == "rows"):
+            return requests[0]
+    elif requests:
+        # A graph whose inputs show no conditioning: its calls are told apart by t alone.
+        return requests[0]
+    req = Request(task, None, auto=True)
+    requests.insert(0, req)
+    del requests[MAX_IMPLICIT:]
+    return req
+
+
+def _boundary(req: Request, starts: bool | None, time: float | None, conditioning: Conditioning | None) -> Boundary:
+    if time is None:
+        return "start" if starts else "step"
+    # Flow time grows from 0 to 1 over a request: a call at an earlier t begins the next one.
+    last, req.time = req.time, time
+    if conditioning is None:
+        # Nothing else to tell by: the same t is another call of the same step.
         return "start" if last is None or time < last else ("same" if time == last else "step")
-    return "start" if starts else "step"
+    relation = _rows_relation(req.conditioning, conditioning)
+    if last is None or time < last:
+        boundary: Boundary = "start"
+    elif relation is None:
+        raise RuntimeError(
+            f"flashu: a denoising call at t={time:g} was given other prompts (text rows, attention mask or span "
+            f"positions) than the earlier calls of its flashu_compile.request({req.task!r}) at t={last:g}: two "
+            "requests are interleaved in one request context. Give each loop its own flashu_compile.request "
+            "and finish it before the next one starts, or run the loops without a request context (each "
+            "prompt then gets a request of its own)")
+    elif time == last:
+        if relation != "same":
+            raise RuntimeError(f"flashu: two denoising calls at the same t={time:g} in one flashu_compile.request "
+                               "were given different rows; send a step's rows in one call")
+        # The same prompt again at the same t: most likely a new request (another seed). The caches are exact to
+        # drop, so it starts anew; only the request context can say otherwise.
+        if not _IMPLICIT.warned_restart:
+            _IMPLICIT.warned_restart = True
+            warnings.warn(f"flashu: a denoising call repeated t={time:g} with the same prompts, so it is taken as a "
+                          "new request of the same prompts; if it continues the same request, run the loop inside "
+                          f"flashu_compile.request({req.task!r}, calls=N)", stacklevel=5)
+        boundary = "start"
+    else:
+        boundary = "step"
+    if boundary == "start" or (relation == "rows" and conditioning[0].shape[0] > req.conditioning[0].shape[0]):
+        req.conditioning = _snapshot(conditioning)  # kept whole: both batch sizes are matched against it
+    return boundary
 
 
 @contextlib.contextmanager
-def serving(task: str, *, starts: bool | None = None, time: float | None = None) -> Iterator[Request | None]:
+def serving(task: str, *, starts: bool | None = None, time: float | None = None,
+            conditioning: Conditioning | None = None) -> Iterator[Request | None]:
     """The request one program call of ``task`` serves, moved on to this call and current during it.
 
-    What the call's inputs show: ``time``, a denoising step's flow time, or ``starts``, whether the
+    What the call's inputs show: ``time``, a denoising step's flow time, with its ``conditioning``
+    (the text rows, attention mask and span positions it was given), or ``starts``, whether the
     call begins a request (a prefill, or a forward without a KV cache) rather than continuing one
     (a decode step). An explicit request the caller advances is used as it is. An ``auto``
-    request is advanced, and restarted when the inputs show a new request began. With no request
-    open, the call joins the implicit request of its task in this thread, started anew where the
-    inputs say so. A request of another task is left alone: the program then runs its full
-    network, as it does outside any request.
+    request is advanced, and restarted when the inputs show a new request began (an earlier t,
+    or the same t and prompts again); other prompts at a later t inside it are two interleaved
+    requests, an error. With no request open, the call joins the implicit request of its task
+    in this thread that holds its conditioning (or a new one). A request of another task is left
+    alone: the program then runs its full network, as it does outside any request.
     """
     req = current_request()
     if req is None:
-        req = _IMPLICIT.requests.get(task)
-        if req is None:
-            req = _IMPLICIT.requests[task] = Request(task, None, auto=True)
+        req = _implicit(task, time, conditioning)
     elif not req.auto or req.task != task:
         yield req
         return
-    boundary = _boundary(req, starts, time)
+    boundary = _boundary(req, starts, time, conditioning)
     if boundary == "start" and req.step:
         req.restart()
     if boundary != "same" or not req.step:
         req.advance()
-    token = _CURRENT.set(req)
-    try:
+    with _opened(req):
         yield req
-    finally:
-        _CURRENT.reset(token)
 
 
 def end_implicit_requests() -> None:

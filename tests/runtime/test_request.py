@@ -14,6 +14,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import flashu_compile
+import flashu_compile.runtime
 from flashu_compile.calibrate.plan import Plan, decoder_layers, layer_signatures, model_fingerprint
 from flashu_compile.models.showo2 import Showo2
 from flashu_compile.models.showo2.sampling import generate_latents, time_grid
@@ -154,6 +155,100 @@ def test_flow_time_tells_steps_and_requests_apart():
         assert req.task == "mmu" and req.step == 1
     with serving("mmu", starts=False) as req:
         assert req.step == 2
+
+
+def _rows(model, prompt):
+    return t2i_rows(model.tokenizer, [prompt], model.config.num_image_tokens, model.config.max_text_len,
+                    guidance=True)
+
+
+def _call(denoise, model, prompt, t, seed=0):
+    rows = _rows(model, prompt)
+    x = latent_noise(model, 1, seed=seed)
+    return denoise(rows.text_tokens, torch.cat([x, x]), torch.full((2,), t), rows.attention_mask,
+                   rows.modality_positions)
+
+
+def test_an_aborted_loop_does_not_lend_its_prefix_to_the_next_prompt(model):
+    """A loop stopped after its first call, then another prompt's loop from t = 0: nothing of the first is reused."""
+    noise, steps = latent_noise(model, 1, seed=5), 6
+    torch._dynamo.reset()
+    end_implicit_requests()
+    denoise = torch.compile(model.denoise, backend="flashu", options={"passes": ["prefix_cache"],
+                                                                     "lowering": "eager"})
+    with torch.no_grad():
+        _call(denoise, model, "two blue square", 0.0)  # the aborted loop's only call
+        got = user_loop(denoise, model, steps, [GUIDANCE] * (steps - 1), noise)
+        want = user_loop(model.denoise, model, steps, [GUIDANCE] * (steps - 1), noise)
+    assert_close_rel(got, want)
+
+
+def test_the_prefix_cache_recomputes_for_other_prompts_inside_one_request(model):
+    """Even a request the caller advances by hand (as the samplers do) never reuses another prompt's prefix."""
+    from flashu_compile.runtime.request import request
+
+    torch._dynamo.reset()
+    denoise = torch.compile(model.denoise, backend="flashu", options={"passes": ["prefix_cache"],
+                                                                     "lowering": "eager"})
+    with torch.no_grad(), request("t2i", 2) as req:
+        req.advance()
+        _call(denoise, model, "a red circle", 0.2)
+        req.advance()
+        got = _call(denoise, model, "two blue square", 0.4)
+    with torch.no_grad():
+        want = _call(model.denoise, model, "two blue square", 0.4)
+    assert_close_rel(got, want)
+
+
+def test_conditioning_tells_implicit_requests_apart():
+    end_implicit_requests()
+    a, b = (torch.tensor([[1, 2, 3]]),), (torch.tensor([[1, 2, 4]]),)
+    steps = []
+    for cond, t in ((a, 0.0), (b, 0.0), (a, 0.5), (b, 0.5), (b, 0.7), (a, 0.0)):
+        with serving("t2i", time=t, conditioning=cond) as req:
+            steps.append((req.conditioning[0][0, 2].item(), req.step))
+    # Each prompt keeps its own request; an earlier t restarts only that prompt's request.
+    assert steps == [(3, 1), (4, 1), (3, 2), (4, 2), (4, 3), (3, 1)]
+    # The conditional rows alone at a later t (guidance switched off) continue the latest request.
+    guided = (torch.tensor([[5, 6], [0, 0]]),)
+    with serving("t2i", time=0.0, conditioning=guided) as first:
+        pass
+    with serving("t2i", time=0.3, conditioning=(guided[0][:1],)) as req:
+        assert req is first and req.step == 2
+
+
+def test_the_same_prompts_again_at_the_same_t_start_a_request_and_say_so_once():
+    end_implicit_requests()
+    cond = (torch.tensor([[7, 8]]),)
+    with pytest.warns(UserWarning, match=r"flashu_compile.request\('t2i', calls=N\)") as caught:
+        for t in (0.0, 0.4, 0.0, 0.0, 0.0):
+            with serving("t2i", time=t, conditioning=cond) as req:
+                assert req.step == 1 or t == 0.4
+    assert len([w for w in caught if "repeated t=0" in str(w.message)]) == 1
+
+
+def test_interleaved_loops_in_one_request_context_are_refused():
+    with flashu_compile.request("t2i", calls=4):
+        with serving("t2i", time=0.0, conditioning=(torch.tensor([[1]]),)):
+            pass
+        with pytest.raises(RuntimeError, match=r"interleaved in one request context.*flashu_compile.request"), \
+                serving("t2i", time=0.3, conditioning=(torch.tensor([[2]]),)):
+            pass
+
+
+def test_request_contexts_left_out_of_order_are_refused_and_all_closed():
+    def loop():
+        with flashu_compile.request("t2i", calls=2):
+            yield
+
+    first, second = loop(), loop()
+    next(first)
+    next(second)
+    with pytest.raises(RuntimeError, match="contexts were interleaved"):
+        next(first)
+    with pytest.raises(StopIteration):  # once the first has gone, the second ends as the current one
+        next(second)
+    assert flashu_compile.runtime.current_request() is None
 
 
 # ------------------------------------------------------------------ transformers generate()

@@ -29,7 +29,7 @@ def no_model(monkeypatch):
     (["--resamples", "10"], "--resamples must be an int >= 100, got 10"),
     (["--prompts", "5000"], "the test split has 841 scenes"),
     (["--json", "."], "--json '.' exists and is a folder"),
-    (["--preset", "fast"], r"configuration 'fast': option 'preset' must be one of \['off', 'paper'"),
+    (["--preset", "turbo"], r"configuration 'turbo': option 'preset' must be one of \['off', 'paper'"),
     (["--lowering", "tvm"], r"configuration 'off': option 'lowering' must be one of"),
     (["-O", "bogus=1"], r"configuration 'paper bogus=1': unknown flashu option\(s\) \['bogus'\]"),
     (["-O", "skip_ratio"], "--option takes KEY=VALUE, got 'skip_ratio'"),

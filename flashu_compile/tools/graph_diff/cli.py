@@ -13,7 +13,8 @@ import torch
 from ...backend import build_pass_list
 from ...options import FlashUOptions
 from ...validate import MAX_SEED, MAX_STEPS, check_float, check_int
-from ..common import check_output, load_model, model_args, parse_option
+from .. import common
+from ..common import check_output, model_args, parse_option
 from .capture import graph_diff, to_json
 from .render import render_html, render_terminal
 from .sample import sample_call
@@ -33,7 +34,7 @@ def cmd_graph_diff(args: argparse.Namespace) -> int:
     opts = FlashUOptions.from_dict(options)  # bad options and passes fail here, before the model loads
     build_pass_list(opts)
     torch.manual_seed(args.seed)
-    model = load_model(args)
+    model = common.load_model(args)
     log = sys.stderr
     print(f"model: {args.model} ({sum(p.numel() for p in model.parameters()) / 1e6:.2f} M parameters)", file=log)
     if args.plan:
