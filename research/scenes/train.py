@@ -1,4 +1,4 @@
-"""Train the embedded Show-o2 on synthetic scenes, on a CPU, within a time budget.
+"""Train the embedded Show-o2 on synthetic scenes, on a CPU, within a budget of optimizer steps.
 
 Both of Show-o2's losses on the official row layouts: flow matching on text-to-image rows
 (captions dropped 10% of the time so classifier-free guidance works) and next-token
@@ -33,6 +33,9 @@ CFG_DROP = 0.1
 ANSWERS_FROM = 0.25
 # Fraction of the budget during which relation images are captioned with the subject first (see relation_captions).
 READING_ORDER_UNTIL = 0.5
+# The shipped weights trained 6,762 steps, then against a 30-minute wall-clock budget (fractions of time, not of
+# steps: the answer rows joined at step 2,436); a step budget reproduces a run on any machine, not that one exactly.
+DEFAULT_STEPS = 6762
 
 
 def scenes_config():
@@ -193,12 +196,12 @@ def plot_losses(log: dict, path: Path) -> None:
     plt.close(fig)
 
 
-def train(minutes: float, out: Path, batch: int = 16, lr: float = 1.5e-3, seed: int = 0,
+def train(steps: int, out: Path, batch: int = 16, lr: float = 1.5e-3, seed: int = 0,
           init_from: Path | None = None, answer_batch: int = 12, answer_weight: float = 0.5,
           ema_decay: float = 0.998, time_shift: float = 3.0, kind_weights: dict[str, int] | None = None,
           answer_kind_weights: dict[str, int] | None = None, answers_from: float | None = None,
           reading_order_until: float = READING_ORDER_UNTIL) -> dict:
-    """Train for ``minutes`` of wall-clock; each step has ``batch`` text-to-image rows and ``answer_batch``
+    """Train for ``steps`` optimizer steps; each step has ``batch`` text-to-image rows and ``answer_batch``
     understanding rows, the answer loss weighted by ``answer_weight``.
     Either batch may be 0 (one task only, e.g. to see how fast that task learns on its own).
     The saved weights are an exponential moving average with ``ema_decay`` (0: the last step's weights).
@@ -213,6 +216,8 @@ def train(minutes: float, out: Path, batch: int = 16, lr: float = 1.5e-3, seed: 
     ``reading_order_until`` is the fraction of the budget during which relation images are captioned only with
     the subject first in reading order ("A left of B", "A above B", never "B right of A"); see
     :func:`relation_captions`."""
+    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
+        raise ValueError(f"steps must be a whole number >= 1, got {steps!r}")
     if batch < 0 or answer_batch < 0 or batch + answer_batch == 0:
         raise ValueError(f"batch sizes must be non-negative and not both 0, got {batch} and {answer_batch}")
     if answers_from is None:
@@ -241,7 +246,6 @@ def train(minutes: float, out: Path, batch: int = 16, lr: float = 1.5e-3, seed: 
     tok = SceneTokenizer()
     codec = model.codec
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01, betas=(0.9, 0.98))
-    budget = minutes * 60
     start = time.perf_counter()
     log = {"flow": [], "ntp": [], "config": model.config.summary(), "batch": batch, "answer_batch": answer_batch,
            "answer_weight": answer_weight, "ema_decay": ema_decay, "lr": lr, "seed": seed,
@@ -249,11 +253,10 @@ def train(minutes: float, out: Path, batch: int = 16, lr: float = 1.5e-3, seed: 
            "answer_kinds": {k: answer_kinds.count(k) for k in KINDS},
            "init_from": str(init_from) if init_from else None, "answers_from": answers_from, "answers_from_step": None,
            "reading_order_until": reading_order_until}
-    step = 0
-    bar = tqdm(total=int(budget), desc="training (s)", unit="s")
-    while (elapsed := time.perf_counter() - start) < budget:
-        # Warm up, then cosine-decay on the wall-clock budget (the step count is not known ahead).
-        frac = elapsed / budget
+    bar = tqdm(total=steps, desc="training", unit="step")
+    # Every fraction of the budget counts steps, so a run does the same work on any machine at any load.
+    for step in range(steps):
+        frac = step / steps
         scale = min(1.0, (step + 1) / 200) * 0.5 * (1 + math.cos(math.pi * frac))
         for group in opt.param_groups:
             group["lr"] = lr * max(scale, 0.02)
@@ -285,11 +288,10 @@ def train(minutes: float, out: Path, batch: int = 16, lr: float = 1.5e-3, seed: 
             log["flow"].append(flow)
         if answering:
             log["ntp"].append(ntp)
-        step += 1
-        bar.n = int(time.perf_counter() - start)
-        bar.set_postfix(step=step, flow=f"{flow:.3f}", ntp=f"{ntp:.3f}")
+        bar.update()
+        bar.set_postfix(flow=f"{flow:.3f}", ntp=f"{ntp:.3f}")
     bar.close()
-    log["steps"] = step
+    log["steps"] = steps
     log["seconds"] = time.perf_counter() - start
     if ema is not None:
         with torch.no_grad():
@@ -304,7 +306,8 @@ def train(minutes: float, out: Path, batch: int = 16, lr: float = 1.5e-3, seed: 
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--minutes", type=float, default=30.0)
+    parser.add_argument("--steps", type=int, default=DEFAULT_STEPS,
+                        help=f"optimizer steps (default: {DEFAULT_STEPS}, the shipped weights' run)")
     parser.add_argument("--out", type=Path, default=Path("flashu_compile/weights/showo2-scenes"))
     parser.add_argument("--batch", type=int, default=16, help="text-to-image rows per step")
     parser.add_argument("--answer-batch", type=int, default=12, help="understanding rows per step")
@@ -330,7 +333,7 @@ def main(argv: list[str] | None = None) -> None:
                              "subject first ('A left of B', never 'B right of A'); 0: both captions throughout "
                              f"(default: {READING_ORDER_UNTIL})")
     args = parser.parse_args(argv)
-    log = train(args.minutes, args.out, args.batch, args.lr, args.seed, init_from=args.init_from,
+    log = train(args.steps, args.out, args.batch, args.lr, args.seed, init_from=args.init_from,
                 answer_batch=args.answer_batch, answer_weight=args.answer_weight, ema_decay=args.ema,
                 time_shift=args.time_shift, kind_weights=args.kinds, answer_kind_weights=args.answer_kinds,
                 answers_from=args.answers_from, reading_order_until=args.reading_order_until)

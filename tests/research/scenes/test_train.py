@@ -23,7 +23,7 @@ from research.scenes.train import (
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
     out = tmp_path_factory.mktemp("run") / "weights"
-    log = train(minutes=0.05, out=out, batch=4, answer_batch=4, answers_from=0)
+    log = train(steps=6, out=out, batch=4, answer_batch=4, answers_from=0)
     return out, log
 
 
@@ -46,10 +46,10 @@ def test_tampered_weights_fail_the_checksum(trained, tmp_path):
 
 
 def test_an_answer_only_run_logs_only_the_answer_loss(tmp_path):
-    log = train(minutes=0.02, out=tmp_path / "weights", batch=0, answer_batch=4)
+    log = train(steps=3, out=tmp_path / "weights", batch=0, answer_batch=4)
     assert log["steps"] >= 1 and log["flow"] == [] and len(log["ntp"]) == log["steps"]
     with pytest.raises(ValueError, match="not both 0"):
-        train(minutes=0.01, out=tmp_path / "none", batch=0, answer_batch=0)
+        train(steps=2, out=tmp_path / "none", batch=0, answer_batch=0)
 
 
 def test_the_position_table_tells_every_cell_apart_by_row_and_column():
@@ -92,7 +92,7 @@ def test_shifted_training_times_lean_towards_noise_as_the_sampler_grid_does():
 
 
 def test_train_options_are_recorded_in_the_log(tmp_path):
-    log = train(minutes=0.01, out=tmp_path / "weights", batch=2, answer_batch=2, time_shift=2.0,
+    log = train(steps=2, out=tmp_path / "weights", batch=2, answer_batch=2, time_shift=2.0,
                 kind_weights={"relation": 1})
     assert log["time_shift"] == 2.0
     assert log["kinds"] == {"single": 0, "relation": 1, "count": 0}
@@ -117,13 +117,13 @@ def record_scenes(monkeypatch) -> dict[str, list]:
 
 def test_by_default_both_tasks_read_the_same_scenes(tmp_path, monkeypatch):
     seen = record_scenes(monkeypatch)
-    train(minutes=0.01, out=tmp_path / "weights", batch=3, answer_batch=2, answers_from=0)
+    train(steps=2, out=tmp_path / "weights", batch=3, answer_batch=2, answers_from=0)
     assert seen["flow"] and [scenes[:2] for scenes in seen["flow"]] == seen["answer"]
 
 
 def test_each_task_draws_its_own_kind_mix(tmp_path, monkeypatch):
     seen = record_scenes(monkeypatch)
-    log = train(minutes=0.01, out=tmp_path / "weights", batch=3, answer_batch=3, kind_weights={"count": 1},
+    log = train(steps=2, out=tmp_path / "weights", batch=3, answer_batch=3, kind_weights={"count": 1},
                 answer_kind_weights={"relation": 2}, answers_from=0)
     kinds = {task: {s.kind for scenes in steps for s in scenes} for task, steps in seen.items()}
     assert kinds == {"flow": {"count"}, "answer": {"relation"}}
@@ -132,32 +132,33 @@ def test_each_task_draws_its_own_kind_mix(tmp_path, monkeypatch):
 
 def test_answer_rows_join_after_the_stated_fraction_of_the_budget(tmp_path, monkeypatch):
     seen = record_scenes(monkeypatch)
-    log = train(minutes=0.1, out=tmp_path / "weights", batch=2, answer_batch=2, answers_from=0.5)
+    log = train(steps=40, out=tmp_path / "weights", batch=2, answer_batch=2, answers_from=0.5)
     first = log["answers_from_step"]
-    # The first step runs at 0% of the budget, so it is text-to-image only; later steps answer too.
-    assert first is not None and first >= 1
+    # Half of 40 steps are text-to-image only; the rest answer too.
+    assert first == 20
     assert len(seen["flow"]) == log["steps"] == len(log["flow"])
     assert len(seen["answer"]) == len(log["ntp"]) == log["steps"] - first
     for bad in (1.0, -0.1):
         with pytest.raises(ValueError, match="answers_from must be in"):
-            train(minutes=0.01, out=tmp_path / "bad", batch=2, answer_batch=2, answers_from=bad)
+            train(steps=2, out=tmp_path / "bad", batch=2, answer_batch=2, answers_from=bad)
     with pytest.raises(ValueError, match="needs both batch sizes"):
-        train(minutes=0.01, out=tmp_path / "bad", batch=0, answer_batch=2, answers_from=0.5)
-    assert train(minutes=0.01, out=tmp_path / "one task", batch=0, answer_batch=2)["answers_from"] == 0
-    assert train(minutes=0.01, out=tmp_path / "both", batch=2, answer_batch=2)["answers_from"] == ANSWERS_FROM
+        train(steps=2, out=tmp_path / "bad", batch=0, answer_batch=2, answers_from=0.5)
+    assert train(steps=2, out=tmp_path / "one task", batch=0, answer_batch=2)["answers_from"] == 0
+    assert train(steps=2, out=tmp_path / "both", batch=2, answer_batch=2)["answers_from"] == ANSWERS_FROM
 
 
 def test_relation_images_are_captioned_in_reading_order_for_the_stated_fraction_of_the_budget(tmp_path, monkeypatch):
     seen = record_scenes(monkeypatch)
-    log = train(minutes=0.1, out=tmp_path / "weights", batch=4, answer_batch=0, kind_weights={"relation": 1},
+    log = train(steps=40, out=tmp_path / "weights", batch=4, answer_batch=0, kind_weights={"relation": 1},
                 reading_order_until=0.5)
     assert log["reading_order_until"] == 0.5
     captions = [[s.relation for s in scenes] for scenes in seen["flow"]]
-    # The first step runs at 0% of the budget: reading order only. Steps past half the budget see all four words.
-    assert set(captions[0]) <= {"left of", "above"}
+    # The first half of the steps: reading order only. The steps after it see all four words.
+    assert all(set(step) <= {"left of", "above"} for step in captions[:20])
     assert {r for step in captions for r in step} == {"left of", "right of", "above", "below"}
+    assert log["steps"] == 40 and len(log["flow"]) == 40
     with pytest.raises(ValueError, match="reading_order_until must be in"):
-        train(minutes=0.01, out=tmp_path / "bad", batch=2, answer_batch=0, reading_order_until=1.5)
+        train(steps=2, out=tmp_path / "bad", batch=2, answer_batch=0, reading_order_until=1.5)
 
 
 def test_relation_captions_keep_images_and_leave_other_kinds_alone():
