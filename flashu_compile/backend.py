@@ -19,7 +19,8 @@ from .backends.registry import lowering_for
 from .backends.segmented import LazyLowered
 from .backends.specialized import Specializations
 from .graph import build_index
-from .graph.rewrite import copy_graph, is_symbolic
+from .graph.compat import ShortenTraceback
+from .graph.rewrite import StrictModeError, copy_graph, is_symbolic
 from .graph.specialize import layer_guards
 from .graph.timestep import conditioning_inputs, timestep_input
 from .options import FlashUOptions
@@ -113,8 +114,39 @@ def _load_plan(plan: Any):
     return plan if isinstance(plan, Plan) else Plan.load(plan)
 
 
+# The library's own errors: bad options or plans (ValueError, PlanError among them) and strict mode's.
+_USER_ERRORS = (ValueError, StrictModeError)
+_SURFACED: dict[type, type] = {}
+
+
+def _surfaced(error: Exception) -> Exception:
+    """``error`` as an instance of a subclass of both its own type and dynamo's ``ShortenTraceback``, which
+    dynamo lets through unwrapped: ``except PlanError`` (or ValueError) around a plain ``torch.compile``'d
+    call catches it, where dynamo would otherwise wrap it in ``BackendCompilerFailed``."""
+    cls = type(error)
+    if cls not in _SURFACED:
+        _SURFACED[cls] = type(cls.__name__, (cls, ShortenTraceback),
+                              {"__module__": cls.__module__, "__qualname__": cls.__qualname__})
+    surfaced = Exception.__new__(_SURFACED[cls])
+    surfaced.args = error.args
+    surfaced.__dict__.update(error.__dict__)
+    surfaced.first_useful_frame = None  # ShortenTraceback's: keep the whole traceback
+    return surfaced
+
+
 def flashu_backend(gm: torch.fx.GraphModule, example_inputs: list, options: Any = None) -> Callable:
-    """Dynamo backend entry: ``options`` is the dict given to ``torch.compile``."""
+    """Dynamo backend entry: ``options`` is the dict given to ``torch.compile``.
+
+    The library's errors (bad options or plan: ValueError and :class:`PlanError`; strict mode:
+    :class:`StrictModeError`) reach the caller of the compiled function by their own types.
+    """
+    try:
+        return _compile(gm, example_inputs, options)
+    except _USER_ERRORS as error:
+        raise _surfaced(error).with_traceback(error.__traceback__) from error.__cause__
+
+
+def _compile(gm: torch.fx.GraphModule, example_inputs: list, options: Any) -> Callable:
     opts = FlashUOptions.from_dict(options)
     lowering = lowering_for(opts)  # a name, or the TensorRT lowering's settings
     if not build_pass_list(opts):
@@ -123,7 +155,7 @@ def flashu_backend(gm: torch.fx.GraphModule, example_inputs: list, options: Any 
         index = build_index(gm, example_inputs)
     if not index.applicable:
         if opts.strict:
-            raise RuntimeError(f"flashu cannot rewrite this graph: {index.report()}")
+            raise StrictModeError(f"flashu cannot rewrite this graph: {index.report()}")
         # A graph the index does not understand is lowered unchanged rather than guessed at.
         warnings.warn(f"flashu passes skipped for this graph, {index.report()}", stacklevel=2)
         return counted(lower(gm, example_inputs, lowering))
@@ -144,7 +176,8 @@ def flashu_backend(gm: torch.fx.GraphModule, example_inputs: list, options: Any 
         if spec.name in opts.passes and task not in spec.tasks:
             manager.not_applicable(spec.name, f"it rewrites {' and '.join(spec.tasks)} graphs and this is a {task} "
                                               f"graph ({'with' if index.head_blocks else 'without'} a flow head)")
-    gm = manager.run(gm, PassContext(index, task, controller, verify_plan(_load_plan(opts.plan), index)), opts)
+    plan = verify_plan(_load_plan(opts.plan), index, _parameters(gm, example_inputs))
+    gm = manager.run(gm, PassContext(index, task, controller, plan), opts)
     # Kept before lowering, which may rewrite the graph it is given.
     rewritten = copy_graph(gm) if _specializable(gm, controller, opts) else None
     with phase("lowering graph"):
@@ -155,6 +188,13 @@ def flashu_backend(gm: torch.fx.GraphModule, example_inputs: list, options: Any 
                          LazyLowered(full, lowering, example_inputs) if full is not None else None, specialized,
                          timestep=timestep, conditioning=conditioning,
                          starts=not _continues_a_cache(gm))
+
+
+def _parameters(gm: torch.fx.GraphModule, example_inputs: list) -> list[tuple[str, torch.Tensor]]:
+    """The weights the graph reads, by placeholder name: what a plan is checked against."""
+    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    return [(node.name, value) for node, value in zip(placeholders, example_inputs, strict=False)
+            if isinstance(value, torch.nn.Parameter)]
 
 
 def _continues_a_cache(gm: torch.fx.GraphModule) -> bool:

@@ -9,6 +9,7 @@ names the key and what it accepts.
 from __future__ import annotations
 
 import dataclasses
+import os
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, fields
 from typing import Any
@@ -217,7 +218,12 @@ def _coerce(key: str, value: Any, spec: dataclasses.Field) -> Any:
         return tuple(_check_passes(value))
     if key == "guidance_schedule":
         return check_guidance_schedule("option 'guidance_schedule'", value)
-    return value  # plan: validated when a pass loads it
+    if key == "plan":
+        # A Plan object (from the calibrate layer above this one: known by what it offers) or a saved plan's path.
+        if value is None or isinstance(value, (str, os.PathLike)) or hasattr(value, "verify_weights"):
+            return value
+        raise wrong("a Plan or the path of a saved plan")
+    return value
 
 
 PAPER_GUIDANCE = RelativeSchedule(((0.7, 0.75), (0.3, 1.0)))

@@ -1,3 +1,4 @@
+import copy
 import dataclasses
 import re
 import subprocess
@@ -7,6 +8,7 @@ import textwrap
 import pytest
 import torch
 
+from flashu_compile import StrictModeError
 from flashu_compile.backend import build_pass_list, flashu_backend
 from flashu_compile.backends.tensorrt import tensorrt_unavailable_reason
 from flashu_compile.models.showo2 import Showo2
@@ -67,8 +69,48 @@ def test_every_option_pass_is_implemented_and_runs_in_canonical_order():
 
 def test_bad_option_surfaces_from_torch_compile():
     torch._dynamo.reset()
-    with pytest.raises(Exception, match=r"unknown flashu option\(s\) \['lowerng'\]"):
+    with pytest.raises(ValueError, match=r"unknown flashu option\(s\) \['lowerng'\]"):
         torch.compile(torch.nn.Linear(3, 3), backend="flashu", options={"lowerng": "eager"})(torch.randn(1, 3))
+    torch._dynamo.reset()
+    with pytest.raises(ValueError, match=r"option 'plan' must be a Plan or the path of a saved plan, got int 42"):
+        torch.compile(torch.nn.Linear(3, 3), backend="flashu", options={"plan": 42})(torch.randn(1, 3))
+
+
+def _with_changed_attention_weight(model):
+    changed = copy.deepcopy(model)
+    with torch.no_grad():
+        changed.showo.model.layers[1].self_attn.v_proj.weight[0, 0] += 0.25
+    return changed
+
+
+def test_a_plan_for_other_weights_is_a_plan_error_by_name_before_any_weight_moves(small_model, tokenizer, tmp_path):
+    """Only an attention weight differs, so every FFN matches the plan: the graph's other weights tell."""
+    from flashu_compile import PlanError
+    from flashu_compile.calibrate import calibrate
+
+    plan = calibrate(small_model, tasks=("t2i",), prompts=["a red circle"], steps=3, progress=False, multiple=8)
+    path = plan.save(tmp_path / "plan")
+    changed = _with_changed_attention_weight(small_model)
+    before = {k: v.clone() for k, v in changed.state_dict().items()}
+    for given in (path, plan):
+        torch._dynamo.reset()
+        fast = torch.compile(changed.denoise, backend="flashu",
+                             options={"passes": ["prune_channels"], "plan": given, "lowering": "eager"})
+        with pytest.raises(PlanError, match=r"weight l_self_modules_showo_.*layers_modules_1_.*v_proj.* is none of"):
+            fast(*t2i_inputs(changed, tokenizer))
+        with pytest.raises(PlanError, match=r"weights showo.model.layers.1.self_attn.v_proj.weight differ"):
+            changed.compile_tasks("flashu", {"passes": ["prune_channels"], "plan": given, "lowering": "eager"})
+    assert all(torch.equal(v, changed.state_dict()[k]) for k, v in before.items())  # no FFN was permuted
+
+
+def test_strict_mode_errors_arrive_by_name(small_model, tokenizer):
+    from flashu_compile import StrictModeError
+
+    torch._dynamo.reset()
+    fast = torch.compile(small_model.denoise, backend="flashu",
+                         options={"passes": ["token_drop"], "lowering": "eager", "strict": True})
+    with pytest.raises(StrictModeError, match="flashu pass 'token_drop' does not apply"):
+        fast(*t2i_inputs(small_model, tokenizer))
 
 
 @pytest.mark.skipif(tensorrt_unavailable_reason() is None, reason="TensorRT is available: error path not reachable")
@@ -100,7 +142,7 @@ def test_not_applicable_graph_is_lowered_unchanged_or_rejected_in_strict_mode(mo
     with pytest.warns(UserWarning, match="flashu passes skipped for this graph, not applicable: no decoder layer"):
         out = flashu_backend(gm, [x], {"passes": ["layer_skip"], "lowering": "eager"})(x)
     assert torch.equal(out, mlp(x)) and seen == []
-    with pytest.raises(RuntimeError, match="flashu cannot rewrite this graph: not applicable"):
+    with pytest.raises(StrictModeError, match="flashu cannot rewrite this graph: not applicable"):
         flashu_backend(gm, [x], {"passes": ["layer_skip"], "lowering": "eager", "strict": True})
 
 

@@ -6,11 +6,12 @@ and the SHA-256 of the tensor file, so the two files cannot be silently mixed up
 
 The model fingerprint must survive the FFN permutation the compiler applies later (neurons are
 reordered in place as [generation-only | shared | understanding-only | neither], the same
-permutation on gate/up rows and down columns, which leaves the function unchanged). So it is
-built from permutation-invariant summaries only: parameter names and shapes, and per parameter
-the sum, the sum of absolute values and the sum of squares. Those sums are computed *exactly*
-(see :func:`_exact_sums`), so they do not depend on the order of the elements at all, not just
-up to rounding noise.
+permutation on gate/up rows and down columns, which leaves the function unchanged), and must
+change with any weight's values or layout (a transposed square weight is another model). So it
+is built from a SHA-256 digest of every weight's bytes in a fixed order (:func:`weight_digest`):
+a weight's elements in storage order, except that the FFN's neurons (gate/up rows, down columns)
+are hashed sorted by a key computed from their own bytes, an order no permutation changes.
+Digests are cached per tensor until it is modified, so a model is hashed once.
 """
 
 from __future__ import annotations
@@ -20,21 +21,19 @@ import json
 import math
 import os
 from dataclasses import dataclass, field
-from fractions import Fraction
 from pathlib import Path
 
 import torch
 from torch import nn
+from torch.utils.weak import WeakIdKeyDictionary
 
 from ..files import replacing_dir, sha256_file
-from ..graph.structure import PATTERNS
+from ..graph.structure import FFN_NEURON_DIM, PATTERNS
 
 FORMAT = "flashu-plan"
-FORMAT_VERSION = 2  # 2: plan.json carries the digest of its own contents
+FORMAT_VERSION = 3  # 2: plan.json carries the digest of its own contents; 3: byte digests of every weight
 TENSORS_FILE = "plan.safetensors"
 META_FILE = "plan.json"
-SIGNIFICANT_DIGITS = 7
-SIGNATURE_RTOL = 1e-5
 FFN_PROJECTIONS = ("gate_proj", "up_proj", "down_proj")
 
 
@@ -80,99 +79,67 @@ def keep_count(intermediate_size: int, prune_ratio: float, multiple: int) -> int
     return min(max(kept, multiple), intermediate_size)
 
 
-# --------------------------------------------------------------------------- exact sums, signatures
-_CHUNK = 1 << 22  # elements per vectorised pass: bounds the float64/int64 temporaries for big models
-_TRANSFORMS = {"sum": lambda x: x, "abs": torch.abs, "sq": lambda x: x * x}
+# --------------------------------------------------------------------------- weight digests
+_MODULUS = (1 << 31) - 1  # a prime: row keys are sums of byte values times coefficients, modulo it
+_KEY_ELEMENTS = 1 << 22  # elements per chunk of the row-key computation: bounds its int64 temporaries
+_BYTE_CHUNK = 1 << 26  # bytes handed to the hash at once
+_DIGESTS = WeakIdKeyDictionary()  # tensor -> ((its _version, unordered dim), digest): each weight hashed once
+_INT_VIEW = {1: torch.int8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
 
 
-def _exact_sums(items: list[tuple[torch.Tensor, str]]) -> list[float]:
-    """The correctly rounded sums of ``transform(tensor)`` in float64 for each ``(tensor, transform)``,
-    independent of the order of the elements; ``transform`` is "sum" (identity), "abs" or "sq".
+def _coefficients(width: int, device: torch.device) -> torch.Tensor:
+    """Two fixed rows of pseudo-random multipliers in [1, modulus): the same on every machine and run."""
+    gen = torch.Generator().manual_seed(0x5EED)
+    return torch.randint(1, _MODULUS, (2, width), generator=gen, dtype=torch.int64).to(device)
 
-    Each float64 value is split into an integer mantissa and a binary exponent; mantissas are summed
-    per (item, exponent) bucket in int64 (integer addition is associative, so order cannot matter)
-    and the buckets are combined exactly with Python integers. The 53-bit mantissa is cut into two
-    halves so that a pass's bucket sums stay far from int64 overflow. Many tensors are processed in a few large
-    vectorised passes rather than one small pass each, which matters when threads are contended.
+
+def _canonical_order(rows: torch.Tensor) -> torch.Tensor:
+    """An order of ``rows`` (2-D) that depends on each row's bytes only, so any permutation of the rows gives
+    the same sequence: sorted by two independent modular hashes of the row (62 bits; rows that collide are
+    equal or, with negligible probability, make a permuted model look like another one, never the reverse)."""
+    values = rows.contiguous().view(_INT_VIEW[rows.element_size()])
+    coeffs = _coefficients(values.shape[1], values.device)
+    keys = []
+    step = max(1, _KEY_ELEMENTS // max(1, values.shape[1]))
+    for start in range(0, values.shape[0], step):
+        x = values[start:start + step].to(torch.int64).remainder(_MODULUS)
+        # Each product is below 2**62 and each sum below 2**62 for rows up to 2**31 wide: no overflow.
+        k = [(x * c).remainder(_MODULUS).sum(dim=1).remainder(_MODULUS) for c in coeffs]
+        keys.append(k[0] * _MODULUS + k[1])
+    return torch.argsort(torch.cat(keys), stable=True)
+
+
+def weight_digest(weight: torch.Tensor, unordered_dim: int | None = None) -> str:
+    """SHA-256 (hex) of ``weight``'s dtype, shape and bytes; with ``unordered_dim``, its slices along that dim
+    (an FFN's neurons) are hashed in :func:`_canonical_order`, so permuting them leaves the digest unchanged.
+
+    Any change of a value, the dtype or the layout (a transpose, even of a square weight) changes it.
+    Cached per tensor until the tensor is modified in place (``Tensor._version``).
     """
-    totals = [Fraction(0)] * len(items)
-    special: set[int] = set()  # items with inf/nan: no exact sum exists, fall back to a plain one
-    pending: list[tuple[int, torch.Tensor]] = []
-    count = 0
-
-    def flush() -> None:
-        nonlocal pending, count
-        if not pending:
-            return
-        # On the CPU: exactness needs int64 and float64, which not every accelerator has.
-        x = torch.cat([_TRANSFORMS[items[i][1]](piece.to(device="cpu", dtype=torch.float64)) for i, piece in pending])
-        ids = sorted({i for i, _ in pending})  # the items in this pass; slot = position in ids
-        slot_of = {i: k for k, i in enumerate(ids)}
-        slot = torch.repeat_interleave(torch.tensor([slot_of[i] for i, _ in pending]),
-                                       torch.tensor([piece.numel() for _, piece in pending]))
-        pending, count = [], 0
-        finite = torch.isfinite(x)
-        if not bool(finite.all()):
-            special.update(ids[k] for k in slot[~finite].unique().tolist())
-            x = torch.where(finite, x, torch.zeros((), dtype=x.dtype))
-        mantissa, exponent = torch.frexp(x)  # x = mantissa * 2**exponent, |mantissa| in [0.5, 1)
-        integer = torch.ldexp(mantissa, torch.tensor(53, dtype=torch.int32)).to(torch.int64)  # exact
-        high, low = integer >> 26, integer & ((1 << 26) - 1)  # integer == high * 2**26 + low
-        # Float64 exponents span about 2100 values, so direct bucketing by exponent needs no sort.
-        lowest = int(exponent.min())
-        span = int(exponent.max()) - lowest + 1
-        bucket = slot * span + (exponent - lowest).to(torch.int64)
-        high_sums = torch.zeros(len(ids) * span, dtype=torch.int64).index_add_(0, bucket, high)
-        low_sums = torch.zeros(len(ids) * span, dtype=torch.int64).index_add_(0, bucket, low)
-        used = ((high_sums != 0) | (low_sums != 0)).nonzero().view(-1)  # few: values cluster in exponent
-        exact = [0] * len(ids)  # exact integers in units of 2**(lowest - 53)
-        for b, h, lo in zip(used.tolist(), high_sums[used].tolist(), low_sums[used].tolist(), strict=True):
-            exact[b // span] += ((h << 26) + lo) << (b % span)
-        unit = Fraction(2) ** (lowest - 53)
-        for i, total in zip(ids, exact, strict=True):
-            totals[i] += total * unit
-
-    for i, (tensor, _) in enumerate(items):
-        flat = tensor.detach().reshape(-1)
-        for start in range(0, flat.numel(), _CHUNK):
-            piece = flat[start:start + _CHUNK]
-            pending.append((i, piece))
-            count += piece.numel()
-            if count >= _CHUNK:
-                flush()
-    flush()
-    out = [float(t) for t in totals]
-    for i in special:
-        tensor, how = items[i]
-        out[i] = float(_TRANSFORMS[how](tensor.detach().to(device="cpu", dtype=torch.float64)).sum())
+    key = (weight._version, unordered_dim)
+    hit = _DIGESTS.get(weight)
+    if hit is not None and hit[0] == key:
+        return hit[1]
+    data = weight.detach()
+    if unordered_dim is not None:
+        data = data.movedim(unordered_dim, 0).reshape(data.shape[unordered_dim], -1)
+        data = data[_canonical_order(data)]
+    digest = hashlib.sha256(f"{weight.dtype}|{list(weight.shape)}|{unordered_dim}|".encode())
+    flat = data.contiguous().reshape(-1).view(torch.uint8)
+    for start in range(0, flat.numel(), _BYTE_CHUNK):
+        digest.update(flat[start:start + _BYTE_CHUNK].cpu().numpy().tobytes())
+    out = digest.hexdigest()
+    _DIGESTS[weight] = (key, out)
     return out
 
 
-def _round(value: float) -> float:
-    """Round to ``SIGNIFICANT_DIGITS`` significant digits (stable text for hashing)."""
-    return float(f"{value:.{SIGNIFICANT_DIGITS - 1}e}")
+def ffn_signature(gate_w: torch.Tensor, up_w: torch.Tensor, down_w: torch.Tensor) -> list[str]:
+    """A decoder layer's FFN signature: the :func:`weight_digest` of gate, up and down with their neurons unordered.
 
-
-def _summaries(tensors: list[torch.Tensor]) -> list[list[float]]:
-    sums = _exact_sums([(t, how) for t in tensors for how in ("sum", "abs", "sq")])
-    return [[_round(v) for v in sums[3 * k:3 * k + 3]] for k in range(len(tensors))]
-
-
-def tensor_summary(weight: torch.Tensor) -> list[float]:
-    """``[sum, sum |w|, sum w^2]`` of a tensor in float64, exact and rounded to 7 significant digits.
-
-    Squares of float32/bf16/fp16 values are exact in float64, and element-wise rounding (for
-    float64 weights) does not depend on order either, so the summary is permutation invariant.
+    Invariant under any permutation of the FFN neurons (gate/up rows and down columns); any other change of
+    the weights changes it.
     """
-    return _summaries([weight])[0]
-
-
-def ffn_signature(gate_w: torch.Tensor, up_w: torch.Tensor, down_w: torch.Tensor) -> list[float]:
-    """A decoder layer's FFN signature: :func:`tensor_summary` of gate, up and down (9 numbers).
-
-    Invariant under any permutation of the FFN neurons, i.e. of gate/up rows and down columns.
-    """
-    return [v for summary in _summaries([gate_w, up_w, down_w]) for v in summary]
+    return [weight_digest(w, FFN_NEURON_DIM[p]) for p, w in zip(FFN_PROJECTIONS, (gate_w, up_w, down_w), strict=True)]
 
 
 def _ffn_weights(layer: nn.Module) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -180,49 +147,31 @@ def _ffn_weights(layer: nn.Module) -> tuple[torch.Tensor, torch.Tensor, torch.Te
     return mlp.gate_proj.weight, mlp.up_proj.weight, mlp.down_proj.weight
 
 
-def layer_signatures(model: nn.Module) -> list[list[float]]:
+def layer_signatures(model: nn.Module) -> list[list[str]]:
     """:func:`ffn_signature` of every decoder layer, in order."""
-    summaries = _summaries([w for _, layer in decoder_layers(model) for w in _ffn_weights(layer)])
-    return [[v for s in summaries[3 * k:3 * k + 3] for v in s] for k in range(len(summaries) // 3)]
+    return [ffn_signature(*_ffn_weights(layer)) for _, layer in decoder_layers(model)]
+
+
+def weight_digests(model: nn.Module) -> dict[str, str]:
+    """:func:`weight_digest` of every parameter by name, the FFN weights' with their neurons unordered."""
+    unordered = {id(w): dim for _, layer in decoder_layers(model)
+                 for w, dim in zip(_ffn_weights(layer), FFN_NEURON_DIM.values(), strict=True)}
+    return {name: weight_digest(p, unordered.get(id(p))) for name, p in model.named_parameters()}
 
 
 def model_fingerprint(model: nn.Module) -> str:
     """SHA-256 (hex) identifying a model's weights, invariant under in-place FFN neuron permutations.
 
-    Hashed: the LLM's main dimensions, every parameter's name and shape, every decoder layer's FFN
-    signature and the [sum, sum |w|, sum w^2] summary of every other parameter. Casting the model
-    to another dtype changes the sums and so the fingerprint: a plan identifies exact weights.
+    Hashed: the model class, the LLM's main dimensions and every parameter's name with its
+    :func:`weight_digests` entry. Any change of a weight's values, dtype or layout changes it.
     """
-    layers = decoder_layers(model)
-    ffn_params = {id(p) for _, layer in layers for p in _ffn_weights(layer)}
     own = getattr(model, "config", None)
     llm = getattr(own, "llm", own)  # Show-o2 keeps its LLM's config apart; a plain LLM's is its own
     config = {key: getattr(llm, key, None) for key in
               ("num_hidden_layers", "hidden_size", "intermediate_size", "num_attention_heads",
                "num_key_value_heads", "vocab_size")}
-    params = list(model.named_parameters())
-    others = [(name, param) for name, param in params if id(param) not in ffn_params]
-    payload = {
-        "model": type(model).__name__,
-        "config": config,
-        "layer_paths": [path for path, _ in layers],
-        "shapes": [[name, list(param.shape)] for name, param in params],
-        "ffn": layer_signatures(model),
-        "other": [[name, summary] for (name, _), summary in zip(others, _summaries([p for _, p in others]),
-                                                                   strict=True)],
-    }
+    payload = {"model": type(model).__name__, "config": config, "weights": weight_digests(model)}
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
-
-
-def _signatures_match(expected: list[float], actual: list[float], rtol: float = SIGNATURE_RTOL) -> bool:
-    if len(expected) != len(actual):
-        return False
-    for i, (a, b) in enumerate(zip(expected, actual, strict=True)):
-        # A plain sum can cancel to nearly zero, so it is compared on the scale of sum |w|.
-        scale = max(abs(a), abs(b), abs(expected[i + 1]) if i % 3 == 0 else 0.0)
-        if abs(a - b) > rtol * scale:
-            return False
-    return True
 
 
 # --------------------------------------------------------------------------- the plan
@@ -233,7 +182,7 @@ def _jsonable(value):
 
 @dataclass(eq=False)
 class Plan:
-    """Task-specific FFN keep sets for every decoder layer of one model.
+    """Task-specific FFN keep sets for every decoder layer of one model, and the digests of that model's weights.
 
     ``keep[task][l]`` holds the kept neuron indices of layer ``l`` (int64, sorted ascending) and
     ``scores[task][l]`` the Wanda score of every neuron (float64, length ``intermediate_sizes[l]``).
@@ -245,7 +194,20 @@ class Plan:
     scores: dict[str, list[torch.Tensor]]
     settings: dict = field(default_factory=dict)
     fingerprint: str = ""
-    layer_signatures: list[list[float]] = field(default_factory=list)
+    layer_signatures: list[list[str]] = field(default_factory=list)
+    weight_digests: dict[str, str] = field(default_factory=dict)  # every parameter's, by name (weight_digests())
+
+    @classmethod
+    def for_model(cls, model: nn.Module, keep: dict[str, list[torch.Tensor]], scores: dict[str, list[torch.Tensor]],
+                  settings: dict | None = None) -> Plan:
+        """A plan of ``keep`` sets and ``scores`` for ``model``'s decoder layers, with the model's layer paths, FFN
+        sizes, fingerprint, layer signatures and weight digests; validated."""
+        layers = decoder_layers(model)
+        plan = cls([path for path, _ in layers], [layer.mlp.down_proj.in_features for _, layer in layers], keep,
+                   scores, dict(settings or {}), model_fingerprint(model), layer_signatures(model),
+                   weight_digests(model))
+        plan.validate()
+        return plan
 
     # ----------------------------------------------------------------- views
     @property
@@ -283,9 +245,13 @@ class Plan:
         return (self.layer_paths == other.layer_paths and self.intermediate_sizes == other.intermediate_sizes
                 and same(self.keep, other.keep) and same(self.scores, other.scores)
                 and _jsonable(self.settings) == _jsonable(other.settings) and self.fingerprint == other.fingerprint
-                and self.layer_signatures == other.layer_signatures)
+                and self.layer_signatures == other.layer_signatures and self.weight_digests == other.weight_digests)
 
     __hash__ = None  # mutable container of tensors
+
+    def __repr__(self) -> str:
+        # Short: a plan is printed in dynamo's guard and recompile logs, where its tensors would run to pages.
+        return f"Plan({self.summary()})"
 
     # ----------------------------------------------------------------- checks
     def validate(self) -> None:
@@ -293,8 +259,12 @@ class Plan:
         n = len(self.layer_paths)
         if len(self.intermediate_sizes) != n:
             raise PlanError(f"plan has {n} layer paths but {len(self.intermediate_sizes)} intermediate sizes")
-        if self.layer_signatures and len(self.layer_signatures) != n:
-            raise PlanError(f"plan has {n} layer paths but {len(self.layer_signatures)} layer signatures")
+        if len(self.layer_signatures) != n or any(len(sig) != len(FFN_PROJECTIONS) for sig in self.layer_signatures):
+            raise PlanError(f"plan has {n} layer paths but {len(self.layer_signatures)} layer signatures (three "
+                            "digests each)")
+        if not self.weight_digests:
+            raise PlanError("plan records no weight digests, so it cannot be checked against a model; make plans "
+                            "with calibrate() or calibrate_lm()")
         if not self.keep:
             raise PlanError("plan has no tasks")
         if set(self.keep) != set(self.scores):
@@ -335,8 +305,7 @@ class Plan:
     def verify_layer(self, index: int, gate_w: torch.Tensor, up_w: torch.Tensor, down_w: torch.Tensor) -> None:
         """Raise :class:`PlanError` unless these FFN weights are the ones layer ``index`` was calibrated on.
 
-        Any permutation of the neurons passes; changed values or another dtype do not
-        (relative tolerance 1e-5 on each of the nine sums).
+        Any permutation of the neurons passes; changed values, another dtype or layout do not.
         """
         self._check_ffn_shapes(index, gate_w, up_w, down_w)
         self._check_signature(index, ffn_signature(gate_w, up_w, down_w))
@@ -356,9 +325,22 @@ class Plan:
             if path != self.layer_paths[index]:
                 raise PlanError(f"decoder layer {index} is {path}, the plan's is {self.layer_paths[index]}")
             self._check_ffn_shapes(index, *weights)
-        summaries = _summaries([w for _, *weights in layers for w in weights])  # one batched pass
-        for index in range(len(layers)):
-            self._check_signature(index, [v for s in summaries[3 * index:3 * index + 3] for v in s])
+        for index, (_, *weights) in enumerate(layers):
+            self._check_signature(index, ffn_signature(*weights))
+
+    def verify_weights(self, weights: list[tuple[str, torch.Tensor, int | None]]) -> None:
+        """Raise :class:`PlanError` unless every ``(name, weight, unordered dim)`` is a weight of the model this plan
+        was calibrated on (its :func:`weight_digest`, with the FFN neurons along ``unordered dim``, is the plan's).
+
+        What a compiled graph checks: it reads some of the model's weights, under names of its own.
+        """
+        self.validate()
+        known = set(self.weight_digests.values())
+        for name, weight, unordered_dim in weights:
+            if weight_digest(weight, unordered_dim) not in known:
+                raise PlanError(f"plan was calibrated for a different model: weight {name} {tuple(weight.shape)} "
+                                f"{weight.dtype} is none of its weights (changed, converted, transposed or from "
+                                f"another model; plan fingerprint {self.fingerprint[:12]})")
 
     def _check_ffn_shapes(self, index: int, gate_w: torch.Tensor, up_w: torch.Tensor, down_w: torch.Tensor) -> None:
         if not 0 <= index < len(self.layer_signatures):
@@ -368,10 +350,12 @@ class Plan:
         if shapes[0][0] != size or shapes[1][0] != size or shapes[2][-1] != size:
             raise PlanError(f"layer {path}: the plan has {size} FFN neurons but the weights have shapes {shapes}")
 
-    def _check_signature(self, index: int, actual: list[float]) -> None:
-        if not _signatures_match(self.layer_signatures[index], actual):
-            raise PlanError(f"layer {self.layer_paths[index]}: FFN weights differ from the ones the plan was "
-                            f"calibrated on (signature {self.layer_signatures[index]} vs {actual})")
+    def _check_signature(self, index: int, actual: list[str]) -> None:
+        expected = self.layer_signatures[index]
+        if actual != expected:
+            which = [p for p, a, e in zip(FFN_PROJECTIONS, actual, expected, strict=True) if a != e]
+            raise PlanError(f"layer {self.layer_paths[index]}: FFN weights {', '.join(which)} differ from the ones "
+                            f"the plan was calibrated on (values, dtype or layout)")
 
     def verify_model(self, model: nn.Module) -> None:
         """Raise :class:`PlanError` (naming the first difference) unless ``model`` has this plan's fingerprint."""
@@ -384,11 +368,11 @@ class Plan:
         elif [layer.mlp.gate_proj.out_features for _, layer in layers] != self.intermediate_sizes:
             why = f"FFN sizes {[layer.mlp.gate_proj.out_features for _, layer in layers]} vs {self.intermediate_sizes}"
         else:
-            why = "weights outside the FFNs differ"
-            try:
-                self.verify_ffns([(path, *_ffn_weights(layer)) for path, layer in layers])
-            except PlanError as err:
-                why = str(err)
+            digests = weight_digests(model)
+            changed = [name for name, digest in digests.items() if self.weight_digests.get(name) != digest]
+            why = (f"weights {', '.join(changed[:3])}{' ...' if len(changed) > 3 else ''} differ (values, dtype or "
+                   "layout)" if changed else f"parameters {sorted(set(self.weight_digests) - set(digests))[:3]} "
+                   "are missing")
         raise PlanError(f"plan was calibrated for a different model: {why} "
                         f"(fingerprint {self.fingerprint[:12]} vs {actual[:12]})")
 
@@ -427,7 +411,8 @@ class Plan:
                 "intermediate_sizes": [int(s) for s in self.intermediate_sizes],
                 "settings": _jsonable(self.settings),
                 "fingerprint": self.fingerprint,
-                "layer_signatures": [[float(v) for v in sig] for sig in self.layer_signatures],
+                "layer_signatures": [list(sig) for sig in self.layer_signatures],
+                "weight_digests": dict(self.weight_digests),
                 "tensors_sha256": sha256_file(tmp / TENSORS_FILE),
             }
             meta["meta_sha256"] = _meta_digest(meta)
@@ -457,7 +442,8 @@ class Plan:
             raise PlanError(f"{folder / META_FILE} is not a flashu plan")
         if meta.get("version") != FORMAT_VERSION:
             raise PlanError(f"{folder} has plan format version {meta.get('version')!r}; this flashu-compile reads "
-                            f"version {FORMAT_VERSION} (recalibrate to get a current plan)")
+                            f"version {FORMAT_VERSION}, whose weight digests tell transposed or changed weights "
+                            "apart (recalibrate to get a current plan)")
         if meta.get("meta_sha256") != _meta_digest(meta):
             raise PlanError(f"{folder / META_FILE} does not match its own digest (edited or corrupt)")
         if sha256_file(folder / TENSORS_FILE) != meta.get("tensors_sha256"):
@@ -471,9 +457,11 @@ class Plan:
             tasks, paths = _entry(meta, "tasks", str), _entry(meta, "layer_paths", str)
             n = len(paths)
             signatures = _entry(meta, "layer_signatures", list)
-            settings = meta.get("settings")
+            settings, digests = meta.get("settings"), meta.get("weight_digests")
             if not isinstance(settings, dict) or not isinstance(meta.get("fingerprint"), str):
                 raise ValueError("settings must be an object and fingerprint a string")
+            if not isinstance(digests, dict) or not all(isinstance(v, str) for v in digests.values()):
+                raise ValueError("weight_digests must be an object of strings")
             plan = cls(
                 layer_paths=paths,
                 intermediate_sizes=_entry(meta, "intermediate_sizes", int),
@@ -481,7 +469,8 @@ class Plan:
                 scores={t: [tensors.pop(f"scores.{t}.{i}") for i in range(n)] for t in tasks},
                 settings=settings,
                 fingerprint=meta["fingerprint"],
-                layer_signatures=[_entry({"signature": sig}, "signature", float) for sig in signatures],
+                layer_signatures=[_entry({"signature": sig}, "signature", str) for sig in signatures],
+                weight_digests=digests,
             )
         except (KeyError, TypeError, ValueError) as err:
             raise PlanError(f"plan {folder} is incomplete or malformed: missing or bad entry {err}") from err
@@ -499,12 +488,11 @@ def _is_plan_dir(folder: Path) -> bool:
 
 
 def _entry(meta: dict, key: str, kind: type) -> list:
-    """``meta[key]``, which must be a list of ``kind`` (JSON numbers for float; never a bool for a number)."""
+    """``meta[key]``, which must be a list of ``kind`` (never a bool for an int)."""
     value = meta[key]
-    accepted = (int, float) if kind is float else kind
-    if not isinstance(value, list) or any(not isinstance(v, accepted) or isinstance(v, bool) for v in value):
+    if not isinstance(value, list) or any(not isinstance(v, kind) or isinstance(v, bool) for v in value):
         raise ValueError(f"{key!r} must be a list of {kind.__name__} values")
-    return [float(v) for v in value] if kind is float else value
+    return value
 
 
 def _meta_digest(meta: dict) -> str:

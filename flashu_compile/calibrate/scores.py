@@ -16,7 +16,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from .plan import Plan, decoder_layers, keep_count, layer_signatures, model_fingerprint
+from .plan import Plan, decoder_layers, keep_count
 
 TASKS = ("t2i", "mmu")
 DEFAULT_SAMPLES = 8
@@ -247,7 +247,7 @@ def calibrate(
 def plan_from_records(model: nn.Module, named: Sequence[tuple[str, nn.Module]], recorded: dict[str, DownProjInputs],
                       prune_ratio: float, multiple: int, settings: dict) -> Plan:
     """The :class:`Plan` of the recorded ``down_proj`` inputs: per task and layer, the Wanda scores and the
-    :func:`keep_count` top-scoring neurons; fingerprinted with :func:`model_fingerprint`.
+    :func:`keep_count` top-scoring neurons (see :meth:`Plan.for_model`).
 
     ``named`` is :func:`decoder_layers` of ``model``; ``settings`` must hold ``prune_ratio`` and
     ``multiple`` (``Plan.validate`` recounts the keep sets from them).
@@ -260,12 +260,4 @@ def plan_from_records(model: nn.Module, named: Sequence[tuple[str, nn.Module]], 
               for task, rec in recorded.items()}
     keep = {task: [select_keep(s, n) for s, n in zip(per_layer, counts, strict=True)]
             for task, per_layer in scores.items()}
-    return Plan(
-        layer_paths=[path for path, _ in named],
-        intermediate_sizes=sizes,
-        keep=keep,
-        scores=scores,
-        settings=settings,
-        fingerprint=model_fingerprint(model),
-        layer_signatures=layer_signatures(model),
-    )
+    return Plan.for_model(model, keep, scores, settings)

@@ -14,7 +14,10 @@ What callers rely on:
 - ``tracing(TracingContext(FakeTensorMode(shape_env=ShapeEnv())))`` and ``from_tensor(static_shapes=True)``:
   a compilation context of flashu's own, for a piece compiled after dynamo's has closed;
 - ``fuse_as_graphmodule(gm, nodes, name, always_return_tuple=...)`` -> (submodule, inputs, outputs),
-  and ``topo_sort(nodes)``.
+  and ``topo_sort(nodes)``;
+- ``ShortenTraceback``: an exception of this type raised by a backend reaches the caller of the
+  compiled function as it is, where dynamo wraps any other in ``BackendCompilerFailed``
+  (tests/test_backend.py checks that the library's errors arrive by their own names).
 """
 
 from __future__ import annotations
@@ -22,13 +25,14 @@ from __future__ import annotations
 import inspect
 
 import torch
+from torch._dynamo.exc import ShortenTraceback
 from torch._guards import TracingContext, detect_fake_mode, tracing
 from torch._subclasses.fake_tensor import FakeTensor, FakeTensorMode
 from torch.fx.experimental.symbolic_shapes import ShapeEnv
 from torch.fx.passes.utils.fuser_utils import fuse_as_graphmodule, topo_sort
 
-__all__ = ["FakeTensor", "FakeTensorMode", "ShapeEnv", "TracingContext", "detect_fake_mode", "fuse_as_graphmodule",
-           "missing_internals", "topo_sort", "tracing"]
+__all__ = ["FakeTensor", "FakeTensorMode", "ShapeEnv", "ShortenTraceback", "TracingContext", "detect_fake_mode",
+           "fuse_as_graphmodule", "missing_internals", "topo_sort", "tracing"]
 
 
 def _accepts(fn, parameter: str) -> bool:

@@ -21,6 +21,10 @@ class PassNotApplicable(Exception):
     """A pass found nothing it can rewrite safely in this graph; the message says why."""
 
 
+class StrictModeError(RuntimeError):
+    """Under ``strict=True``: a pass asked for did not act on a graph, or failed; the message names it and why."""
+
+
 def tag(node: torch.fx.Node, pass_name: str, replaces: str | None = None) -> torch.fx.Node:
     """Mark a node as made by ``pass_name`` (and which original node it stands for)."""
     node.meta[PROVENANCE_KEY] = {"pass": pass_name, "replaces": replaces}

@@ -23,6 +23,8 @@ PATTERNS = {
     "attention": ("self_attn", ("q_proj", "k_proj", "v_proj", "o_proj")),
     "swiglu": ("mlp", ("gate_proj", "up_proj", "down_proj")),
 }
+# The dim along which each FFN projection's weight holds its neurons (which pruning may reorder).
+FFN_NEURON_DIM = {"gate_proj": 0, "up_proj": 0, "down_proj": 1}
 # Dynamo names the root module after how the traced frame received it: L['self'] for a method, an
 # argument such as L['args'][0] when forward runs through a wrapper that takes the module as an argument
 # (transformers 5.24's Llama forward does), or G['name'] for a model the frame reads as a global.

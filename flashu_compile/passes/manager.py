@@ -20,7 +20,7 @@ import torch.fx
 
 # The pass contract's shared names live below the passes (graph utilities raise and tag too); passes import them here.
 from ..graph.rewrite import PROVENANCE_KEY as PROVENANCE_KEY
-from ..graph.rewrite import PassNotApplicable
+from ..graph.rewrite import PassNotApplicable, StrictModeError
 from ..graph.rewrite import tag as tag
 from ..graph.structure import StructureIndex
 
@@ -93,7 +93,7 @@ class PassManager:
     def not_applicable(self, name: str, why: str, seconds: float = 0.0, cause: Exception | None = None) -> None:
         """A pass that was asked for does not act on this graph: one warning saying why (strict: an error)."""
         if self.strict:
-            raise RuntimeError(f"flashu pass {name!r} does not apply: {why}") from cause
+            raise StrictModeError(f"flashu pass {name!r} does not apply: {why}") from cause
         warnings.warn(f"flashu pass {name!r} skipped: {why}", stacklevel=3)
         self.records.append(PassRecord(name, False, seconds, {}, why))
 
@@ -116,9 +116,9 @@ class PassManager:
                 if isinstance(error, PassNotApplicable):
                     self.not_applicable(name, str(error), time.perf_counter() - start, cause=error)
                 else:
-                    if self.strict:
-                        raise
                     why = f"failed with {type(error).__name__}: {error}"
+                    if self.strict:
+                        raise StrictModeError(f"flashu pass {name!r} {why}") from error
                     warnings.warn(f"flashu pass {name!r} {why}; the graph continues without it", stacklevel=2)
                     self.records.append(PassRecord(name, False, time.perf_counter() - start, {}, why))
                 if observer is not None:

@@ -16,6 +16,7 @@ import weakref
 import torch
 from torch.utils.weak import WeakIdKeyDictionary
 
+from ..graph.structure import FFN_NEURON_DIM
 from .manager import PassContext, PassNotApplicable, PassResult, tag
 from .registry import BenchRow, PassSpec, register
 
@@ -77,33 +78,41 @@ def apply_layout(gate: torch.Tensor, up: torch.Tensor, down: torch.Tensor, order
         _LAYOUTS[w] = key
 
 
-def verify_plan(plan, index):
-    """Check ``plan`` (None: nothing to check) against every decoder layer of the graph ``index``
-    describes, before anything is permuted; returns ``plan``.
+def verify_plan(plan, index, weights: list[tuple[str, torch.Tensor]] = ()):
+    """Check ``plan`` (None: nothing to check) against the graph ``index`` describes and the graph's parameters
+    ``weights`` (``(name, tensor)``), before anything is permuted; returns ``plan``.
 
-    Raises the plan's ``PlanError`` naming the first mismatching layer (or the layer counts), or a
-    ValueError if another plan already reordered these weights; the graph and the weights are
-    untouched. Graphs whose FFN weights are not graph inputs with known values are left to the
-    pass, which does not apply to them. A plan already verified against the
-    same weight tensors, unmodified since (``Tensor._version``), is not verified again: the backend
-    verifies before the passes run, so that a wrong plan is an error rather than a skipped pass,
-    and the pass then verifies once more at no cost.
+    Every parameter must be one of the weights of the model the plan was calibrated on (byte digests,
+    the FFN neurons in any order), and every decoder layer's FFN the plan's. Raises the plan's
+    ``PlanError`` naming the first mismatching weight or layer (or the layer counts), or a ValueError
+    if another plan already reordered these weights; the graph and the weights are untouched.
+    Graphs whose FFN weights are not graph inputs with known values are left to the pass, which
+    does not apply to them. A plan already verified against the same weight tensors, unmodified
+    since (``Tensor._version``), is not verified again: the backend verifies before the passes
+    run, so that a wrong plan is an error rather than a skipped pass, and the pass then verifies
+    once more at no cost.
     """
     if plan is None:
         return None
     layers = [(layer.path, [ref.weight_value for ref in (layer.mlp[p] for p in _PROJECTIONS)])
               for layer in index.layers]
-    if any(w is None for _, weights in layers for w in weights):
-        return plan
-    state = [(w, w._version) for _, weights in layers for w in weights]
+    ffn_known = all(w is not None for _, ffn in layers for w in ffn)
+    neuron_dim = {id(w): FFN_NEURON_DIM[p] for _, ffn in layers for p, w in zip(_PROJECTIONS, ffn, strict=True)
+                  if w is not None}
+    checked = [(name, w, neuron_dim.get(id(w))) for name, w in weights]
+    state = [(w, w._version) for w in [*(w for _, ffn in layers if ffn_known for w in ffn),
+                                       *(w for _, w, _ in checked)]]
     seen = _VERIFIED.get(plan)
     if seen is None or len(seen) != len(state) or not all(
             ref() is w and version == v for (ref, version), (w, v) in zip(seen, state, strict=True)):
         plan.validate()
-        plan.verify_ffns([(path, *weights) for path, weights in layers])
+        if ffn_known:  # first: its messages name the layer (count, path, size, which projection)
+            plan.verify_ffns([(path, *ffn) for path, ffn in layers])
+        plan.verify_weights(checked)
         _VERIFIED[plan] = [(weakref.ref(w), v) for w, v in state]
-    for i, ((_, weights), layer) in enumerate(zip(layers, index.layers, strict=True)):
-        _needs_layout(*weights, _layout(plan, layer, i)[0])
+    if ffn_known:
+        for i, ((_, ffn), layer) in enumerate(zip(layers, index.layers, strict=True)):
+            _needs_layout(*ffn, _layout(plan, layer, i)[0])
     return plan
 
 

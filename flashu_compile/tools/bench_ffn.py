@@ -10,15 +10,17 @@ columns instead of calibrating a randomly initialised layer.
 
 from __future__ import annotations
 
+import argparse
 import statistics
 import time
 from dataclasses import dataclass
 
 import torch
 
-from ..calibrate import Plan, model_fingerprint
-from ..calibrate.plan import decoder_layers, keep_count, layer_signatures
+from ..calibrate import Plan
+from ..calibrate.plan import decoder_layers, keep_count
 from ..runtime.flops import FlopTally
+from ..validate import check_float, check_int
 
 
 @dataclass
@@ -49,11 +51,8 @@ def magnitude_plan(model: torch.nn.Module, prune_ratio: float, multiple: int) ->
         keep.append(score.topk(n).indices.sort().values)
         scores.append(score)
         sizes.append(score.numel())
-    plan = Plan([path for path, _ in decoder_layers(model)], sizes, {"mmu": keep}, {"mmu": scores},
-                {"prune_ratio": prune_ratio, "multiple": multiple, "scores": "|W_down| column sums"},
-                model_fingerprint(model), layer_signatures(model))
-    plan.validate()
-    return plan
+    return Plan.for_model(model, {"mmu": keep}, {"mmu": scores},
+                          {"prune_ratio": prune_ratio, "multiple": multiple, "scores": "|W_down| column sums"})
 
 
 def run(hidden: int = 1536, ffn: int = 8960, heads: int = 12, kv_heads: int = 2, tokens: int = 256,
@@ -94,12 +93,32 @@ def markdown(results: list[FfnResult], header: str) -> str:
     return "\n".join(lines)
 
 
-def cmd_bench_ffn(args) -> int:
+# Far beyond any real layer (Show-o2 7B: hidden 3584, FFN 18944) or request (1024 tokens), so that a typo is
+# reported instead of failing to allocate terabytes.
+MAX_WIDTH = 1 << 16
+
+
+def check_args(args: argparse.Namespace) -> None:
+    """Every argument of ``bench-ffn`` checked before any work: a layer Qwen2 can build, with RoPE's pairs."""
+    hidden = check_int("--hidden", args.hidden, 1, MAX_WIDTH)
+    check_int("--ffn", args.ffn, 1, MAX_WIDTH)
+    heads = check_int("--heads", args.heads, 1, hidden)
+    check_int("--kv-heads", args.kv_heads, 1, heads)
+    check_int("--tokens", args.tokens, 1, MAX_WIDTH)
+    check_int("--runs", args.runs, 1)
+    for ratio in args.ratios:
+        check_float("--ratios", ratio, 0.0, 1.0, high_open=True)
+    if hidden % heads or (hidden // heads) % 2:
+        raise ValueError(f"--hidden {hidden} must be --heads {heads} times an even head size (rotary embeddings "
+                         "turn pairs of channels)")
+    if heads % args.kv_heads:
+        raise ValueError(f"--heads {heads} must be a multiple of --kv-heads {args.kv_heads}")
+
+
+def cmd_bench_ffn(args: argparse.Namespace) -> int:
     from .bench import machine_line
 
-    if args.runs < 1 or args.tokens < 1 or any(not 0 <= r < 1 for r in args.ratios):
-        raise ValueError(f"--runs and --tokens must be at least 1 and --ratios in [0, 1), got {args.runs}, "
-                         f"{args.tokens}, {args.ratios}")
+    check_args(args)
     ratios = tuple(sorted(set([0.0, *args.ratios])))
     results = run(args.hidden, args.ffn, args.heads, args.kv_heads, args.tokens, ratios, args.runs)
     print(markdown(results, f"One Qwen2 decoder layer (hidden {args.hidden}, FFN {args.ffn}, {args.tokens} tokens), "

@@ -17,8 +17,8 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from flashu_compile.calibrate import Plan, PlanError, model_fingerprint
-from flashu_compile.calibrate.plan import _meta_digest, decoder_layers, layer_signatures
+from flashu_compile.calibrate import Plan, PlanError
+from flashu_compile.calibrate.plan import _meta_digest, decoder_layers
 from flashu_compile.files import CHECKSUMS, write_checksums
 from flashu_compile.models.showo2 import Showo2
 from flashu_compile.models.showo2.checkpoint import CheckpointError
@@ -98,8 +98,7 @@ def _tiny_plan(model, seed: int) -> Plan:
     keep = {task: [torch.randperm(size, generator=gen)[:size // 2].sort().values for size in sizes]
             for task in ("t2i", "mmu")}
     scores = {task: [torch.rand(size, generator=gen, dtype=torch.float64) for size in sizes] for task in keep}
-    return Plan([p for p, _ in layers], sizes, keep, scores, {"prune_ratio": 0.5, "multiple": 8},
-                model_fingerprint(model), layer_signatures(model))
+    return Plan.for_model(model, keep, scores, {"prune_ratio": 0.5, "multiple": 8})
 
 
 @pytest.fixture(scope="module")

@@ -8,7 +8,7 @@ import torch
 
 import flashu_compile.files as files_module
 from flashu_compile.calibrate import Plan, PlanError, calibrate, ffn_signature, model_fingerprint
-from flashu_compile.calibrate.plan import META_FILE, TENSORS_FILE, _meta_digest, decoder_layers
+from flashu_compile.calibrate.plan import META_FILE, TENSORS_FILE, _meta_digest, decoder_layers, weight_digest
 from flashu_compile.files import sha256_file
 from flashu_compile.models.showo2 import Showo2
 
@@ -72,7 +72,7 @@ def test_round_trip(plan, saved, model):
 
 def test_load_with_another_model_fails(saved, tokenizer):
     other = Showo2.random(small_config(), seed=4).attach(tokenizer=tokenizer)
-    with pytest.raises(PlanError, match="plan was calibrated for a different model: layer showo.model.layers.0"):
+    with pytest.raises(PlanError, match="plan was calibrated for a different model: weights showo.model.embed_tokens"):
         Plan.load(saved, model=other)
 
 
@@ -80,7 +80,18 @@ def test_load_with_changed_non_ffn_weight_fails(saved, model):
     changed = copy.deepcopy(model)
     with torch.no_grad():
         changed.showo.model.norm.weight[0] += 0.5
-    with pytest.raises(PlanError, match="different model: weights outside the FFNs differ"):
+    with pytest.raises(PlanError, match=r"different model: weights showo.model.norm.weight differ \(values"):
+        Plan.load(saved, model=changed)
+
+
+def test_a_transposed_square_weight_is_another_model(saved, model):
+    """A bad conversion that transposes a square weight keeps every sum of its values; the digest sees it."""
+    changed = copy.deepcopy(model)
+    q = changed.showo.model.layers[0].self_attn.q_proj.weight
+    assert q.shape[0] == q.shape[1]
+    with torch.no_grad():
+        q.copy_(q.t().clone())
+    with pytest.raises(PlanError, match=r"weights showo.model.layers.0.self_attn.q_proj.weight differ"):
         Plan.load(saved, model=changed)
 
 
@@ -232,11 +243,22 @@ def test_ffn_signature_is_permutation_invariant():
     down = torch.randn(16, 96, generator=g)
     perm = torch.randperm(96, generator=g)
     sig = ffn_signature(gate, up, down)
-    assert len(sig) == 9
+    assert len(sig) == 3
     assert ffn_signature(gate[perm], up[perm], down[:, perm]) == sig
-    assert sig[1] == pytest.approx(gate.double().abs().sum().item(), rel=1e-6)
-    assert sig[8] == pytest.approx(down.double().pow(2).sum().item(), rel=1e-6)
-    assert ffn_signature(gate, up * 1.001, down) != sig
+    assert ffn_signature(gate.clone(), up.clone(), down.clone()) == sig  # bytes, not tensor identity
+    assert ffn_signature(gate, up * 1.001, down)[1] != sig[1]
+    swapped = gate.clone()
+    swapped[0, :2] = gate[0, :2].flip(0)  # two values of one neuron swapped: the same sums, another weight
+    assert ffn_signature(swapped, up, down)[0] != sig[0]
+    assert ffn_signature(gate.half(), up, down)[0] != sig[0]
+
+
+def test_a_weight_digest_follows_in_place_changes():
+    w = torch.randn(8, 8)
+    before = weight_digest(w)
+    with torch.no_grad():
+        w[3, 3] += 1
+    assert weight_digest(w) != before
 
 
 def test_verify_layer(model, plan):
@@ -244,9 +266,9 @@ def test_verify_layer(model, plan):
     gate, up, down = mlp.gate_proj.weight, mlp.up_proj.weight, mlp.down_proj.weight
     perm = torch.randperm(64)
     plan.verify_layer(1, gate[perm], up[perm], down[:, perm])
-    with pytest.raises(PlanError, match="layer showo.model.layers.1: FFN weights differ"):
+    with pytest.raises(PlanError, match="layer showo.model.layers.1: FFN weights down_proj differ"):
         plan.verify_layer(1, gate, up, down * 1.01)
-    with pytest.raises(PlanError, match="layer showo.model.layers.0: FFN weights differ"):
+    with pytest.raises(PlanError, match="layer showo.model.layers.0: FFN weights gate_proj, up_proj, down_proj"):
         plan.verify_layer(0, gate, up, down)  # another layer's weights
     with pytest.raises(PlanError, match="64 FFN neurons"):
         plan.verify_layer(1, gate[:48], up[:48], down[:, :48])

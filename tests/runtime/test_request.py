@@ -15,7 +15,7 @@ from hypothesis import strategies as st
 
 import flashu_compile
 import flashu_compile.runtime
-from flashu_compile.calibrate.plan import Plan, decoder_layers, layer_signatures, model_fingerprint
+from flashu_compile.calibrate.plan import Plan, decoder_layers
 from flashu_compile.models.showo2 import Showo2
 from flashu_compile.models.showo2.sampling import generate_latents, time_grid
 from flashu_compile.models.showo2.sequences import t2i_rows
@@ -40,8 +40,7 @@ def _plan(model):
     sizes = [layer.mlp.gate_proj.out_features for _, layer in layers]
     keep = {task: [torch.arange(0, size, 2) for size in sizes] for task in ("t2i", "mmu")}
     scores = {task: [torch.zeros(size, dtype=torch.float64) for size in sizes] for task in keep}
-    return Plan([path for path, _ in layers], sizes, keep, scores, {}, model_fingerprint(model),
-                layer_signatures(model))
+    return Plan.for_model(model, keep, scores)
 
 
 def user_loop(denoise, model, steps, scales, noise):

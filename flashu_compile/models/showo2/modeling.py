@@ -10,7 +10,7 @@ from __future__ import annotations
 import copy
 import warnings
 from collections.abc import Callable, Mapping
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
@@ -22,6 +22,7 @@ from .checkpoint import load_showo2, save_showo2
 from .compiled import CompiledShowo2
 from .configuration import Showo2Config, preset
 from .embedded import WEIGHTS_DIR, verify_checksums
+from .images import to_pixels
 from .modules import (
     FinalLayer,
     ModulatedAttentionBlock,
@@ -32,14 +33,10 @@ from .modules import (
     llama3_inv_freq,
     rotary_cos_sin,
 )
-from .sequences import span_membership
+from .sequences import check_t2i_fits, span_membership
 
 if TYPE_CHECKING:
     from .sampling import DenoiseFn
-
-# Float rounding in a caller's conversion (e.g. (x + 1) / 2) moves [0, 1] pixels by a hair; anything
-# further is another value range.
-_PIXEL_SLACK = 1e-3
 
 
 def image_span_mask(modality_positions: torch.Tensor, seq_len: int) -> torch.Tensor:
@@ -163,6 +160,14 @@ class Showo2(nn.Module):
             return CompiledShowo2(self, compiled)
         # The sampler applies the guidance schedule; the graphs read the rest.
         opts = FlashUOptions.from_dict(options)
+        if opts.plan is not None:
+            # Checked against the whole model here, at the call, before any graph compiles or weight moves: each
+            # graph can only check the weights it reads.
+            from ...calibrate import Plan
+
+            plan = opts.plan if isinstance(opts.plan, Plan) else Plan.load(opts.plan)
+            plan.verify_model(self)
+            options = {**options, "plan": plan}
 
         def entry_options(name: str, task: str | None) -> dict:
             # Each entry gets the passes that act on its graphs, so none is reported as not applying: the image +
@@ -364,40 +369,33 @@ class Showo2(nn.Module):
         options=...)``), and ``options`` (a FlashUOptions, or the dict given to ``torch.compile``) brings
         its guidance schedule: ``guidance`` is the request's scale s0, 7.5 by default, which a relative
         schedule scales per call (see :func:`sampling.generate_latents`).
+
+        A prompt longer than the text budget (``config.max_text_len`` tokens) is cut, with a warning; a model whose
+        text-to-image row (budget, image tokens, special tokens) exceeds ``config.llm.max_position_embeddings`` is
+        a ValueError naming the limit.
         """
         from .codecs import preview
         from .sampling import generate_latents
 
+        cfg = self.config
+        check_t2i_fits(cfg.num_image_tokens, cfg.max_text_len, cfg.llm.max_position_embeddings)
         latents = generate_latents(self, self._require("tokenizer"), prompts, steps=steps, guidance=guidance,
                                    shift=shift, seed=seed, denoise=denoise, progress=progress,
                                    options=FlashUOptions.from_dict(options) if options is not None else None)
         return self.codec.decode(latents) if self.codec is not None else preview(latents)
 
-    def encode_image(self, image) -> torch.Tensor:
-        """A PIL image or (3, H, W) tensor -> the model's latent (1, c, h, w).
+    def encode_image(self, image: Any) -> torch.Tensor:
+        """A PIL image or an image tensor -> the model's latent (1, c, h, w), resized to the model's input size.
 
-        A float tensor holds pixels in [0, 1]; a uint8 tensor holds 0..255 and is scaled. A float
-        tensor outside [0, 1] (0..255 values, or [-1, 1]) is refused rather than guessed at.
+        The pixels are read by :func:`images.to_pixels`, which states the rules: every PIL mode and tensor
+        dtype is read as the picture it holds (16-bit as 16-bit, transparency composited on white) or refused
+        with a ValueError naming it; a float tensor must hold [0, 1], a uint8 one 0..255, a uint16 one
+        0..65535; (1, H, W) and (H, W) tensors are grey; an empty image is refused.
         """
-        import numpy as np
         import torch.nn.functional as F
 
         codec = self._require("codec")
-        if not isinstance(image, torch.Tensor):
-            if not hasattr(image, "convert"):
-                raise ValueError(f"image must be a PIL image or a (3, H, W) tensor, got {type(image).__name__}")
-            image = torch.from_numpy(np.asarray(image.convert("RGB"), dtype=np.float32) / 255.0).permute(2, 0, 1)
-        if image.dim() != 3 or image.shape[0] != 3:
-            raise ValueError(f"image must be RGB (3, H, W), got {tuple(image.shape)}")
-        if image.dtype == torch.uint8:
-            image = image.float() / 255.0
-        elif not image.is_floating_point():
-            raise ValueError(f"image must be a float tensor in [0, 1] or a uint8 tensor, got dtype {image.dtype}")
-        elif image.numel():
-            low, high = float(image.min()), float(image.max())
-            if not (-_PIXEL_SLACK <= low and high <= 1 + _PIXEL_SLACK):  # NaN fails both comparisons
-                raise ValueError(f"image values must be finite and in [0, 1], got [{low}, {high}]; divide 0..255 "
-                                 "pixels by 255, map [-1, 1] with (x + 1) / 2")
+        image = to_pixels(image)
         h, w = self.config.latent_size
         size = (h * codec.spatial_factor, w * codec.spatial_factor)
         if tuple(image.shape[-2:]) != size:
@@ -408,6 +406,10 @@ class Showo2(nn.Module):
     def answer(self, image, question: str, max_new_tokens: int = 300,
                entries: Mapping[str, Callable] | None = None) -> str:
         """Greedy answer to ``question`` (a non-empty str) about ``image``, decoded with a KV cache.
+
+        ``image`` is read by :meth:`encode_image`. The chat template, the image's tokens, the question and
+        ``max_new_tokens`` answer tokens must fit ``config.llm.max_position_embeddings``: a longer question is a
+        ValueError naming how many tokens fit, not an answer from positions the model does not know.
 
         ``entries`` replaces the ``embed``, ``prefill`` and ``decode`` steps by name (compiled ones; see
         :class:`compiled.CompiledShowo2`); a name it lacks runs eagerly.
