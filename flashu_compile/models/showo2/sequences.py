@@ -79,7 +79,12 @@ def t2i_rows(
     guidance: bool,
     dtype: torch.dtype = torch.float32,
 ) -> Rows:
-    """Text-to-image rows; with ``guidance`` the unconditional rows follow the conditional ones."""
+    """Text-to-image rows; with ``guidance`` the unconditional rows follow the conditional ones.
+
+    Every row is ``max_text_len + num_image_tokens + 5`` tokens long (bos, the text budget, boi, the time and
+    image tokens, eoi, eos): a prompt longer than ``max_text_len`` tokens is cut, with a warning, and a shorter
+    one padded. :func:`check_t2i_fits` tells whether such a row fits the model's positions.
+    """
     if not prompts:
         raise ValueError("at least one prompt is needed")
     max_text_len = check_int("max_text_len", max_text_len, 1)
@@ -99,6 +104,16 @@ def t2i_rows(
     return Rows(tokens, positions, omni_attention_mask(positions, tokens.shape[1], dtype), offsets)
 
 
+def check_t2i_fits(num_image_tokens: int, max_text_len: int, max_positions: int) -> None:
+    """A ValueError naming the limit when a text-to-image row (see :func:`t2i_rows`) is longer than
+    ``max_positions`` (the LLM's ``max_position_embeddings``): past it the model sees positions it does not know."""
+    length = max_text_len + num_image_tokens + 5
+    if length > max_positions:
+        raise ValueError(f"a text-to-image row needs {length} positions (a text budget of {max_text_len} tokens, "
+                         f"{num_image_tokens + 1} time and image tokens, 4 special tokens) but the model has "
+                         f"{max_positions} (max_position_embeddings)")
+
+
 def _fit(ids: list[int], max_text_len: int, prompt: str) -> list[int]:
     """The prompt's ids within the row's text budget; what does not fit is cut, with a warning."""
     if len(ids) > max_text_len:
@@ -108,15 +123,29 @@ def _fit(ids: list[int], max_text_len: int, prompt: str) -> list[int]:
 
 
 def mmu_row(
-    tokenizer: Showo2Tokenizer, question: str, num_image_tokens: int, dtype: torch.dtype = torch.float32
+    tokenizer: Showo2Tokenizer, question: str, num_image_tokens: int, dtype: torch.dtype = torch.float32,
+    max_positions: int | None = None, max_new_tokens: int = 0,
 ) -> Rows:
-    """The understanding row for one image and one question (official chat layout)."""
+    """The understanding row for one image and one question (official chat layout).
+
+    With ``max_positions`` (the LLM's ``max_position_embeddings``) the row and ``max_new_tokens`` answer
+    tokens must fit in it, each answer token counted as a position; a question too long for that is a
+    ValueError naming how many tokens fit. Past the limit the model sees positions it does not know and
+    answers nonsense, so the question is refused rather than cut or answered.
+    """
     head = [tokenizer.bos_id, *tokenizer.encode(SYSTEM_PROMPT), *tokenizer.encode(USER_PREFIX)]
     span = num_image_tokens + 1
-    tail = [tokenizer.eoi_id, *tokenizer.encode(question), *tokenizer.encode(ASSISTANT_PREFIX)]
-    tokens = torch.tensor([head + [tokenizer.boi_id] + [tokenizer.img_pad_id] * span + tail], dtype=torch.long)
+    asked = tokenizer.encode(question)
+    tail = [tokenizer.eoi_id, *asked, *tokenizer.encode(ASSISTANT_PREFIX)]
+    tokens = head + [tokenizer.boi_id] + [tokenizer.img_pad_id] * span + tail
+    if max_positions is not None and len(tokens) + max_new_tokens > max_positions:
+        fixed = len(tokens) - len(asked)
+        fit = max(max_positions - fixed - max_new_tokens, 0)
+        raise ValueError(f"question has {len(asked)} tokens but at most {fit} fit: the model has {max_positions} "
+                         f"positions (max_position_embeddings), the chat template and the image take {fixed} and "
+                         f"the answer (max_new_tokens) {max_new_tokens}; shorten the question or lower max_new_tokens")
     time_position = len(head) + 1
     # Official inference_mmu: offset = len(head) + 2, one past the time token (see module doc).
     positions = torch.tensor([[[time_position + 1, span]]], dtype=torch.long)
-    return Rows(tokens, positions, omni_attention_mask(positions, tokens.shape[1], dtype),
+    return Rows(torch.tensor([tokens], dtype=torch.long), positions, omni_attention_mask(positions, len(tokens), dtype),
                 torch.tensor([time_position], dtype=torch.long))

@@ -23,15 +23,19 @@ from .sequences import Rows, mmu_row, omni_attention_mask
 CACHE_ARGUMENT = "cache" if "cache" in inspect.signature(Qwen2Model.forward).parameters else "past_key_values"
 
 
-def prepare(model, tokenizer, image_latents: torch.Tensor, question: str, embed: Callable | None = None
-            ) -> tuple[Rows, torch.Tensor]:
+def prepare(model, tokenizer, image_latents: torch.Tensor, question: str, embed: Callable | None = None,
+            max_new_tokens: int = 0) -> tuple[Rows, torch.Tensor]:
     """The understanding row and its input embeddings (time token at t = 1, "clean" image), through ``embed``
-    (a compiled ``model.embed``; default: the model's own)."""
+    (a compiled ``model.embed``; default: the model's own).
+
+    The row and ``max_new_tokens`` answer tokens must fit the LLM's ``max_position_embeddings``: a question
+    too long for that is a ValueError naming the limit (see :func:`sequences.mmu_row`)."""
     if image_latents.dim() != 4 or image_latents.shape[0] != 1:
         raise ValueError(f"one image latent (1, c, H, W) is expected, got {tuple(image_latents.shape)}")
     p = model.config.patch_size
     n = (image_latents.shape[-2] // p) * (image_latents.shape[-1] // p)
-    rows = mmu_row(tokenizer, question, n, dtype=model.dtype).to(model.device)
+    rows = mmu_row(tokenizer, question, n, dtype=model.dtype, max_positions=model.config.llm.max_position_embeddings,
+                   max_new_tokens=max_new_tokens).to(model.device)
     t = torch.ones(1, device=model.device)
     embeds, _ = (embed or model.embed)(rows.text_tokens, image_latents.to(model.device), t, rows.time_positions)
     return rows, embeds
@@ -73,7 +77,8 @@ def answer_tokens(
     model, tokenizer, image_latents: torch.Tensor, question: str, max_new_tokens: int = 300, use_cache: bool = True,
     entries: Mapping[str, Callable] | None = None,
 ) -> list[int]:
-    """Greedy answer token ids, stopping at eos (not included) or ``max_new_tokens``.
+    """Greedy answer token ids, stopping at eos (not included) or ``max_new_tokens``; a question for which the
+    image, the chat template and ``max_new_tokens`` answer tokens do not fit the LLM's positions is a ValueError.
 
     ``entries`` replaces :func:`prefill`, :func:`decode_step` and ``model.embed`` by name (``"prefill"``,
     ``"decode"``, ``"embed"``: compiled ones, as :meth:`Showo2.compile_tasks` returns them); a name it lacks
@@ -82,7 +87,7 @@ def answer_tokens(
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
     entries = entries or {}
-    rows, embeds = prepare(model, tokenizer, image_latents, question, entries.get("embed"))
+    rows, embeds = prepare(model, tokenizer, image_latents, question, entries.get("embed"), max_new_tokens)
     prefill_fn = entries.get("prefill", prefill)
     decode_fn = entries.get("decode", decode_step)
     out: list[int] = []
