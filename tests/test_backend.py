@@ -98,8 +98,13 @@ def test_a_plan_for_other_weights_is_a_plan_error_by_name_before_any_weight_move
                              options={"passes": ["prune_channels"], "plan": given, "lowering": "eager"})
         with pytest.raises(PlanError, match=r"weight l_self_modules_showo_.*layers_modules_1_.*v_proj.* is none of"):
             fast(*t2i_inputs(changed, tokenizer))
-        with pytest.raises(PlanError, match=r"weights showo.model.layers.1.self_attn.v_proj.weight differ"):
-            changed.compile_tasks("flashu", {"passes": ["prune_channels"], "plan": given, "lowering": "eager"})
+    # compile_tasks checks a Plan against the whole model at the call; a saved plan's path, in the graphs.
+    with pytest.raises(PlanError, match=r"weights showo.model.layers.1.self_attn.v_proj.weight differ"):
+        changed.compile_tasks("flashu", {"passes": ["prune_channels"], "plan": plan, "lowering": "eager"})
+    torch._dynamo.reset()
+    compiled = changed.compile_tasks("flashu", {"passes": ["prune_channels"], "plan": path, "lowering": "eager"})
+    with pytest.raises(PlanError, match=r"v_proj.* is none of its weights"):
+        compiled.generate_images("a red circle", steps=2, progress=False)
     assert all(torch.equal(v, changed.state_dict()[k]) for k, v in before.items())  # no FFN was permuted
 
 

@@ -160,14 +160,10 @@ class Showo2(nn.Module):
             return CompiledShowo2(self, compiled)
         # The sampler applies the guidance schedule; the graphs read the rest.
         opts = FlashUOptions.from_dict(options)
-        if opts.plan is not None:
-            # Checked against the whole model here, at the call, before any graph compiles or weight moves: each
-            # graph can only check the weights it reads.
-            from ...calibrate import Plan
-
-            plan = opts.plan if isinstance(opts.plan, Plan) else Plan.load(opts.plan)
-            plan.verify_model(self)
-            options = {**options, "plan": plan}
+        if hasattr(opts.plan, "verify_model"):
+            # A Plan is checked against the whole model here, at the call, before any graph compiles or weight
+            # moves (each graph checks only the weights it reads; a saved plan's path is checked by them all).
+            opts.plan.verify_model(self)
 
         def entry_options(name: str, task: str | None) -> dict:
             # Each entry gets the passes that act on its graphs, so none is reported as not applying: the image +
