@@ -163,7 +163,7 @@ def _compile(gm: torch.fx.GraphModule, example_inputs: list, options: Any) -> Ca
     passes = build_pass_list(opts, task)
     phased = task == "t2i" and opts.hybrid_tau > 0 and any(REGISTRY[name].hybrid for name, _ in passes)
     # Layers are measured only where some will be skipped: int(L * skip_ratio) may round to none.
-    skipping = any(name == "layer_skip" for name, _ in passes) and int(len(index.layers) * opts.skip_ratio) > 0
+    skipping = any(REGISTRY[name].skips_layers for name, _ in passes) and int(len(index.layers) * opts.skip_ratio) > 0
     controller = Controller(task, StepRules.from_options(opts), num_layers=len(index.layers) if skipping else 0,
                             skip_ratio=opts.skip_ratio, phased=phased)
     full = copy_graph(gm) if phased else None

@@ -31,6 +31,9 @@ class PassInfo:
     order: int  # canonical position: passes run by increasing order, whatever order ``passes`` lists them in
     tasks: tuple[str, ...]  # t2i (a denoising step), mmu (an answer's prefill or decode step, or any LLM's forward)
     conflicts: Mapping[str, str]  # another pass -> why the two cannot both be enabled
+    needs_plan: bool = False  # reads the calibration plan (options' ``plan``)
+    decode_steps: bool = True  # rewrites an answer's decode steps too, not only its prefill
+    skips_layers: bool = False  # measures layer importance and skips the least important layers
 
 
 class PassCatalogue(Mapping[str, PassInfo]):
@@ -167,6 +170,11 @@ class FlashUOptions:
         for key, value in options.items():
             values[key] = _coerce(key, value, known[key])
         return cls(**values)
+
+    @property
+    def needs_plan(self) -> bool:
+        """Whether an enabled pass reads the calibration plan."""
+        return any(PASSES[name].needs_plan for name in self.passes)
 
     def replace(self, **changes: Any) -> FlashUOptions:
         return dataclasses.replace(self, **changes)

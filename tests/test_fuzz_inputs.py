@@ -4,6 +4,7 @@ Every outcome is a correct result or a ValueError naming the input (CLI: status 
 ``error:`` line, never a traceback). Models are the tiny preset, run eagerly for a few steps.
 """
 
+import argparse
 import math
 import warnings
 
@@ -100,38 +101,64 @@ def test_the_real_model_serves_or_names_the_argument(tiny, steps, guidance, max_
         assert any("encoded as <unk>" in str(w.message) for w in caught)
 
 
-flag_values = st.one_of(st.sampled_from(["-1", "0", "1", "2", "3", "99", "nan", "inf", "-inf", "1e400", "", " ", "x",
-                                         "passes=null", "skip_ratio=2", "guidance_schedule=[[2.7,1]]", ".", "..",
-                                         "/proc/self/x", "paper", "eager"]),
-                        st.text(max_size=6))
-commands = {
-    "demo": ["--steps", "--guidance", "--seed", "--max-new-tokens", "--upscale", "--out", "--prompt", "--question"],
-    "ask": ["--scene", "--question", "--preset", "--lowering", "--max-new-tokens", "--image"],
-    "calibrate": ["--prune-ratio", "--multiple", "--steps", "--guidance", "--seed", "--samples", "--batch-size",
-                  "--out"],
-    "graph-diff": ["--steps", "--step", "--tolerance", "--seed", "-O", "--preset", "--passes", "--out"],
-    "bench": ["--runs", "--prompts", "--max-new-tokens", "--guidance", "--seed", "--out"],
-}
+def _flags() -> dict[str, list[argparse.Action]]:
+    """Every subcommand's flags, read from the parser itself, so that a new command or flag is fuzzed too."""
+    parser = cli.build_parser()
+    (sub,) = (a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    return {name: [a for a in command._actions if a.option_strings and not isinstance(a, argparse._HelpAction)]
+            for name, command in sub.choices.items()}
+
+
+FLAGS = _flags()
+# Right and wrong values alike: negative, zero, huge and non-finite numbers, unknown names, unusable paths, options.
+flag_values = st.one_of(
+    st.sampled_from(["-1", "0", "1", "2", "3", "7", "99", "0.5", "-0.0", "1000000000000", "1e400", "nan", "inf",
+                     "-inf", "", " ", "x", "bogus", "default", "tiny", "showo2-7b", "paper", "off", "eager",
+                     "inductor", "tensorrt", "t2i", "mmu", "cuda", "float8", ".", "..", "/proc/self/x", "/nonexistent",
+                     "passes=null", "skip_ratio=2", "strict=true", "lowering=tensorrt", "plan=x", "bogus=1",
+                     "guidance_schedule=[[2.7,1]]", "a=paper", "a=off,skip_ratio=2", 'a=off,passes=["magic"]']),
+    st.text(max_size=6))
+
+
+# Numbers of the flag's own type as well, so that most lines get past argparse to the command's own checks.
+typed_values = {int: st.one_of(st.integers(-2, 100), st.sampled_from([10**12, -(2**70)])).map(str),
+                float: st.floats().map(str)}
+
+
+def _stand_in(*args, **kwargs):
+    raise ValueError("stand-in: the checks passed and the work would start now")
 
 
 @st.composite
 def command_lines(draw):
-    command = draw(st.sampled_from(sorted(commands)))
+    command = draw(st.sampled_from(sorted(FLAGS)))
     argv = [command]
-    for flag in draw(st.lists(st.sampled_from(commands[command]), max_size=4)):
-        argv.append(f"{flag}={draw(flag_values)}")
+    required = [a for a in FLAGS[command] if a.required]
+    for action in required + draw(st.lists(st.sampled_from(FLAGS[command]), max_size=5)):
+        flag = max(action.option_strings, key=len)
+        if action.nargs == 0:  # a switch
+            argv.append(flag)
+            continue
+        values = st.one_of(flag_values, *([typed_values[action.type]] if action.type in typed_values else []),
+                           *([st.sampled_from(list(action.choices))] if action.choices else []))
+        if action.nargs in ("+", "*"):
+            argv += [flag, *draw(st.lists(values, min_size=1, max_size=2))]
+        else:
+            argv.append(f"{flag}={draw(values)}")
     return argv
 
 
-@settings(max_examples=80, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(argv=command_lines())
 def test_command_lines_exit_0_or_2_with_an_error_line(argv, capsys):
-    """The model never loads here (a stand-in reports it as a user error), so only the checks before it run."""
-    def load(args):
-        raise ValueError("stand-in: the checks passed and the model would load now")
+    """No command starts its work here (stand-ins for the model load, bench's run and bench-ffn's measurement report
+    a user error), so only the checks before it run: each line ends in an error line and status 2."""
+    from flashu_compile.tools import bench, bench_ffn
 
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(common, "load_model", load)
+        patch.setattr(common, "load_model", _stand_in)
+        patch.setattr(bench.cli, "run_bench", _stand_in)
+        patch.setattr(bench_ffn, "run", _stand_in)
         code = cli.main(argv)
     out, err = capsys.readouterr()
     assert "Traceback" not in out + err

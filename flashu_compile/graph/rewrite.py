@@ -22,7 +22,7 @@ class PassNotApplicable(Exception):
 
 
 class StrictModeError(RuntimeError):
-    """Under ``strict=True``: a pass asked for did not act on a graph, or failed; the message names it and why."""
+    """Under ``strict=True``: a pass asked for does not act on a graph; the message names it and why."""
 
 
 def tag(node: torch.fx.Node, pass_name: str, replaces: str | None = None) -> torch.fx.Node:

@@ -92,6 +92,6 @@ def describe(node: torch.fx.Node, request: DescribeContext) -> Described | None:
 
 
 SPEC = register(PassSpec(
-    NAME, layer_skip, order=40, tasks=("t2i", "mmu"), hybrid=True, describe=describe,
+    NAME, layer_skip, order=40, tasks=("t2i", "mmu"), hybrid=True, describe=describe, skips_layers=True,
     writes=GUARD_REGION,
     bench_row=BenchRow("skip", NAME)))

@@ -116,9 +116,9 @@ class PassManager:
                 if isinstance(error, PassNotApplicable):
                     self.not_applicable(name, str(error), time.perf_counter() - start, cause=error)
                 else:
-                    why = f"failed with {type(error).__name__}: {error}"
                     if self.strict:
-                        raise StrictModeError(f"flashu pass {name!r} {why}") from error
+                        raise  # a pass's own bug, as it is: its type and traceback say most
+                    why = f"failed with {type(error).__name__}: {error}"
                     warnings.warn(f"flashu pass {name!r} {why}; the graph continues without it", stacklevel=2)
                     self.records.append(PassRecord(name, False, time.perf_counter() - start, {}, why))
                 if observer is not None:

@@ -71,6 +71,9 @@ class PassSpec:
     hybrid: bool = False  # approximate in a denoising graph: the final hybrid_tau calls run the unrewritten graph
     describe: Describe | None = None
     bench_row: BenchRow | None = None
+    needs_plan: bool = False  # reads the calibration plan: the tools load or calibrate one when it is enabled
+    decode_steps: bool = True  # False: rewrites an answer's prefill only (compile_tasks leaves it off the decode step)
+    skips_layers: bool = False  # the backend measures layer importance for it (where int(L x skip_ratio) > 0)
 
 
 # Pass name -> spec, in canonical order.
@@ -90,7 +93,8 @@ def register(spec: PassSpec) -> PassSpec:
     unknown = sorted(set(spec.conflicts) - {*REGISTRY, spec.name} - set(PASSES))
     if unknown:
         raise ValueError(f"pass {spec.name!r} conflicts with unregistered pass(es) {unknown}")
-    PASSES.declare(PassInfo(spec.name, spec.order, spec.tasks, spec.conflicts))
+    PASSES.declare(PassInfo(spec.name, spec.order, spec.tasks, spec.conflicts, spec.needs_plan, spec.decode_steps,
+                            spec.skips_layers))
     REGISTRY[spec.name] = spec
     ordered = sorted(REGISTRY.values(), key=lambda s: (s.order, s.name))
     REGISTRY.clear()

@@ -228,10 +228,11 @@ def serving(task: str, *, starts: bool | None = None, time: float | None = None,
     What the call's inputs show: ``time``, a denoising step's flow time, with its ``conditioning``
     (the text rows, attention mask and span positions it was given), or ``starts``, whether the
     call begins a request (a prefill, or a forward without a KV cache) rather than continuing one
-    (a decode step). An explicit request the caller advances is used as it is. An ``auto``
-    request is advanced, and restarted when the inputs show a new request began (an earlier t,
-    or the same t and prompts again); other prompts at a later t inside it are two interleaved
-    requests, an error. With no request open, the call joins the implicit request of its task
+    (a decode step). An explicit request the caller advances is used as it is. Of the open
+    ``auto`` requests, the one holding the call's conditioning serves it (else the innermost): it
+    is advanced, and restarted when the inputs show a new request began (an earlier t, or the same
+    t and prompts again); other prompts at a later t inside one are two interleaved requests, an
+    error. With no request open, the call joins the implicit request of its task
     in this thread that holds its conditioning (or a new one). A request of another task is left
     alone: the program then runs its full network, as it does outside any request.
     """
@@ -241,6 +242,11 @@ def serving(task: str, *, starts: bool | None = None, time: float | None = None,
     elif not req.auto or req.task != task:
         yield req
         return
+    elif conditioning is not None:
+        # Loops each inside their own request context but interleaved (generators) leave the innermost context
+        # current for all of them: a call belongs to the open request that holds its conditioning.
+        req = next((r for r in reversed(_CURRENT.get()) if r.auto and r.task == task
+                    and _rows_relation(r.conditioning, conditioning) is not None), req)
     boundary = _boundary(req, starts, time, conditioning)
     if boundary == "start" and req.step:
         req.restart()

@@ -10,17 +10,18 @@ and the same model, preset and plan: Torch-TensorRT then loads the engines inste
 
 from __future__ import annotations
 
+import argparse
 import json
-import sys
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
 from ..backends import tensorrt
 from ..backends.trt_cache import ENV_VAR, engine_entries
-from ..options import PRESETS, TRT_PRECISIONS, FlashUOptions
+from ..files import write_atomic
+from ..options import PRESETS, TRT_PRECISIONS
+from ..validate import MAX_STEPS, check_int, check_text
 from . import common
-from .common import model_args
+from .common import check_output, model_args
 
 
 def _recording(fn: Callable, keys: list[str]) -> Callable:
@@ -35,24 +36,26 @@ def _recording(fn: Callable, keys: list[str]) -> Callable:
     return run
 
 
-def cmd_build_trt(args) -> int:
+def cmd_build_trt(args: argparse.Namespace) -> int:
     import torch
 
     from ..models.showo2 import understanding
     from ..models.showo2.sampling import generate_latents
     from .bench import load_plan
 
-    reason = tensorrt.tensorrt_unavailable_reason()
-    if reason is not None:  # before loading or calibrating anything; a missing library is the user's to install
-        print(f"flashu-compile build-trt: error: TensorRT engines cannot be built on this machine: {reason}",
-              file=sys.stderr)
-        return 2
-    out = Path(args.out)
+    # Every argument, and whether TensorRT runs here at all, before loading or calibrating anything.
+    check_int("--steps", args.steps, 2, MAX_STEPS)
+    check_text("--prompt", args.prompt)
+    check_text("--question", args.question)
+    check_int("--max-new-tokens", args.max_new_tokens, 1)
+    out = check_output("--out", args.out, folder=True)
+    common.check_plan("--plan", args.plan)
     engines = out / "engines"
-    model = common.load_model(args).to("cuda")
     options: dict[str, Any] = {"preset": args.preset, "lowering": "tensorrt", "trt_cache_dir": str(engines),
                                "trt_precision": args.precision}
-    if "prune_channels" in FlashUOptions.from_dict(options).passes:
+    checked = common.flashu_options(options)
+    model = common.load_model(args).to("cuda")
+    if checked.needs_plan:
         options["plan"] = load_plan(args, model)
     compiled = model.compile_tasks("flashu", options)
     used: dict[str, list[str]] = {name: [] for name in compiled.entries}
@@ -68,7 +71,7 @@ def cmd_build_trt(args) -> int:
         "engine_entries": sorted(engine_entries(engines)), "entry_points": used,
     }
     out.mkdir(parents=True, exist_ok=True)
-    (out / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
+    write_atomic(out / "manifest.json", lambda tmp: tmp.write_text(json.dumps(manifest, indent=2) + "\n"))
     count = len(manifest["engine_entries"])
     print(f"{count} TensorRT engines in {engines} -> {out / 'manifest.json'}; serve with {ENV_VAR}={engines}")
     return 0

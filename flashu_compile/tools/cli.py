@@ -13,14 +13,15 @@ import torch
 from huggingface_hub.errors import StrictDataclassError
 
 from flashu_compile.files import write_atomic
+from flashu_compile.graph.rewrite import StrictModeError
 from flashu_compile.tools import common
 from flashu_compile.tools.common import check_output, model_args
 from flashu_compile.validate import MAX_GUIDANCE, MAX_SEED, MAX_STEPS, check_float, check_int, check_text
 
 # What a user's input can cause: bad values (ValueError, with PlanError and CheckpointError), unusable paths
-# (OSError), and a transformers config that rejects a value of a checkpoint's sub-config files. Anything else is
-# a bug and keeps its traceback.
-USER_ERRORS = (ValueError, OSError, StrictDataclassError)
+# (OSError), a transformers config that rejects a value of a checkpoint's sub-config files, and strict=True
+# refusing a configuration whose pass does not apply. Anything else is a bug and keeps its traceback.
+USER_ERRORS = (ValueError, OSError, StrictDataclassError, StrictModeError)
 
 
 def _save_grid(images: torch.Tensor, path: Path, upscale: int) -> None:
@@ -47,6 +48,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     check_float("--guidance", args.guidance, 0.0, MAX_GUIDANCE)
     check_int("--seed", args.seed, 0, MAX_SEED)
     check_int("--upscale", args.upscale, 1, 64)
+    check_int("--max-new-tokens", args.max_new_tokens, 1)  # its upper bound is the loaded model's
     out = check_output("--out", args.out, folder=True)
     torch.manual_seed(args.seed)
     t0 = time.perf_counter()
@@ -73,9 +75,11 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 def _read_image(path: str) -> torch.Tensor:
-    """(3, H, W) in [0, 1] from an image file, with a clear error for anything unreadable."""
-    import numpy as np
+    """(3, H, W) in [0, 1] from an image file, with a clear error for anything unreadable; the pixels are read by
+    the model's own rules (:func:`flashu_compile.models.showo2.images.to_pixels`)."""
     from PIL import Image, UnidentifiedImageError
+
+    from flashu_compile.models.showo2.images import to_pixels
 
     if not Path(path).is_file():
         raise FileNotFoundError(f"no image at {path}")
@@ -84,22 +88,22 @@ def _read_image(path: str) -> torch.Tensor:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             with Image.open(path) as image:
-                pixels = np.asarray(image.convert("RGB"), dtype=np.float32) / 255.0
+                return to_pixels(image)
     except (UnidentifiedImageError, OSError, Image.DecompressionBombError, Image.DecompressionBombWarning) as err:
         raise ValueError(f"{path} is not a readable image: {err}") from None
-    return torch.from_numpy(pixels).permute(2, 0, 1)
 
 
 def cmd_ask(args: argparse.Namespace) -> int:
-    from flashu_compile.options import FlashUOptions
     from flashu_compile.scenes.dataset import make_split, to_tensor
     from flashu_compile.tools.bench import load_plan
 
     options = {"preset": args.preset, "lowering": args.lowering}
-    checked = FlashUOptions.from_dict(options)  # a bad preset or lowering fails before the model loads
+    checked = common.flashu_options(options)  # a bad preset or lowering fails before the model loads
     check_int("--scene", args.scene, 0)
     if args.question is not None:
         check_text("--question", args.question)  # an empty question is a mistake, not a request for the default
+    check_int("--max-new-tokens", args.max_new_tokens, 1)  # its upper bound is the loaded model's
+    common.check_plan("--plan", args.plan)
     expected = None
     if args.image:
         image = _read_image(args.image)
@@ -112,7 +116,7 @@ def cmd_ask(args: argparse.Namespace) -> int:
         print(f"image: held-out scene {args.scene}: {scene.caption!r}")
     model = common.load_model(args)
     check_int("--max-new-tokens", args.max_new_tokens, 1, model.config.llm.max_position_embeddings)
-    if "prune_channels" in checked.passes:
+    if checked.needs_plan:
         options["plan"] = load_plan(args, model)
     fast = model.compile_tasks("flashu", options)
     t0 = time.perf_counter()
@@ -163,8 +167,30 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: list[str] | None = None) -> int:
-    """Run one command; a user's mistake is reported as ``error: ...`` with exit status 2, never a traceback."""
+def _reported(err: Exception) -> Exception | None:
+    """The error to show for ``err`` when the user's input caused it, else None (a bug keeps its traceback).
+
+    torch.compile wraps what a backend raises in dynamo's BackendCompilerFailed. The flashu backend lets its own
+    errors through by their types, but not others it meets while compiling (an OSError of a folder it writes), so
+    the wrapped error is judged, and shown, as the backend raised it.
+    """
+    from torch._dynamo.exc import BackendCompilerFailed
+
+    while isinstance(err, BackendCompilerFailed):
+        err = err.inner_exception
+    return err if isinstance(err, USER_ERRORS) else None
+
+
+def _message(err: Exception) -> str:
+    """``err``'s own message: an error that left a compiled frame also carries what dynamo appends after a blank
+    line (where in the user's code, how to see dynamo's stack), advice for a compiler bug, not a user's mistake."""
+    text = str(err)
+    if hasattr(err, "innermost_user_frame_summary"):  # set by dynamo where it appends to the message
+        text = text.split("\n\n", 1)[0].rstrip("\n")
+    return text
+
+
+def _run(argv: list[str] | None) -> int:
     try:
         args = build_parser().parse_args(argv)
     except SystemExit as done:  # argparse's own usage errors (status 2) and --help (status 0), as a return value
@@ -173,9 +199,23 @@ def main(argv: list[str] | None = None) -> int:
     args.command_line = shlex.join(["flashu-compile", *(sys.argv[1:] if argv is None else argv)])
     try:
         return args.func(args)
-    except USER_ERRORS as err:
-        print(f"flashu-compile {args.command}: error: {err}", file=sys.stderr)
+    except Exception as err:
+        reported = _reported(err)
+        if reported is None:
+            raise
+        print(f"flashu-compile {args.command}: error: {_message(reported)}", file=sys.stderr)
         return 2
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run one command; a user's mistake is reported as ``error: ...`` with exit status 2, never a traceback, and
+    Ctrl-C as ``interrupted`` with the shell's status for SIGINT, 130 (every report is written atomically, so an
+    interrupted command leaves none half-written)."""
+    try:
+        return _run(argv)
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

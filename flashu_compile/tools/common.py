@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from ..models.showo2 import Showo2
+    from ..options import FlashUOptions
 
 
 def load_model(args: argparse.Namespace) -> Showo2:
@@ -61,6 +62,31 @@ def check_output(flag: str, value: str, *, folder: bool, whole: bool = False) ->
     except OSError as err:
         raise ValueError(f"{flag} {value!r} is not writable: {err.strerror or err} in {str(parent)!r}") from None
     return path
+
+
+def check_plan(flag: str, value: str | None) -> None:
+    """A saved plan's files, read and checked before the model loads (its fit to the model is checked when it is
+    loaded for the model): a mistyped folder is reported at once, not after the model loaded or calibrated."""
+    if value is None:
+        return
+    from ..calibrate import Plan
+
+    try:
+        Plan.load(value)
+    except ValueError as err:
+        raise ValueError(f"{flag}: {err}") from None
+
+
+def flashu_options(options: dict[str, Any]) -> FlashUOptions:
+    """``options`` checked as :meth:`FlashUOptions.from_dict` checks them, and their lowering runnable here: a
+    missing Torch-TensorRT would otherwise only show once the first graph compiles, after the model loaded."""
+    from ..backends.tensorrt import tensorrt_unavailable_reason
+    from ..options import FlashUOptions
+
+    opts = FlashUOptions.from_dict(options)
+    if opts.lowering == "tensorrt" and (reason := tensorrt_unavailable_reason()) is not None:
+        raise ValueError(f"lowering 'tensorrt' cannot be used on this machine: {reason}")
+    return opts
 
 
 def model_args(p: argparse.ArgumentParser) -> None:

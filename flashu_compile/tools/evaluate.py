@@ -24,6 +24,7 @@ from typing import Any
 
 import torch
 
+from ..files import write_atomic
 from ..options import FlashUOptions
 from ..scenes.dataset import make_split
 from ..scenes.evaluate import BOOTSTRAP_RESAMPLES, compare, evaluate, markdown_tables
@@ -92,7 +93,7 @@ def configurations(args: argparse.Namespace) -> list[tuple[str, dict[str, Any]]]
     for name, options in named:
         options = {**options, "lowering": args.lowering}
         try:
-            FlashUOptions.from_dict(options)
+            common.flashu_options(options)
         except ValueError as err:
             raise ValueError(f"configuration {name!r}: {err}") from None
         configs.append((name, options))
@@ -113,6 +114,7 @@ def check_args(args: argparse.Namespace) -> list[tuple[str, dict[str, Any]]]:
     check_int("--resamples", args.resamples, 100)
     if args.json:
         check_output("--json", args.json, folder=False)
+    common.check_plan("--plan", args.plan)
     make_split("test", max(args.prompts, args.questions), seed=args.seed)  # the split holds enough scenes
     return configurations(args)
 
@@ -127,7 +129,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     print(f"model: {args.model} ({sum(p.numel() for p in model.parameters()) / 1e6:.2f} M parameters); "
           f"{len(configs)} configuration(s), {args.prompts} captions x {args.images_per_prompt} images, "
           f"{args.questions} questions, {args.steps} steps, guidance {guidance:g}, seed {args.seed}")
-    if any("prune_channels" in FlashUOptions.from_dict(options).passes for _, options in configs):
+    if any(FlashUOptions.from_dict(options).needs_plan for _, options in configs):
         plan = load_plan(args, model)
         configs = [(name, {**options, "plan": plan}) for name, options in configs]
     results, seconds = {}, {}
@@ -152,9 +154,10 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
                         for k, v in options.items()} for name, options in configs}
         report = {"command": args.command_line, "machine": machine, "guidance": guidance, "configurations": shown,
                   "seconds": seconds, "comparison": comparison, "results": results}
+        text = json.dumps(report, indent=1, default=str)
         path = Path(args.json)
         path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(report, indent=1, default=str))
+        write_atomic(path, lambda tmp: tmp.write_text(text))
         print(f"-> {path}")
     return 0
 

@@ -1,5 +1,7 @@
 """token_drop against a hand-written eager prefill that drops the same tokens."""
 
+import warnings
+
 import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
@@ -10,8 +12,9 @@ from flashu_compile.models.showo2 import Showo2
 from flashu_compile.models.showo2.understanding import answer_tokens, prefill, prepare
 from flashu_compile.passes.manager import observe_passes
 from flashu_compile.runtime import FlopTally
+from flashu_compile.runtime.flops import call_counted
 from tests.conftest import small_config
-from tests.passes.reference import assert_close_rel, reference_answer
+from tests.passes.reference import assert_close_rel, reference_answer, reference_token_drop_prefill
 
 QUESTION = "what colour is the circle?"
 
@@ -83,6 +86,128 @@ def test_prompts_of_different_lengths_drop_on_the_symbolic_prefill_and_equal_the
     # One static prefill graph for the first length, one symbolic graph for every later length.
     assert len(sequences) == 2 and sequences[0].split()[0].isdigit(), sequences
     assert not sequences[1].split()[0].isdigit(), sequences
+
+
+LAYER, RATIO = 0, 0.5
+DROP = {"passes": ["token_drop"], "lowering": "eager", "token_drop_layer": LAYER, "token_drop_ratio": RATIO}
+LONG_QUESTION = " ".join(["what colour is the circle left of the blue square"] * 8) + "?"
+
+
+@pytest.fixture(scope="module")
+def model(tokenizer):
+    return Showo2.random(small_config(num_layers=3), seed=2).attach(tokenizer=tokenizer)
+
+
+def _rows(model, tokenizer, question, seeds=(0,), size=None):
+    """Prefill inputs (embeds, mask, image positions) of ``question`` about one image per seed, one row each;
+    ``size``: the latent's (H, W), whose patches are the image tokens (default: the model's)."""
+    c, (h, w) = model.config.image_latent_dim, size or model.config.latent_size
+    rows = [prepare(model, tokenizer, torch.randn(1, c, h, w, generator=torch.Generator().manual_seed(s)), question)
+            for s in seeds]
+    return (torch.cat([e for _, e in rows]), torch.cat([r.attention_mask for r, _ in rows]),
+            torch.cat([r.image_positions() for r, _ in rows]))
+
+
+def _full_flops(model, embeds, mask, length):
+    """FLOPs of the eager prefill, without dropping, of the first ``length`` positions of every row."""
+    with torch.no_grad(), FlopTally() as tally:
+        call_counted(prefill, model, embeds[:, :length], mask[..., :length, :length],
+                     DynamicCache(config=model.config.llm))
+    return tally.total
+
+
+def _assert_drops(model, fast, embeds, mask, positions):
+    """``fast`` (a compiled prefill) drops int(RATIO * N) image tokens of every row after layer LAYER, without
+    any pass warning: its logits and caches are the eager reference's, row by row, and its FLOPs those of the
+    layers after LAYER on the survivors."""
+    cache = DynamicCache(config=model.config.llm)
+    with torch.no_grad(), FlopTally() as tally, warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        logits = fast(model, embeds, mask, cache, positions)
+    assert not [str(w.message) for w in caught if "flashu pass" in str(w.message)]
+    for row in range(embeds.shape[0]):
+        want_cache = DynamicCache(config=model.config.llm)
+        want = reference_token_drop_prefill(model, embeds[row:row + 1], mask[row:row + 1], positions[row:row + 1],
+                                            want_cache, LAYER, RATIO)
+        assert_close_rel(logits[row:row + 1], want)
+        for got_layer, want_layer in zip(cache.layers, want_cache.layers, strict=True):
+            torch.testing.assert_close(got_layer.keys[row:row + 1], want_layer.keys)
+    depth, seq = len(cache.layers), embeds.shape[1]
+    kept = seq - int(positions.shape[1] * RATIO)
+    assert [lay.keys.shape[2] for lay in cache.layers] == [seq] * (LAYER + 1) + [kept] * (depth - 1 - LAYER)
+    # Only matmuls and attention count, per layer, and the head reads the last position either way: layers up
+    # to LAYER cost what they cost on every token, the later ones what they cost on the survivors.
+    assert depth * tally.total == ((LAYER + 1) * _full_flops(model, embeds, mask, seq)
+                                   + (depth - 1 - LAYER) * _full_flops(model, embeds, mask, kept))
+
+
+def _sequences():
+    """Record the ``sequence`` stat of every graph token_drop rewrites (a list of "S -> S'")."""
+    seen = []
+
+    def record(name, when, gm, context, result):
+        if name == "token_drop" and when == "after":
+            seen.append(result.stats.get("sequence"))
+    return seen, observe_passes(record)
+
+
+def test_static_length_drops(model, tokenizer):
+    torch._dynamo.reset()
+    fast = torch.compile(prefill, backend="flashu", options=DROP)
+    seen, observing = _sequences()
+    with observing:
+        _assert_drops(model, fast, *_rows(model, tokenizer, QUESTION))
+    assert len(seen) == 1 and seen[0].split()[0].isdigit(), seen
+
+
+def test_symbolic_length_drops_for_every_later_question(model, tokenizer):
+    """A second question length makes dynamo trace a symbolic sequence length; the third reuses that graph."""
+    torch._dynamo.reset()
+    fast = torch.compile(prefill, backend="flashu", options=DROP)
+    seen, observing = _sequences()
+    with observing:
+        for question in (QUESTION, "what is left of the red square?", "what colour is the triangle right of two?"):
+            _assert_drops(model, fast, *_rows(model, tokenizer, question))
+    assert len(seen) == 2 and seen[0].split()[0].isdigit() and not seen[1].split()[0].isdigit(), seen
+
+
+def test_dynamic_graph_drops_for_every_question_and_image_size(model, tokenizer):
+    """dynamic=True: the sequence length and the image's token count N are symbolic, and so is int(rho * N).
+    One graph serves every call: the pass adds no guard that would specialize it to the first N."""
+    torch._dynamo.reset()
+    fast = torch.compile(prefill, backend="flashu", options=DROP, dynamic=True)
+    seen, observing = _sequences()
+    with observing:
+        for question, size in ((QUESTION, None), ("what is left of the red square?", (6, 8)),
+                               ("what colour is the triangle right of two?", (4, 6))):
+            _assert_drops(model, fast, *_rows(model, tokenizer, question, size=size))
+    assert len(seen) == 1 and "int(0.5 * " in seen[0], seen
+
+
+@pytest.mark.parametrize("seeds", [(0, 1), (0, 1, 2)], ids=["batch 2", "batch 3"])
+def test_a_batch_drops_each_rows_own_tokens(model, tokenizer, seeds):
+    """Rows of different images drop different positions; each row equals its own single-row reference."""
+    torch._dynamo.reset()
+    fast = torch.compile(prefill, backend="flashu", options=DROP)
+    _assert_drops(model, fast, *_rows(model, tokenizer, QUESTION, seeds))
+
+
+def test_a_batch_of_symbolic_size_drops(model, tokenizer):
+    """A second batch size makes dynamo trace a symbolic batch; that graph drops too."""
+    torch._dynamo.reset()
+    fast = torch.compile(prefill, backend="flashu", options=DROP)
+    seen, observing = _sequences()
+    with observing:
+        for seeds in ((0, 1), (0, 1, 2), (3, 4, 5, 6)):
+            _assert_drops(model, fast, *_rows(model, tokenizer, QUESTION, seeds))
+    assert len(seen) == 2, seen  # batch 2's graph, then one with a symbolic batch for 3 and 4
+
+
+@pytest.mark.parametrize("question", ["what?", LONG_QUESTION], ids=["short", "long"])
+def test_short_and_long_questions_drop(model, tokenizer, question):
+    torch._dynamo.reset()
+    fast = torch.compile(prefill, backend="flashu", options=DROP)
+    _assert_drops(model, fast, *_rows(model, tokenizer, question))
 
 
 def test_dropping_changes_the_prefill_it_is_not_a_no_op(small_model, tokenizer):

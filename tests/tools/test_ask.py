@@ -1,9 +1,13 @@
 """``flashu-compile ask``: answers through the flashu backend, clear errors for bad input."""
 
+import sys
+
+import pytest
 import torch
 
 from flashu_compile.models.showo2 import Showo2
 from flashu_compile.scenes.dataset import make_split, to_tensor
+from flashu_compile.tools import common
 from flashu_compile.tools.cli import main
 
 
@@ -30,3 +34,18 @@ def test_ask_reports_a_missing_or_unreadable_image(tmp_path, capsys):
 def test_ask_rejects_an_unknown_preset_before_loading(capsys):
     assert main(["ask", "--preset", "fastest"]) == 2
     assert "option 'preset' must be one of" in capsys.readouterr().err
+
+
+def test_ask_names_a_missing_torch_tensorrt_before_loading(monkeypatch, capsys):
+    monkeypatch.setitem(sys.modules, "torch_tensorrt", None)  # `import torch_tensorrt` fails, installed or not
+    monkeypatch.setattr(common, "load_model", lambda args: pytest.fail("the model loaded"))
+    assert main(["ask", "--lowering", "tensorrt"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("flashu-compile ask: error: lowering 'tensorrt' cannot be used on this machine: ")
+    assert "torch-tensorrt is not installed" in err and "Traceback" not in err
+
+
+def test_ask_checks_its_plan_before_loading(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(common, "load_model", lambda args: pytest.fail("the model loaded"))
+    assert main(["ask", "--plan", str(tmp_path / "nope")]) == 2
+    assert "error: --plan: plan directory" in capsys.readouterr().err

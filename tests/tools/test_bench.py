@@ -2,6 +2,7 @@
 
 import json
 import os
+from pathlib import Path
 
 import pytest
 import torch
@@ -281,3 +282,33 @@ def test_profile_compile_flag_reaches_the_harness(monkeypatch, tokenizer, tmp_pa
         args = _bench_args(*flag, "--out", str(tmp_path), "--only", "inductor 50", "--prompts", "1")
         assert bench.run_bench(args, torch.device("cpu"), torch.float32) == []
         assert seen["profile_compile"] is expected
+
+
+@pytest.mark.parametrize("error, status", [(OSError(28, "No space left on device"), 2), (KeyboardInterrupt(), 130)])
+def test_reports_cut_short_leave_no_partial_file(results, error, status, monkeypatch, tmp_path, write_fails_midway,
+                                                capsys):
+    """bench.json stops halfway (a full disk, Ctrl-C): the previous bench.json stays, and no half of the new one."""
+    from flashu_compile.tools import bench
+    from flashu_compile.tools.cli import main
+
+    (tmp_path / "bench.json").write_text('{"previous": "run"}')
+    monkeypatch.setattr(bench.cli, "run_bench", lambda *a: results)
+    write_fails_midway("bench.json", error)
+    assert main(["bench", "--out", str(tmp_path), "--no-progress"]) == status
+    assert "Traceback" not in capsys.readouterr().err
+    assert (tmp_path / "bench.json").read_text() == '{"previous": "run"}'
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bench.json", "bench.md"]  # no temporary file left
+
+
+def test_chart_is_written_whole(results, monkeypatch, tmp_path):
+    """The chart goes through the same atomic writer: a failing savefig leaves no bench.png and no temporary file."""
+    import matplotlib.figure
+
+    def savefig(self, path, **kwargs):
+        Path(path).write_bytes(b"\x89PNG half")
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(matplotlib.figure.Figure, "savefig", savefig)
+    with pytest.raises(OSError):
+        write(results, tmp_path, "m", "c")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bench.json", "bench.md"]

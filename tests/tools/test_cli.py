@@ -1,4 +1,5 @@
-"""``flashu-compile``: every bad input is ``error: ...`` with exit status 2, before any expensive work."""
+"""``flashu-compile``: every bad input is ``error: ...`` with exit status 2, before any expensive work; Ctrl-C is
+``interrupted`` with status 130."""
 
 import json
 import os
@@ -104,3 +105,47 @@ def test_usage_errors_and_help_return_instead_of_exiting(capsys):
     assert main(["demo", "--steps", "many"]) == 2
     assert "invalid int value" in capsys.readouterr().err
     assert main(["--help"]) == 0
+
+
+def _interrupt(*args, **kwargs):
+    raise KeyboardInterrupt
+
+
+@pytest.mark.parametrize("argv", [
+    ["demo", "--out", "{tmp}/out"],
+    ["ask"],
+    ["calibrate", "--out", "{tmp}/out"],
+    ["graph-diff", "--out", "{tmp}/out"],
+    ["bench", "--out", "{tmp}/out"],
+    ["bench-ffn"],
+    ["build-trt", "--out", "{tmp}/out"],
+    ["evaluate", "--json", "{tmp}/out"],
+], ids=lambda argv: argv[0])
+def test_ctrl_c_in_any_command_is_one_line_and_status_130(argv, tmp_path, monkeypatch, capsys):
+    """Ctrl-C where the work starts (the model load; bench-ffn's measurement): no traceback, nothing written."""
+    from flashu_compile.backends import tensorrt
+    from flashu_compile.tools import bench_ffn
+
+    monkeypatch.setattr(common, "load_model", _interrupt)
+    monkeypatch.setattr(bench_ffn, "run", _interrupt)
+    monkeypatch.setattr(tensorrt, "tensorrt_unavailable_reason", lambda: None)  # build-trt gets as far as the load
+    assert main([arg.format(tmp=tmp_path) for arg in argv]) == 130
+    assert capsys.readouterr().err == "interrupted\n"
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_compile_error_is_shown_as_the_backend_raised_it(monkeypatch, capsys):
+    """dynamo wraps what a backend raises; a user's error inside is reported by its own message, a bug is not."""
+    from torch._dynamo.exc import BackendCompilerFailed
+
+    def compile_fails(error: Exception):
+        def load(args):
+            raise BackendCompilerFailed(lambda: None, error, None)
+        return load
+
+    monkeypatch.setattr(common, "load_model", compile_fails(OSError("debug_dir /x is read-only")))
+    assert main(["demo"]) == 2
+    assert capsys.readouterr().err == "flashu-compile demo: error: debug_dir /x is read-only\n"
+    monkeypatch.setattr(common, "load_model", compile_fails(KeyError("a bug")))
+    with pytest.raises(BackendCompilerFailed):
+        main(["demo"])

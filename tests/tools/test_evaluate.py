@@ -2,10 +2,12 @@
 
 import json
 import re
+import sys
 
 import pytest
 
 from flashu_compile.tools import common
+from flashu_compile.tools import evaluate as evaluate_tool
 from flashu_compile.tools.cli import build_parser, main
 from flashu_compile.tools.evaluate import configurations, parse_config, split_top_level
 
@@ -97,3 +99,47 @@ def test_a_small_run_end_to_end(tmp_path, capsys):
                                                 "lowering": "eager"}
     for scores in comparison["scores"].values():
         assert all(0 <= s["low"] <= s["value"] <= s["high"] <= 1 for s in scores.values())
+
+
+SMALL = ["--prompts", "1", "--images-per-prompt", "1", "--questions", "1", "--steps", "3", "--no-progress",
+         "--resamples", "100"]
+
+
+def test_strict_mode_names_the_pass_that_does_not_apply(tmp_path, capsys):
+    """strict=True raises inside torch.compile; the command reports it as a user's error, and writes nothing."""
+    out = tmp_path / "eval.json"
+    # On the embedded model's 4 layers, layer_skip's default ratio 0.2 skips no layer.
+    argv = ["evaluate", *SMALL, "--config", 'skip=off,passes=["layer_skip"],strict=true', "--json", str(out)]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert err == ("flashu-compile evaluate: error: flashu pass 'layer_skip' does not apply: "
+                   "int(4 layers x skip_ratio 0.2) skips no layer\n"), err
+    assert not out.exists()
+
+
+def test_a_tensorrt_lowering_needs_torch_tensorrt_before_the_model_loads(no_model, monkeypatch, capsys):
+    monkeypatch.setitem(sys.modules, "torch_tensorrt", None)  # `import torch_tensorrt` fails, installed or not
+    assert main(["evaluate", "--lowering", "tensorrt"]) == 2
+    assert ("error: configuration 'off': lowering 'tensorrt' cannot be used on this machine: torch-tensorrt is not "
+            "installed") in capsys.readouterr().err
+
+
+def test_ctrl_c_while_scoring_leaves_no_report(tmp_path, monkeypatch, capsys):
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    out = tmp_path / "eval.json"
+    monkeypatch.setattr(evaluate_tool, "evaluate", interrupted)
+    assert main(["evaluate", *SMALL, "--config", "off=off", "--json", str(out)]) == 130
+    assert capsys.readouterr().err == "interrupted\n"
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("error, status", [(OSError(28, "No space left on device"), 2), (KeyboardInterrupt(), 130)])
+def test_a_report_cut_short_leaves_the_previous_one(error, status, tmp_path, write_fails_midway, capsys):
+    out = tmp_path / "eval.json"
+    out.write_text('{"previous": "report"}')
+    write_fails_midway("eval.json", error)
+    assert main(["evaluate", *SMALL, "--config", "off=off", "--json", str(out)]) == status
+    assert "Traceback" not in capsys.readouterr().err
+    assert out.read_text() == '{"previous": "report"}' and [p.name for p in tmp_path.iterdir()] == ["eval.json"]

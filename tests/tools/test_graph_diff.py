@@ -283,3 +283,17 @@ def test_cli_writes_json(tmp_path, capsys):
     jsonschema.validate(report, json.loads(SCHEMA_PATH.read_text()), cls=jsonschema.Draft202012Validator)
     (graph,) = report["graphs"]
     assert [p["name"] for p in graph["passes"]] == ["layer_skip"] and report["options"]["lowering"] == "eager"
+
+
+@pytest.mark.parametrize("error, status", [(OSError(28, "No space left on device"), 2), (KeyboardInterrupt(), 130)])
+def test_cli_cut_short_leaves_the_previous_report(error, status, tmp_path, write_fails_midway, capsys):
+    """--out is replaced whole or not at all: a full disk or Ctrl-C while writing never leaves half a report."""
+    out = tmp_path / "diff.json"
+    out.write_text('{"previous": "report"}')
+    write_fails_midway("diff.json", error)
+    assert main(["graph-diff", "--model", "tiny", "--passes", "layer_skip", "--format", "json", "--out",
+                 str(out)]) == status
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and err.endswith("error: [Errno 28] No space left on device\n" if status == 2
+                                                   else "\ninterrupted\n")
+    assert out.read_text() == '{"previous": "report"}' and [p.name for p in tmp_path.iterdir()] == ["diff.json"]

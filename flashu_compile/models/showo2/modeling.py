@@ -17,7 +17,7 @@ from torch import nn
 from transformers import Qwen2ForCausalLM
 from transformers.models.siglip.modeling_siglip import SiglipEncoder
 
-from ...options import PASS_TASKS, FlashUOptions
+from ...options import PASSES, FlashUOptions
 from .checkpoint import load_showo2, save_showo2
 from .compiled import CompiledShowo2
 from .configuration import Showo2Config, preset
@@ -168,7 +168,8 @@ class Showo2(nn.Module):
         def entry_options(name: str, task: str | None) -> dict:
             # Each entry gets the passes that act on its graphs, so none is reported as not applying: the image +
             # question embedding (the vision encoder) has nothing they rewrite, and a decode step no image tokens.
-            passes = [p for p in opts.passes if task in PASS_TASKS[p] and not (name == "decode" and p == "token_drop")]
+            passes = [p for p in opts.passes
+                      if task in PASSES[p].tasks and (name != "decode" or PASSES[p].decode_steps)]
             return {**(options or {}), "passes": passes, **({"task": task} if task else {})}
 
         return CompiledShowo2(self, {name: torch.compile(fn, backend="flashu", options=entry_options(name, task),

@@ -17,15 +17,21 @@ DESCRIPTION = ("``flashu-compile bench``: speed, FLOPs, memory and fidelity of e
 
 def check_args(args) -> tuple[torch.device, torch.dtype]:
     """Every argument of ``bench`` checked before any work; returns the device and dtype."""
+    from ...scenes.dataset import make_split
     from ...validate import MAX_GUIDANCE, MAX_SEED, check_float, check_int
-    from ..common import check_output
+    from ..common import check_output, check_plan
 
     check_int("--runs", args.runs, 1)
     check_int("--prompts", args.prompts, 1)
     check_int("--max-new-tokens", args.max_new_tokens, 1)
     check_float("--guidance", args.guidance, 0.0, MAX_GUIDANCE)
     check_int("--seed", args.seed, 0, MAX_SEED)
+    try:
+        make_split("test", args.prompts + 1, seed=args.seed)
+    except ValueError as err:
+        raise ValueError(f"--prompts {args.prompts} and the question's scene: {err}") from None
     check_output("--out", args.out, folder=True)
+    check_plan("--plan", args.plan)
     if args.dtype not in DTYPES:  # argparse's choices say so on the command line; this guards direct callers
         raise ValueError(f"--dtype must be one of {list(DTYPES)}, got {args.dtype!r}")
     if args.only:

@@ -7,6 +7,7 @@ import statistics
 from dataclasses import asdict
 from pathlib import Path
 
+from ...files import write_atomic
 from .rows import Result
 from .stats import _baselines, off_vs_inductor, speedups, technique_savings
 
@@ -107,7 +108,8 @@ def draw_models(results: dict[str, list[Result]], path: Path) -> None:
         plot(axes, rows, f"{model}: " if model else "")
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
+    # The format is named: the temporary file's name has no .png for matplotlib to go by.
+    write_atomic(path, lambda tmp: fig.savefig(tmp, dpi=110, format="png"))
     plt.close(fig)
 
 
@@ -140,8 +142,9 @@ def summary(results: list[Result], machine: str, command: str) -> dict:
 def write(results: list[Result], out: Path, machine: str, command: str) -> str:
     out.mkdir(parents=True, exist_ok=True)
     table = markdown(results, machine, command)
-    (out / "bench.md").write_text(table + "\n")
-    (out / "bench.json").write_text(json.dumps(summary(results, machine, command), indent=2) + "\n")
+    payload = json.dumps(summary(results, machine, command), indent=2) + "\n"
+    write_atomic(out / "bench.md", lambda tmp: tmp.write_text(table + "\n"))
+    write_atomic(out / "bench.json", lambda tmp: tmp.write_text(payload))
     try:
         draw(results, out / "bench.png")
     except ImportError as err:  # the table and JSON are the product; the chart needs matplotlib

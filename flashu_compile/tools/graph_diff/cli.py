@@ -11,8 +11,9 @@ from typing import Any
 import torch
 
 from ...backend import build_pass_list
+from ...files import write_atomic
 from ...options import FlashUOptions
-from ...validate import MAX_SEED, MAX_STEPS, check_float, check_int
+from ...validate import MAX_SEED, MAX_STEPS, check_float, check_int, check_text
 from .. import common
 from ..common import check_output, model_args, parse_option
 from .capture import graph_diff, to_json
@@ -25,8 +26,11 @@ def cmd_graph_diff(args: argparse.Namespace) -> int:
     check_int("--step", args.step, 1, steps - 1)  # a model call of the request: steps - 1 of them
     check_float("--tolerance", args.tolerance, 0.0, low_open=True)
     check_int("--seed", args.seed, 0, MAX_SEED)
+    check_text("--prompt", args.prompt)
+    check_text("--question", args.question)
     if args.out:
         check_output("--out", args.out, folder=False)
+    common.check_plan("--plan", args.plan)
     options: dict[str, Any] = {"preset": args.preset, "task": args.task}
     if args.passes is not None:
         options["passes"] = args.passes
@@ -39,7 +43,7 @@ def cmd_graph_diff(args: argparse.Namespace) -> int:
     print(f"model: {args.model} ({sum(p.numel() for p in model.parameters()) / 1e6:.2f} M parameters)", file=log)
     if args.plan:
         options["plan"] = args.plan
-    elif "prune_channels" in opts.passes:
+    elif opts.needs_plan:
         from ...calibrate import calibrate
 
         t0 = time.perf_counter()
@@ -58,7 +62,7 @@ def cmd_graph_diff(args: argparse.Namespace) -> int:
         text = render_terminal(diff, title, color=color)
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(text)
+        write_atomic(Path(args.out), lambda tmp: tmp.write_text(text))
         print(f"-> {args.out}", file=log)
     else:
         print(text)
