@@ -15,7 +15,7 @@ from typing import Any
 import torch
 
 from .backends import lower
-from .backends.registry import lowering_for
+from .backends.lowerings import lowering_for
 from .backends.segmented import LazyLowered
 from .backends.specialized import Specializations
 from .graph import build_index
@@ -183,7 +183,7 @@ def _compile(gm: torch.fx.GraphModule, example_inputs: list, options: Any) -> Ca
     with phase("lowering graph"):
         compiled = lower(gm, example_inputs, lowering)
     specialized = Specializations(rewritten, lowering, opts.decode_graphs, compiled) if rewritten else None
-    # The program holds its controller: guard nodes only name it by id (a weak registry).
+    # The program holds its controller: guard nodes only name it by id (a weak map of ids).
     return PhasedProgram(controller, compiled,
                          LazyLowered(full, lowering, example_inputs) if full is not None else None, specialized,
                          timestep=timestep, conditioning=conditioning,

@@ -14,10 +14,11 @@ from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, fields
 from typing import Any
 
+from .runtime.request import TASKS
 from .runtime.schedule import GuidanceSchedule, RelativeSchedule, check_guidance_schedule
 from .validate import check_float, check_int
 
-TASKS = ("auto", "t2i", "mmu")
+TASK_CHOICES = ("auto", *TASKS)  # option 'task': "auto" lets the backend infer a graph's task from its structure
 LOWERINGS = ("inductor", "eager", "tensorrt")
 TOKEN_DROP_ORDERS = ("highest", "lowest")
 TRT_PRECISIONS = ("explicit", "bf16", "fp16")  # explicit: the graph's own dtypes
@@ -52,9 +53,9 @@ class PassCatalogue(Mapping[str, PassInfo]):
     def declare(self, info: PassInfo) -> None:
         if info.name in self._infos:
             raise ValueError(f"pass {info.name!r} is declared twice")
-        unknown = sorted(set(info.tasks) - set(TASKS[1:]))
+        unknown = sorted(set(info.tasks) - set(TASKS))
         if not info.tasks or unknown:
-            raise ValueError(f"pass {info.name!r}: tasks must be some of {list(TASKS[1:])}, got {list(info.tasks)}")
+            raise ValueError(f"pass {info.name!r}: tasks must be some of {list(TASKS)}, got {list(info.tasks)}")
         self._infos[info.name] = info
         self._infos = dict(sorted(self._infos.items(), key=lambda item: (item[1].order, item[0])))
 
@@ -127,7 +128,7 @@ class FlashUOptions:
     preset: str = "off"
 
     def __post_init__(self) -> None:
-        _choice("task", self.task, TASKS)
+        _choice("task", self.task, TASK_CHOICES)
         _choice("lowering", self.lowering, LOWERINGS)
         _choice("token_drop_order", self.token_drop_order, TOKEN_DROP_ORDERS)
         _choice("step_semantics", self.step_semantics, ("project", "flashu-reference"))
@@ -255,5 +256,5 @@ PRESETS: dict[str, dict[str, Any]] = {
              "guidance_schedule": FAST_GUIDANCE},
 }
 
-__all__ = ["FAST_GUIDANCE", "LOWERINGS", "PAPER_GUIDANCE", "PASSES", "PASS_TASKS", "PRESETS", "TASKS", "FlashUOptions",
-           "PassCatalogue", "PassInfo"]
+__all__ = ["FAST_GUIDANCE", "LOWERINGS", "PAPER_GUIDANCE", "PASSES", "PASS_TASKS", "PRESETS", "TASK_CHOICES", "TASKS",
+           "FlashUOptions", "PassCatalogue", "PassInfo"]

@@ -99,3 +99,15 @@ def test_no_package_imports_a_higher_or_sibling_layer():
     back = sorted(f"{a} ({unit(a)}) imports {b} ({unit(b)})" for a, b in import_graph().edges
                   if unit(a) != unit(b) and layer[unit(a)] <= layer[unit(b)])
     assert not back, "imports against the layer order:\n" + "\n".join(back)
+
+
+def test_loading_the_backend_imports_neither_transformers_nor_the_model():
+    """Dynamo loads the ``flashu`` backend by its entry point: that must not cost the model's imports."""
+    import subprocess
+    import sys
+
+    probe = ("import sys, flashu_compile.backend; "
+             "print(sorted(m for m in sys.modules if m == 'transformers' or m.startswith('flashu_compile.models') "
+             "or m.startswith('flashu_compile.calibrate')))")
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]", out

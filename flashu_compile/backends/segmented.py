@@ -24,12 +24,12 @@ from ..graph.compat import FakeTensor, TracingContext, detect_fake_mode, fuse_as
 from ..graph.rewrite import copy_graph, has_guards, is_symbolic
 from ..runtime.compile_profile import phase, piece_kind
 from ..runtime.guards import GUARDS
-from .registry import Lowering, lower_unguarded
+from .lowerings import Lowering, lower_unguarded
 
 
 def lower(gm: torch.fx.GraphModule, example_inputs: list, lowering: Lowering) -> Callable:
     """Lower ``gm``: a graph with guards becomes a SegmentedProgram of lowered pieces, any other graph is
-    lowered whole (see :func:`registry.lower_unguarded` for what ``lowering`` may be)."""
+    lowered whole (see :func:`lowerings.lower_unguarded` for what ``lowering`` may be)."""
     if has_guards(gm):
         # Guards read per-step state in Python; only the segments between them are compiled.
         return SegmentedProgram(gm, lowering, example_inputs)

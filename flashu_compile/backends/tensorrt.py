@@ -28,9 +28,11 @@ recording stand-in (tests/backends/test_tensorrt_contract.py) and the API of Tor
 
 from __future__ import annotations
 
+import contextlib
 import operator
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextvars import ContextVar
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -298,14 +300,28 @@ class TensorRTProgram:
 
 # Programs compiled in this process, by key (see trt_cache): identical graphs are compiled once.
 PROGRAMS: dict[str, Callable] = {}
-LOWERED: list[str] = []  # the key of every graph lowered in this process, in order (tools record from it)
+# While a tool records (lowered_keys), the key of every graph lowered, in order; None otherwise, so nothing
+# accumulates in a process that does not ask.
+_LOWERED: ContextVar[list[str] | None] = ContextVar("flashu_trt_lowered", default=None)
+
+
+@contextlib.contextmanager
+def lowered_keys() -> Iterator[list[str]]:
+    """The keys (see trt_cache) of the TensorRT programs lowered inside, compiled or shared with a twin, in order."""
+    keys: list[str] = []
+    token = _LOWERED.set(keys)
+    try:
+        yield keys
+    finally:
+        _LOWERED.reset(token)
 
 
 def _compile(prepared: Prepared, example_inputs: list, settings: TensorRTSettings) -> tuple[Callable, str]:
     import torch_tensorrt
 
     key = cache_key(graph_hash(prepared.gm, prepared.ranges), asdict(settings) | {"compile": settings.compile_kwargs()})
-    LOWERED.append(key)
+    if (recording := _LOWERED.get()) is not None:
+        recording.append(key)
     if key in PROGRAMS:
         return PROGRAMS[key], key
     kept = [x for i, x in enumerate(pytree.tree_leaves(example_inputs)) if i not in prepared.dropped]

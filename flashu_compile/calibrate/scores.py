@@ -16,9 +16,9 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from ..runtime.request import TASKS
 from .plan import Plan, decoder_layers, keep_count
 
-TASKS = ("t2i", "mmu")
 DEFAULT_SAMPLES = 8
 
 

@@ -28,9 +28,9 @@ def _recording(fn: Callable, keys: list[str]) -> Callable:
     """``fn``, noting into ``keys`` the TensorRT programs its calls lower (compiled, or shared with a twin)."""
 
     def run(*args: Any, **kwargs: Any) -> Any:
-        start = len(tensorrt.LOWERED)
-        out = fn(*args, **kwargs)
-        keys.extend(k for k in tensorrt.LOWERED[start:] if k not in keys)
+        with tensorrt.lowered_keys() as lowered:
+            out = fn(*args, **kwargs)
+        keys.extend(k for k in lowered if k not in keys)
         return out
 
     return run

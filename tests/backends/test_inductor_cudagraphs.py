@@ -9,7 +9,7 @@ from torch._subclasses.fake_tensor import FakeTensorMode
 
 from flashu_compile.backends import inductor
 from flashu_compile.backends.inductor import InductorSettings, copied_outputs, lower_inductor
-from flashu_compile.backends.registry import lowering_for
+from flashu_compile.backends.lowerings import lowering_for
 from flashu_compile.options import FlashUOptions
 
 

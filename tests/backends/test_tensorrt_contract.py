@@ -18,7 +18,7 @@ import torch
 import torch.fx
 
 from flashu_compile.backends import lower, tensorrt
-from flashu_compile.backends.registry import lowering_for
+from flashu_compile.backends.lowerings import lowering_for
 from flashu_compile.backends.tensorrt import PRECISIONS, TensorRTProgram, TensorRTSettings, lower_tensorrt
 from flashu_compile.options import TRT_PRECISIONS, FlashUOptions
 from flashu_compile.runtime.markers import MARK_VISUAL, mark_visual

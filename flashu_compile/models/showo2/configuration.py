@@ -347,7 +347,7 @@ def custom_config(
     )
 
 
-PRESETS = {
+SIZE_PRESETS = {
     "showo2-1.5b": _showo2_1_5b,
     "showo2-7b": _showo2_7b,
     "tiny": _tiny,
@@ -358,7 +358,7 @@ PRESETS = {
 def preset(name: str) -> Showo2Config:
     """A named configuration preset (a fresh object each call)."""
     try:
-        factory = PRESETS[name]
+        factory = SIZE_PRESETS[name]
     except KeyError:
-        raise ValueError(f"unknown Show-o2 preset {name!r}; choose one of {sorted(PRESETS)}") from None
+        raise ValueError(f"unknown Show-o2 preset {name!r}; choose one of {sorted(SIZE_PRESETS)}") from None
     return factory()

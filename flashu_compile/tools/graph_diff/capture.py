@@ -29,7 +29,7 @@ from .report import GraphDiff, GraphReport, PassDiff
 
 
 @dataclass
-class _Snapshot:
+class _Stage:
     gm: torch.fx.GraphModule
     view: list[ViewNode]
     record: PassRecord | None = None  # None for the captured graph
@@ -38,7 +38,7 @@ class _Snapshot:
 @dataclass
 class _Capture:
     inputs: list
-    snapshots: list[_Snapshot] = field(default_factory=list)
+    snapshots: list[_Stage] = field(default_factory=list)
     task: str | None = None
     names: dict[str, dict] = field(default_factory=dict)  # node name -> origin, as the running pass saw them
     program: Callable | None = None
@@ -52,7 +52,7 @@ class _Capture:
         stamp_new(gm, name, self.names)
         # Later passes erase nodes of the live graph; outlined regions never change once made, so copies share them.
         copy = copy_graph(gm)
-        self.snapshots.append(_Snapshot(copy, flatten(copy), record))
+        self.snapshots.append(_Stage(copy, flatten(copy), record))
 
 
 def graph_diff(fn: Callable, example_inputs: Sequence, options: dict[str, Any] | FlashUOptions | None = None, *,
@@ -74,7 +74,7 @@ def graph_diff(fn: Callable, example_inputs: Sequence, options: dict[str, Any] |
     def capture(gm: torch.fx.GraphModule, inputs: list) -> Callable:
         stamp_captured(gm)
         copy = copy_graph(gm)
-        taken = _Capture(list(inputs), [_Snapshot(copy, flatten(copy))])
+        taken = _Capture(list(inputs), [_Stage(copy, flatten(copy))])
         captures.append(taken)
         with observe_passes(taken.observe):
             taken.program = flashu_backend(gm, inputs, opts)

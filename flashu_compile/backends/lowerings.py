@@ -10,11 +10,10 @@ from typing import Any
 
 import torch
 
+from ..options import LOWERINGS
 from . import inductor
 from .inductor import InductorSettings
 from .tensorrt import TensorRTSettings, lower_tensorrt
-
-LOWERINGS = ("inductor", "eager", "tensorrt")
 
 # A lowering's name, or the settings standing for "tensorrt" or "inductor" with those settings.
 Lowering = str | TensorRTSettings | InductorSettings
