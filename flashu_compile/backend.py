@@ -8,6 +8,7 @@ after dynamo loaded the entry point) cannot collide with the registry.
 
 from __future__ import annotations
 
+import logging
 import warnings
 from collections.abc import Callable
 from typing import Any
@@ -114,6 +115,8 @@ def _load_plan(plan: Any):
     return plan if isinstance(plan, Plan) else Plan.load(plan)
 
 
+logger = logging.getLogger(__name__)
+
 # The library's own errors: bad options or plans (ValueError, PlanError among them) and strict mode's.
 _USER_ERRORS = (ValueError, StrictModeError)
 _SURFACED: dict[type, type] = {}
@@ -158,9 +161,13 @@ def _compile(gm: torch.fx.GraphModule, example_inputs: list, options: Any) -> Ca
             raise StrictModeError(f"flashu cannot rewrite this graph: {index.report()}")
         # A graph the index does not understand is lowered unchanged rather than guessed at.
         warnings.warn(f"flashu passes skipped for this graph, {index.report()}", stacklevel=2)
+        logger.info("passes skipped for a graph of %d nodes: %s", len(gm.graph.nodes), index.report())
         return counted(lower(gm, example_inputs, lowering))
     task = opts.task if opts.task != "auto" else ("t2i" if index.head_blocks else "mmu")
     passes = build_pass_list(opts, task)
+    logger.debug("graph of %d nodes: task %s, %d decoder layers, %d flow-head blocks, passes %s, lowering %s",
+                 len(gm.graph.nodes), task, len(index.layers), len(index.head_blocks), [n for n, _ in passes],
+                 opts.lowering)
     phased = task == "t2i" and opts.hybrid_tau > 0 and any(REGISTRY[name].hybrid for name, _ in passes)
     # Layers are measured only where some will be skipped: int(L * skip_ratio) may round to none.
     skipping = any(REGISTRY[name].skips_layers for name, _ in passes) and int(len(index.layers) * opts.skip_ratio) > 0

@@ -8,6 +8,7 @@ what changed and how long it took, so graph-diff and the benchmarks can report p
 from __future__ import annotations
 
 import contextlib
+import logging
 import time
 import warnings
 from collections.abc import Callable, Iterator
@@ -53,6 +54,9 @@ class PassRecord:
     skipped_reason: str | None = None
 
 
+# What each pass did (debug) and what was skipped and why (info); ``logging.getLogger("flashu_compile")`` controls it.
+logger = logging.getLogger(__name__)
+
 # (pass name, "before" | "after", the live graph, context, record or None) -> None. Set only by graph-diff,
 # which must see the exact graphs a compilation produces without a second copy of the pipeline.
 PassObserver = Callable[[str, str, torch.fx.GraphModule, Any, PassRecord | None], None]
@@ -95,6 +99,7 @@ class PassManager:
         if self.strict:
             raise StrictModeError(f"flashu pass {name!r} does not apply: {why}") from cause
         warnings.warn(f"flashu pass {name!r} skipped: {why}", stacklevel=3)
+        logger.info("pass %s skipped: %s", name, why)
         self.records.append(PassRecord(name, False, seconds, {}, why))
 
     def run(self, gm: torch.fx.GraphModule, context: Any, options: Any) -> torch.fx.GraphModule:
@@ -120,6 +125,7 @@ class PassManager:
                         raise  # a pass's own bug, as it is: its type and traceback say most
                     why = f"failed with {type(error).__name__}: {error}"
                     warnings.warn(f"flashu pass {name!r} {why}; the graph continues without it", stacklevel=2)
+                    logger.info("pass %s skipped: %s", name, why)
                     self.records.append(PassRecord(name, False, time.perf_counter() - start, {}, why))
                 if observer is not None:
                     observer(name, "after", gm, context, self.records[-1])
@@ -128,6 +134,8 @@ class PassManager:
                 gm.graph.lint()
                 gm.recompile()
             self.records.append(PassRecord(name, result.changed, time.perf_counter() - start, result.stats))
+            logger.debug("pass %s %s in %.3f s: %s", name, "rewrote the graph" if result.changed else "changed nothing",
+                          self.records[-1].seconds, result.stats)
             self._dump(gm, step, name, "after")
             if observer is not None:
                 observer(name, "after", gm, context, self.records[-1])

@@ -146,3 +146,23 @@ def test_failing_pass_in_a_compiled_program_runs_it_unrewritten(monkeypatch, sma
         with pytest.raises(IndexError, match="pass bug"):  # dynamo re-raises the backend's own error
             torch.compile(small_model.denoise, backend="flashu", options={**options, "strict": True})(*args)
     torch._dynamo.reset()
+
+
+def test_what_each_pass_did_and_skipped_is_logged(caplog):
+    import logging
+    import re
+
+    def acts(gm, ctx, opts):
+        return PassResult(False, {"seen": 1})
+
+    def declines(gm, ctx, opts):
+        raise PassNotApplicable("nothing to do here")
+
+    gm = torch.fx.symbolic_trace(torch.nn.Linear(2, 2))
+    with caplog.at_level(logging.DEBUG, logger="flashu_compile"), pytest.warns(UserWarning, match="nothing to do"):
+        PassManager([("acts", acts), ("declines", declines)]).run(gm, None, None)
+    said = [(r.levelno, r.getMessage()) for r in caplog.records if r.name == "flashu_compile.passes.manager"]
+    assert len(said) == 2
+    assert said[0][0] == logging.DEBUG and re.fullmatch(r"pass acts changed nothing in [\d.]+ s: \{'seen': 1\}",
+                                                        said[0][1])
+    assert said[1] == (logging.INFO, "pass declines skipped: nothing to do here")
