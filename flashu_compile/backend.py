@@ -9,7 +9,6 @@ after dynamo loaded the entry point) cannot collide with the registry.
 from __future__ import annotations
 
 import logging
-import warnings
 from collections.abc import Callable
 from typing import Any
 
@@ -34,6 +33,7 @@ from .runtime.guards import Controller, full_phase
 from .runtime.request import current_request, serving
 from .runtime.schedule import StepRules
 from .runtime.timeline import CallWatch, recording
+from .validate import warn_user
 
 
 def build_pass_list(options: FlashUOptions, task: str | None = None) -> list[tuple[str, Pass]]:
@@ -74,10 +74,9 @@ class PhasedProgram:
         if task == "t2i" and self.timestep is None and current_request() is None:
             if not self.warned_ambiguous:
                 self.warned_ambiguous = True
-                warnings.warn("flashu: this denoising graph's flow time t was not found among its inputs, so its "
+                warn_user("flashu: this denoising graph's flow time t was not found among its inputs, so its "
                               "calls cannot be told apart into requests; run the loop inside "
-                              "flashu_compile.request('t2i', calls=N). Until then it runs the full network",
-                              stacklevel=2)
+                              "flashu_compile.request('t2i', calls=N). Until then it runs the full network")
             return call_counted(self.rewritten, *args)
         time = conditioning = None
         if task == "t2i" and self.timestep is not None:
@@ -160,7 +159,7 @@ def _compile(gm: torch.fx.GraphModule, example_inputs: list, options: Any) -> Ca
         if opts.strict:
             raise StrictModeError(f"flashu cannot rewrite this graph: {index.report()}")
         # A graph the index does not understand is lowered unchanged rather than guessed at.
-        warnings.warn(f"flashu passes skipped for this graph, {index.report()}", stacklevel=2)
+        warn_user(f"flashu passes skipped for this graph, {index.report()}")
         logger.info("passes skipped for a graph of %d nodes: %s", len(gm.graph.nodes), index.report())
         return counted(lower(gm, example_inputs, lowering))
     task = opts.task if opts.task != "auto" else ("t2i" if index.head_blocks else "mmu")

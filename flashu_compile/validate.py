@@ -1,4 +1,5 @@
-"""One set of checks for every number a user hands the public API or the command line.
+"""One set of checks for every number a user hands the public API or the command line, and the one
+way the package warns a user (:func:`warn_user`).
 
 Each check returns the value as a plain Python ``int`` or ``float`` (numpy scalars are
 numbers too) or raises a ``ValueError`` that names the argument and quotes the value. Booleans
@@ -9,9 +10,14 @@ so neither is coerced. Floats must be finite: NaN fails every comparison, so a c
 
 from __future__ import annotations
 
+import contextlib
+import importlib.util
 import math
 import numbers
+import sys
+import warnings
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 # Ranges of the sampler's knobs, far beyond any useful value (the official guidance is 1-10, the shift 3,
@@ -93,3 +99,23 @@ def check_text(name: str, value: Any) -> str:
 
 __all__ = ["MAX_GUIDANCE", "MAX_SEED", "MAX_SHIFT", "MAX_STEPS", "check_float", "check_int", "check_schedule",
            "check_text"]
+
+
+def _package_dir(name: str) -> str | None:
+    spec = importlib.util.find_spec(name)  # finds without importing
+    return str(Path(spec.origin).parent) if spec is not None and spec.origin else None
+
+
+# Code that stands between a user's line and a warning: this package, torch (dynamo's frames), transformers
+# (generate()), contextlib (request contexts).
+_INTERNAL = (*(f"{d}/" for d in (str(Path(__file__).parent), _package_dir("torch"), _package_dir("transformers")) if d),
+             contextlib.__file__)
+
+
+def warn_user(message: str, category: type[Warning] = UserWarning) -> None:
+    """``warnings.warn`` attributed to the user's line that led here: the first caller outside this package,
+    torch, transformers and contextlib. The default filter then shows it once per line of the user's code."""
+    frame, level = sys._getframe(1), 2
+    while frame.f_back is not None and frame.f_code.co_filename.startswith(_INTERNAL):
+        frame, level = frame.f_back, level + 1
+    warnings.warn(message, category, stacklevel=level)

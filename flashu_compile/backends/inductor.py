@@ -14,7 +14,6 @@ in their weights, which are inputs) within one.
 
 from __future__ import annotations
 
-import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -23,6 +22,7 @@ import torch
 from torch.utils import _pytree as pytree
 
 from ..graph.compat import FakeTensorMode, ShapeEnv, TracingContext, detect_fake_mode, tracing
+from ..validate import warn_user
 
 
 @dataclass(frozen=True)
@@ -58,8 +58,8 @@ def lower_inductor(gm: torch.fx.GraphModule, example_inputs: list, settings: Ind
     from torch._inductor.compile_fx import compile_fx
 
     if settings is not None and settings.cudagraphs and not on_cuda(example_inputs):
-        warnings.warn("flashu: option cudagraphs=True is ignored for a graph whose inputs are not on a CUDA device "
-                      "(CUDA graphs need a GPU); Inductor compiles it without them", stacklevel=2)
+        warn_user("flashu: option cudagraphs=True is ignored for a graph whose inputs are not on a CUDA device "
+                      "(CUDA graphs need a GPU); Inductor compiles it without them")
         settings = None
     patches = settings.config_patches() if settings is not None else {}
     if detect_fake_mode(pytree.tree_leaves(example_inputs)) is not None:

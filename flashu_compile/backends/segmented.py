@@ -12,7 +12,6 @@ and whatever they assume about the symbols becomes one of dynamo's guards on the
 
 from __future__ import annotations
 
-import warnings
 from collections.abc import Callable
 from typing import Any
 
@@ -24,6 +23,7 @@ from ..graph.compat import FakeTensor, TracingContext, detect_fake_mode, fuse_as
 from ..graph.rewrite import copy_graph, has_guards, is_symbolic
 from ..runtime.compile_profile import phase, piece_kind
 from ..runtime.guards import GUARDS
+from ..validate import warn_user
 from .lowerings import Lowering, lower_unguarded
 
 
@@ -85,8 +85,8 @@ def _compile_or_run_eagerly(program: Any, compile_now: Callable[[], None], what:
     try:
         compile_now()
     except Exception as error:
-        warnings.warn(f"compiling {what} with symbolic sizes failed ({type(error).__name__}: {error}); "
-                      f"{they} eagerly", stacklevel=3)
+        warn_user(f"compiling {what} with symbolic sizes failed ({type(error).__name__}: {error}); "
+                      f"{they} eagerly")
         program.fall_back_to_eager()
 
 

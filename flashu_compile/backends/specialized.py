@@ -9,7 +9,6 @@ does not fit recompiles rather than computing something wrong.
 
 from __future__ import annotations
 
-import warnings
 from collections import OrderedDict
 from collections.abc import Callable
 from typing import Any
@@ -18,6 +17,7 @@ import torch
 
 from ..graph.specialize import resolve_layer_guards
 from ..runtime.compile_profile import phase
+from ..validate import warn_user
 from .segmented import lower
 
 
@@ -65,8 +65,8 @@ class _FirstCallFallback:
             out = self.fn(*args)
         except Exception as error:  # any compile failure has the same remedy
             cause = getattr(error, "inner_exception", None) or error  # dynamo wraps the lowering's own error
-            warnings.warn(f"compiling the decode graph specialized on skip set {sorted(self.skip)} failed "
-                          f"({type(cause).__name__}: {cause}); the guarded graph runs", stacklevel=2)
+            warn_user(f"compiling the decode graph specialized on skip set {sorted(self.skip)} failed "
+                          f"({type(cause).__name__}: {cause}); the guarded graph runs")
             self.fn = self.guarded
             out = self.fn(*args)
         self.tried = True

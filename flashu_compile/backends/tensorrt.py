@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import contextlib
 import operator
-import warnings
 from collections.abc import Callable, Iterator
 from contextvars import ContextVar
 from dataclasses import asdict, dataclass
@@ -46,6 +45,7 @@ from torch._subclasses.fake_tensor import FakeTensor, unset_fake_temporarily
 
 from ..graph.rewrite import copy_graph, is_symbolic
 from ..runtime.markers import MARK_VISUAL
+from ..validate import warn_user
 from .trt_cache import attribute, cache_key, default_root, graph_hash
 
 # Marker op -> the index of the argument it passes through unchanged.
@@ -354,8 +354,7 @@ def lower_tensorrt(gm: torch.fx.GraphModule, example_inputs: list,
         prepared = prepare(gm, example_inputs, settings.max_size)
         module, key = _compile(prepared, example_inputs, settings)
     except Exception as error:  # any failure has the same remedy: this graph runs without TensorRT
-        warnings.warn(f"TensorRT cannot lower this graph ({type(error).__name__}: {error}); it runs with Inductor",
-                      stacklevel=2)
+        warn_user(f"TensorRT cannot lower this graph ({type(error).__name__}: {error}); it runs with Inductor")
         from .inductor import lower_inductor
 
         return lower_inductor(gm, example_inputs)

@@ -10,7 +10,6 @@ from __future__ import annotations
 import contextlib
 import logging
 import time
-import warnings
 from collections.abc import Callable, Iterator
 from contextvars import ContextVar
 from dataclasses import dataclass, field
@@ -24,6 +23,7 @@ from ..graph.rewrite import PROVENANCE_KEY as PROVENANCE_KEY
 from ..graph.rewrite import PassNotApplicable, StrictModeError
 from ..graph.rewrite import tag as tag
 from ..graph.structure import StructureIndex
+from ..validate import warn_user
 
 
 @dataclass
@@ -98,7 +98,7 @@ class PassManager:
         """A pass that was asked for does not act on this graph: one warning saying why (strict: an error)."""
         if self.strict:
             raise StrictModeError(f"flashu pass {name!r} does not apply: {why}") from cause
-        warnings.warn(f"flashu pass {name!r} skipped: {why}", stacklevel=3)
+        warn_user(f"flashu pass {name!r} skipped: {why}")
         logger.info("pass %s skipped: %s", name, why)
         self.records.append(PassRecord(name, False, seconds, {}, why))
 
@@ -124,7 +124,7 @@ class PassManager:
                     if self.strict:
                         raise  # a pass's own bug, as it is: its type and traceback say most
                     why = f"failed with {type(error).__name__}: {error}"
-                    warnings.warn(f"flashu pass {name!r} {why}; the graph continues without it", stacklevel=2)
+                    warn_user(f"flashu pass {name!r} {why}; the graph continues without it")
                     logger.info("pass %s skipped: %s", name, why)
                     self.records.append(PassRecord(name, False, time.perf_counter() - start, {}, why))
                 if observer is not None:

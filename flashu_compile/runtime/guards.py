@@ -11,13 +11,13 @@ logic in one place.
 from __future__ import annotations
 
 import itertools
-import warnings
 import weakref
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
+from ..validate import warn_user
 from .request import current_request
 from .schedule import REFERENCE, StepRules
 
@@ -78,10 +78,10 @@ class Controller:
         st.step = step
         if self.phased and calls is None and not self.warned_unknown_length:
             self.warned_unknown_length = True
-            warnings.warn(f"flashu: the final full-network phase (hybrid_tau={self.rules.hybrid_tau}) counts back from "
+            warn_user(f"flashu: the final full-network phase (hybrid_tau={self.rules.hybrid_tau}) counts back from "
                           f"the end of a request, and nothing in this loop's inputs says how many calls it makes; run "
                           f"it inside flashu_compile.request({self.task!r}, calls=N), or set hybrid_tau=0. Until then "
-                          f"its requests run without that phase", stacklevel=4)
+                          f"its requests run without that phase")
         full = self.phased and calls is not None and self.rules.full_phase(step, calls)
         if full != st.full:
             st.memo.clear()  # the head cache belongs to one phase

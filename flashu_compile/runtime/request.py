@@ -25,13 +25,14 @@ from __future__ import annotations
 
 import contextlib
 import threading
-import warnings
 from collections.abc import Iterator
 from contextvars import ContextVar
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
 import torch
+
+from ..validate import warn_user
 
 TASKS = ("t2i", "mmu")
 # How one program call relates to the calls before it: the first of a request, the first of a new
@@ -63,7 +64,9 @@ class Request:
     def advance(self) -> int:
         """Move to the next model call and return its 1-based index."""
         if self.calls is not None and self.step >= self.calls:
-            raise RuntimeError(f"request already made its {self.calls} model calls")
+            raise RuntimeError(f"this is model call {self.step + 1} of a request declared with calls={self.calls}: "
+                               "calls counts model calls (a text-to-image loop over S grid points makes S - 1; an "
+                               "answer of T tokens makes T); declare the number the loop makes")
         self.step += 1
         return self.step
 
@@ -113,6 +116,11 @@ def request(task: str, calls: int | None = None, *, auto: bool = False) -> Itera
         raise RuntimeError(f"flashu_compile.request({task!r}) contexts were interleaved: another request was current "
                            "when this one ended, so their model calls were served by each other's state. Finish one "
                            "request's loop before the next begins, or run the loops without a request context")
+    if auto and calls is not None and 0 < req.step < calls:
+        # Fewer calls than declared: the final phase, counted back from the declared end, came late or never.
+        warn_user(f"flashu_compile.request({task!r}, calls={calls}) ended after {req.step} model call(s): calls "
+                  "counts model calls (a text-to-image loop over S grid points makes S - 1), and the final "
+                  f"full-network phase counts back from it; declare calls={req.step}")
 
 
 def auto_request(task: str, calls: int | None = None) -> contextlib.AbstractContextManager[Request]:
@@ -209,9 +217,9 @@ def _boundary(req: Request, starts: bool | None, time: float | None, conditionin
         # drop, so it starts anew; only the request context can say otherwise.
         if not _IMPLICIT.warned_restart:
             _IMPLICIT.warned_restart = True
-            warnings.warn(f"flashu: a denoising call repeated t={time:g} with the same prompts, so it is taken as a "
+            warn_user(f"flashu: a denoising call repeated t={time:g} with the same prompts, so it is taken as a "
                           "new request of the same prompts; if it continues the same request, run the loop inside "
-                          f"flashu_compile.request({req.task!r}, calls=N)", stacklevel=5)
+                          f"flashu_compile.request({req.task!r}, calls=N)")
         boundary = "start"
     else:
         boundary = "step"

@@ -250,6 +250,29 @@ def test_request_contexts_left_out_of_order_are_refused_and_all_closed():
     assert flashu_compile.runtime.current_request() is None
 
 
+def test_a_wrong_call_count_names_the_right_one_at_the_users_line():
+    with pytest.warns(UserWarning, match=r"calls=3\) ended after 2 model call\(s\).*declare calls=2") as caught:
+        with flashu_compile.request("t2i", calls=3):
+            for t in (0.0, 0.5):
+                with serving("t2i", time=t):
+                    pass
+    assert caught[0].filename == __file__  # the user's line, not the library's
+    with flashu_compile.request("t2i", calls=1), pytest.raises(
+            RuntimeError, match=r"model call 2 of a request declared with calls=1: calls counts model calls"):
+        for t in (0.0, 0.5):
+            with serving("t2i", time=t):
+                pass
+
+
+def test_library_warnings_point_at_the_users_line(model):
+    torch._dynamo.reset()
+    end_implicit_requests()
+    denoise = torch.compile(model.denoise, backend="flashu", options={"passes": ["token_drop"], "lowering": "eager"})
+    with pytest.warns(UserWarning, match="flashu pass 'token_drop' skipped") as caught, torch.no_grad():
+        _call(denoise, model, "a red circle", 0.0)
+    assert {w.filename for w in caught if "token_drop" in str(w.message)} == {__file__}
+
+
 # ------------------------------------------------------------------ transformers generate()
 
 def _lm(family):

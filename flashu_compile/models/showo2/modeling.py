@@ -8,7 +8,6 @@ loops over tensor values, so one denoising step or prefill traces into a single 
 from __future__ import annotations
 
 import copy
-import warnings
 from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, Any
 
@@ -18,6 +17,7 @@ from transformers import Qwen2ForCausalLM
 from transformers.models.siglip.modeling_siglip import SiglipEncoder
 
 from ...options import PASSES, FlashUOptions
+from ...validate import warn_user
 from .checkpoint import load_showo2, save_showo2
 from .compiled import CompiledShowo2
 from .configuration import Showo2Config, preset
@@ -122,11 +122,9 @@ class Showo2(nn.Module):
         """The embedded default model shipped with the package, checksum-verified; the seeded ``tiny`` preset
         (with a warning) if none is shipped."""
         if not (WEIGHTS_DIR / "config.json").is_file():
-            warnings.warn(
+            warn_user(
                 f"no trained embedded weights at {WEIGHTS_DIR}; using the randomly initialised 'tiny' preset "
-                "(outputs are not meaningful images or answers)",
-                stacklevel=2,
-            )
+                "(outputs are not meaningful images or answers)")
             return cls.from_preset("tiny")
         verify_checksums(WEIGHTS_DIR)
         return cls.from_pretrained(WEIGHTS_DIR)

@@ -8,7 +8,6 @@ as in the official evaluation scripts (``num_inference_steps`` counts grid point
 from __future__ import annotations
 
 import numbers
-import warnings
 from collections.abc import Callable
 
 import torch
@@ -16,7 +15,7 @@ from tqdm.auto import tqdm
 
 from ...runtime import guidance_scales, request
 from ...runtime.schedule import ignores_guidance
-from ...validate import MAX_GUIDANCE, MAX_SEED, MAX_SHIFT, MAX_STEPS, check_float, check_int
+from ...validate import MAX_GUIDANCE, MAX_SEED, MAX_SHIFT, MAX_STEPS, check_float, check_int, warn_user
 from .sequences import Rows, t2i_rows
 
 DEFAULT_GUIDANCE = 7.5  # the official evaluation scripts' scale
@@ -117,9 +116,9 @@ def generate_latents(
     steps = check_int("steps", steps, 2, MAX_STEPS)
     semantics = options.step_semantics if options is not None else "project"
     if explicit and ignores_guidance(schedule, steps - 1, semantics):
-        warnings.warn(f"guidance={guidance!r} is ignored: the compiled flashu options' absolute guidance_schedule "
+        warn_user(f"guidance={guidance!r} is ignored: the compiled flashu options' absolute guidance_schedule "
                       f"{list(schedule)} sets every step's scale (a relative schedule, {{'relative': [(fraction, "
-                      "multiple), ...]}, scales the request's guidance instead)", stacklevel=2)
+                      "multiple), ...]}, scales the request's guidance instead)")
     shift = check_float("shift", shift, 0.0, MAX_SHIFT, low_open=True)
     seed = check_int("seed", seed, 0, MAX_SEED)
     cfg = model.config

@@ -11,12 +11,11 @@ are evaluated with it.
 from __future__ import annotations
 
 import reprlib
-import warnings
 from dataclasses import dataclass, fields
 
 import torch
 
-from ...validate import check_int
+from ...validate import check_int, warn_user
 from .tokenizer import ASSISTANT_PREFIX, SYSTEM_PROMPT, USER_PREFIX, Showo2Tokenizer
 
 # The official inverted mask is filled with iinfo(int64).min and cast to the model dtype.
@@ -117,8 +116,8 @@ def check_t2i_fits(num_image_tokens: int, max_text_len: int, max_positions: int)
 def _fit(ids: list[int], max_text_len: int, prompt: str) -> list[int]:
     """The prompt's ids within the row's text budget; what does not fit is cut, with a warning."""
     if len(ids) > max_text_len:
-        warnings.warn(f"prompt {reprlib.repr(prompt)} has {len(ids)} tokens but the text budget is {max_text_len}: "
-                      f"its last {len(ids) - max_text_len} token(s) are cut", stacklevel=2)
+        warn_user(f"prompt {reprlib.repr(prompt)} has {len(ids)} tokens but the text budget is {max_text_len}: "
+                      f"its last {len(ids) - max_text_len} token(s) are cut")
     return ids[:max_text_len]
 
 

@@ -10,8 +10,9 @@ from __future__ import annotations
 import os
 import re
 import reprlib
-import warnings
 from typing import Protocol
+
+from ...validate import warn_user
 
 # Roles as the official Qwen2.5 setup assigns them.
 BOS = "<|im_start|>"
@@ -83,8 +84,8 @@ class SceneTokenizer:
                 unknown.append(piece)
             ids.append(self.token_to_id.get(key, self.unk_id))
         if unknown:
-            warnings.warn(f"{len(unknown)} piece(s) of {reprlib.repr(text)} are not in the scenes vocabulary and "
-                          f"are encoded as <unk>: {list(dict.fromkeys(unknown))}", stacklevel=2)
+            warn_user(f"{len(unknown)} piece(s) of {reprlib.repr(text)} are not in the scenes vocabulary and "
+                          f"are encoded as <unk>: {list(dict.fromkeys(unknown))}")
         return ids
 
     def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str:
