@@ -158,8 +158,10 @@ def _compile(gm: torch.fx.GraphModule, example_inputs: list, options: Any) -> Ca
     if not index.applicable:
         if opts.strict:
             raise StrictModeError(f"flashu cannot rewrite this graph: {index.report()}")
-        # A graph the index does not understand is lowered unchanged rather than guessed at.
-        warn_user(f"flashu passes skipped for this graph, {index.report()}")
+        # A graph the index does not understand is lowered unchanged rather than guessed at. A preset compiled over
+        # a whole model meets such graphs by design (an image embedding): the user is told only of passes they named.
+        if not opts.by_preset:
+            warn_user(f"flashu passes skipped for this graph, {index.report()}")
         logger.info("passes skipped for a graph of %d nodes: %s", len(gm.graph.nodes), index.report())
         return counted(lower(gm, example_inputs, lowering))
     task = opts.task if opts.task != "auto" else ("t2i" if index.head_blocks else "mmu")
@@ -180,8 +182,13 @@ def _compile(gm: torch.fx.GraphModule, example_inputs: list, options: Any) -> Ca
                           dump_dir=opts.debug_dir)
     for spec in REGISTRY.values():
         if spec.name in opts.passes and task not in spec.tasks:
-            manager.not_applicable(spec.name, f"it rewrites {' and '.join(spec.tasks)} graphs and this is a {task} "
-                                              f"graph ({'with' if index.head_blocks else 'without'} a flow head)")
+            why = (f"it rewrites {' and '.join(spec.tasks)} graphs and this is a {task} graph "
+                   f"({'with' if index.head_blocks else 'without'} a flow head)")
+            if opts.by_preset and not opts.strict:
+                # A preset spans both tasks by design: each graph gets the passes of its task, without a warning.
+                logger.info("pass %s left out: %s", spec.name, why)
+            else:
+                manager.not_applicable(spec.name, why)
     plan = verify_plan(_load_plan(opts.plan), index, _parameters(gm, example_inputs))
     gm = manager.run(gm, PassContext(index, task, controller, plan), opts)
     # Kept before lowering, which may rewrite the graph it is given.

@@ -173,6 +173,11 @@ class FlashUOptions:
         return cls(**values)
 
     @property
+    def by_preset(self) -> bool:
+        """Whether the passes are a preset's own (not named by the user), which span both tasks by design."""
+        return self.preset != "off" and self.passes == tuple(PRESETS[self.preset]["passes"])
+
+    @property
     def needs_plan(self) -> bool:
         """Whether an enabled pass reads the calibration plan."""
         return any(PASSES[name].needs_plan for name in self.passes)

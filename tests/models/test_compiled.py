@@ -49,3 +49,48 @@ def test_the_compiled_answer_is_the_models(model):
 def test_entries_must_name_every_entry_point(model):
     with pytest.raises(ValueError, match=r"entries must be exactly \['embed', 'denoise', 'prefill', 'decode'\]"):
         CompiledShowo2(model, {"denoise": model.denoise})
+
+
+IMAGE_QUESTION = (torch.rand(3, 32, 32, generator=torch.Generator().manual_seed(1)), "what colour is the circle?")
+CACHED = {"passes": ["head_cache"], "cache_interval": 2, "hybrid_tau": 0, "lowering": "eager"}
+
+
+def test_compiled_in_place_every_step_runs_compiled_and_equals_compile_tasks(tokenizer):
+    """model.compile(backend="flashu", ...), PyTorch's in-place form: the task methods' own calls run compiled."""
+    from torch._dynamo.utils import counters
+
+    from flashu_compile.runtime import FlopTally
+
+    results = {}
+    for name, options in (("off", {"lowering": "eager"}), ("cached", {**CACHED, **SCHEDULE})):
+        model = Showo2.random(small_config(), seed=3).attach(tokenizer=tokenizer)
+        torch._dynamo.reset()
+        counters.clear()
+        model.compile(backend="flashu", options=options)
+        with FlopTally() as tally:
+            images = model.generate_images(["red circle"], steps=6, progress=False)
+        answer = model.answer(*IMAGE_QUESTION, max_new_tokens=3)
+        assert counters["stats"]["unique_graphs"] >= 4  # denoise (per batch size), embed, prefill, decode
+        results[name] = (images, answer, tally.total)
+    torch._dynamo.reset()
+    reference = Showo2.random(small_config(), seed=3).attach(tokenizer=tokenizer)
+    tasks = reference.compile_tasks("flashu", {**CACHED, **SCHEDULE})
+    assert torch.allclose(results["cached"][0], tasks.generate_images(["red circle"], steps=6, progress=False),
+                          rtol=1e-5, atol=1e-6)  # the compile's guidance schedule applies, as compile_tasks'
+    assert results["cached"][1] == tasks.answer(*IMAGE_QUESTION, max_new_tokens=3) == results["off"][1]
+    assert 0 < results["cached"][2] < 0.8 * results["off"][2]  # the head is reused on every other call
+
+
+def test_compile_in_place_checks_its_options_at_the_call(model):
+    with pytest.raises(ValueError, match=r"unknown flashu option\(s\) \['lowerng'\]"):
+        model.compile(backend="flashu", options={"lowerng": "eager"})
+    assert model.compiled_options is None and model._compiled_call_impl is None
+
+
+def test_the_wrapper_form_says_once_that_it_runs_uncompiled(model):
+    wrapper = torch.compile(model, backend="flashu", options={"lowering": "eager"})
+    with pytest.warns(UserWarning, match=r"model.compile\(backend='flashu'") as caught:
+        wrapper.generate_images(["red circle"], steps=3, progress=False)
+        wrapper.answer(*IMAGE_QUESTION, max_new_tokens=2)
+    assert len([w for w in caught if "wrapper" in str(w.message)]) == 1
+    assert caught[0].filename == __file__

@@ -8,6 +8,8 @@ loops over tensor values, so one denoising step or prefill traces into a single 
 from __future__ import annotations
 
 import copy
+import functools
+import gc
 from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, Any
 
@@ -18,6 +20,7 @@ from transformers.models.siglip.modeling_siglip import SiglipEncoder
 
 from ...options import PASSES, FlashUOptions
 from ...validate import warn_user
+from . import understanding
 from .checkpoint import load_showo2, save_showo2
 from .compiled import CompiledShowo2
 from .configuration import Showo2Config, preset
@@ -83,6 +86,9 @@ class Showo2(nn.Module):
         # Set by attach(): what generate_images() / answer() need beyond the network.
         self.tokenizer = None
         self.codec = None
+        # Set by compile(backend="flashu"): the checked options, whose guidance schedule generate_images applies.
+        self.compiled_options: FlashUOptions | None = None
+        self._checked_for_wrapper = False
 
     # ----------------------------------------------------------------- construction helpers
     @classmethod
@@ -139,6 +145,37 @@ class Showo2(nn.Module):
         if codec is not None:
             self.codec = codec
         return self
+
+    def compile(self, *args: Any, **kwargs: Any) -> None:
+        """PyTorch's in-place :meth:`torch.nn.Module.compile`: the model's own calls, which ``generate_images`` and
+        ``answer`` make for every step (see :meth:`forward`), then run compiled.
+
+        With ``backend="flashu"``, the ``options`` (and a Plan among them) are checked here, at the call, and
+        ``generate_images`` applies their guidance schedule. ``torch.compile(model)`` instead returns a wrapper
+        whose other methods run this model uncompiled (their first call says so).
+        """
+        options = FlashUOptions.from_dict(kwargs.get("options")) if kwargs.get("backend") == "flashu" else None
+        if options is not None and hasattr(options.plan, "verify_model"):
+            options.plan.verify_model(self)
+        super().compile(*args, **kwargs)
+        self.compiled_options = options
+
+    def _step(self, name: str) -> Callable:
+        """One step kind of the task methods, through the module itself (compiled if compiled in place)."""
+        self._warn_if_wrapped()
+        return functools.partial(self, step=name)
+
+    def _warn_if_wrapped(self) -> None:
+        """Once per model: say so when ``torch.compile(model)`` wrapped this model, whose task methods the wrapper
+        forwards to this uncompiled model."""
+        if self._checked_for_wrapper or self._compiled_call_impl is not None:
+            return
+        self._checked_for_wrapper = True
+        # The wrapper (dynamo's OptimizedModule) keeps the model as "_orig_mod" in its attribute dicts.
+        if any(isinstance(holder, dict) and holder.get("_orig_mod") is self for holder in gc.get_referrers(self)):
+            warn_user("torch.compile(model) returns a wrapper that compiles only the wrapper's own calls; "
+                      "generate_images and answer run the model uncompiled. Compile the model in place instead: "
+                      "model.compile(backend='flashu', options={...}), then model.generate_images(...)")
 
     def compile_tasks(self, backend: str = "flashu", options: dict | None = None) -> CompiledShowo2:
         """Compile the four hot entry points the task methods use; the model itself is left unchanged.
@@ -301,7 +338,25 @@ class Showo2(nn.Module):
         return image_latents.shape[-2] // p, image_latents.shape[-1] // p
 
     # ----------------------------------------------------------------- entry points
-    def forward(
+    def forward(self, *args: Any, step: str | None = None, **kwargs: Any) -> Any:
+        """Without ``step``, the official semantics (:meth:`logits_and_velocity`). With ``step``, one model call
+        of the task methods: ``"denoise"`` (:meth:`denoise`), ``"embed"`` (:meth:`embed`), ``"prefill"`` and
+        ``"decode"`` (:func:`understanding.prefill`, :func:`understanding.decode_step`).
+
+        ``generate_images`` and ``answer`` make every model call through the module itself, so a model
+        compiled in place (``model.compile(backend="flashu", options=...)``, PyTorch's ``Module.compile``)
+        runs each of them compiled: dynamo traces one graph per step kind.
+        """
+        if step is None:
+            return self.logits_and_velocity(*args, **kwargs)
+        steps = {"denoise": self.denoise, "embed": self.embed,
+                 "prefill": functools.partial(understanding.prefill, self),
+                 "decode": functools.partial(understanding.decode_step, self)}
+        if step not in steps:
+            raise ValueError(f"step must be one of {sorted(steps)} or None, got {step!r}")
+        return steps[step](*args, **kwargs)
+
+    def logits_and_velocity(
         self,
         text_tokens: torch.Tensor,
         image_latents: torch.Tensor | None = None,
@@ -374,6 +429,9 @@ class Showo2(nn.Module):
 
         cfg = self.config
         check_t2i_fits(cfg.num_image_tokens, cfg.max_text_len, cfg.llm.max_position_embeddings)
+        if denoise is None:
+            # The model's own calls: compiled in place, with the compile's guidance schedule unless told otherwise.
+            denoise, options = self._step("denoise"), options if options is not None else self.compiled_options
         latents = generate_latents(self, self._require("tokenizer"), prompts, steps=steps, guidance=guidance,
                                    shift=shift, seed=seed, denoise=denoise, progress=progress,
                                    options=FlashUOptions.from_dict(options) if options is not None else None)
@@ -407,7 +465,8 @@ class Showo2(nn.Module):
         ValueError naming how many tokens fit, not an answer from positions the model does not know.
 
         ``entries`` replaces the ``embed``, ``prefill`` and ``decode`` steps by name (compiled ones; see
-        :class:`compiled.CompiledShowo2`); a name it lacks runs eagerly.
+        :class:`compiled.CompiledShowo2`); without it, each step is a call of the model itself (compiled when
+        the model was compiled in place), and a name it lacks runs eagerly.
         """
         from ...validate import check_int, check_text
         from .understanding import answer_tokens
@@ -416,6 +475,10 @@ class Showo2(nn.Module):
         # The answer's positions must stay inside the LLM's rotary table.
         max_new_tokens = check_int("max_new_tokens", max_new_tokens, 1, self.config.llm.max_position_embeddings)
         tokenizer = self._require("tokenizer")
+        if entries is None:
+            # prefill and decode take the model first, as the module-level functions compile_tasks compiles do.
+            entries = {"embed": self._step("embed"), "prefill": lambda model, *a: model(*a, step="prefill"),
+                       "decode": lambda model, *a: model(*a, step="decode")}
         ids = answer_tokens(self, tokenizer, self.encode_image(image), question, max_new_tokens=max_new_tokens,
                             entries=entries)
         return tokenizer.decode(ids)
