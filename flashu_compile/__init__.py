@@ -14,6 +14,7 @@ from typing import Any
 from . import passes as passes
 from .graph.rewrite import StrictModeError
 from .runtime.request import auto_request as request
+from .runtime.summary import summary
 
 # Public names whose modules import transformers, by the module that defines them.
 _LAZY = {"Showo2": "flashu_compile.models.showo2", "Showo2Config": "flashu_compile.models.showo2",
@@ -26,5 +27,5 @@ def __getattr__(name: str) -> Any:
     raise AttributeError(f"module 'flashu_compile' has no attribute {name!r}")
 
 
-__all__ = ["PlanError", "Showo2", "Showo2Config", "StrictModeError", "calibrate_lm", "request"]
+__all__ = ["PlanError", "Showo2", "Showo2Config", "StrictModeError", "calibrate_lm", "request", "summary"]
 __version__ = "0.1.0"

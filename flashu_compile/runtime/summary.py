@@ -1,0 +1,96 @@
+"""What a compiled model did: ``with flashu_compile.summary() as done: ...`` then ``print(done)``.
+
+Built on the request timeline (:mod:`runtime.timeline`) and the FLOP tally (:mod:`runtime.flops`):
+every call of a flashu program inside the block is recorded, and the records are grouped into
+requests (a request's calls count up from 1; a call at step 1 begins the next). Per request: its
+task, how many model calls ran in which phase, the layers skipped, what the head cache and the
+text-prefix memo did, and the FLOPs of its calls.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections import Counter
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+from .flops import FlopTally
+from .timeline import CallRecord, record_calls
+
+
+@dataclass
+class RequestSummary:
+    """One request: its ``task``, its program calls' records in order, and their FLOPs."""
+
+    task: str
+    calls: list[CallRecord] = field(default_factory=list)
+
+    @property
+    def phases(self) -> Counter:
+        """Calls per phase: "rewritten", "full" (the final hybrid phase), "specialized", "outside"."""
+        return Counter(c.phase for c in self.calls)
+
+    @property
+    def skipped(self) -> Counter:
+        """How many calls skipped each set of layers (the empty set: none skipped)."""
+        return Counter(c.skipped for c in self.calls)
+
+    @property
+    def cache(self) -> Counter:
+        """What the memoized regions did over the request: "store", "reuse", "compute", "prefix store", ..."""
+        return Counter(a for c in self.calls for a in c.actions)
+
+    @property
+    def flops(self) -> int:
+        return sum(c.flops or 0 for c in self.calls)
+
+    def line(self) -> str:
+        phases = ", ".join(f"{n} {p}" for p, n in sorted(self.phases.items()))
+        skipped = "; ".join(f"{n} call(s) skip {list(s)}" for s, n in sorted(self.skipped.items()) if s) or "none"
+        cache = ", ".join(f"{a} x{n}" for a, n in sorted(self.cache.items())) or "-"
+        return (f"{self.task:<4} {len(self.calls):>5} calls ({phases}) | layers skipped: {skipped} | "
+                f"cache: {cache} | {self.flops / 1e6:,.1f} MFLOP")
+
+
+@dataclass
+class Summary:
+    """The requests served inside a :func:`summary` block, in order; printed as a table."""
+
+    requests: list[RequestSummary] = field(default_factory=list)
+
+    @property
+    def flops(self) -> int:
+        return sum(r.flops for r in self.requests)
+
+    def __str__(self) -> str:
+        if not self.requests:
+            return "flashu: no compiled flashu program served a request"
+        rows = [f"  {i}. {r.line()}" for i, r in enumerate(self.requests, start=1)]
+        return "\n".join([f"flashu: {len(self.requests)} request(s), {self.flops / 1e6:,.1f} MFLOP", *rows])
+
+
+def group(records: list[CallRecord]) -> list[RequestSummary]:
+    """Records in call order -> requests: a task's calls count up from step 1, so a call at an earlier step than
+    its task's last (or outside any request, step 0) begins the next request. (Two requests of one call each in
+    a row read as one.)"""
+    out: list[RequestSummary] = []
+    open_: dict[str, RequestSummary] = {}
+    for record in records:
+        current = open_.get(record.task)
+        if current is None or record.step == 0 or record.step < current.calls[-1].step:
+            current = open_[record.task] = RequestSummary(record.task)
+            out.append(current)
+        current.calls.append(record)
+    return out
+
+
+@contextlib.contextmanager
+def summary() -> Iterator[Summary]:
+    """Record what every compiled flashu program does inside the block; the yielded :class:`Summary` is filled
+    when the block ends. Costs a FLOP count per call while active (nothing outside a block)."""
+    done = Summary()
+    with FlopTally(), record_calls() as records:
+        try:
+            yield done
+        finally:
+            done.requests = group(records)
