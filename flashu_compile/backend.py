@@ -178,8 +178,10 @@ def _compile(gm: torch.fx.GraphModule, example_inputs: list, options: Any) -> Ca
     # Found before the passes, which may outline the time embedding's first ops into a region.
     timestep = timestep_input(gm, example_inputs) if task == "t2i" else None
     conditioning = conditioning_inputs(gm, example_inputs, timestep) if timestep is not None else ()
+    # A preset compiled over a whole model gives its prefill-only passes every answer graph, decode steps included.
+    expected = frozenset(n for n, _ in passes if opts.by_preset and not REGISTRY[n].decode_steps)
     manager = PassManager([(name, profiled(f"pass {name}")(fn)) for name, fn in passes], strict=opts.strict,
-                          dump_dir=opts.debug_dir)
+                          dump_dir=opts.debug_dir, expected=expected)
     for spec in REGISTRY.values():
         if spec.name in opts.passes and task not in spec.tasks:
             why = (f"it rewrites {' and '.join(spec.tasks)} graphs and this is a {task} graph "

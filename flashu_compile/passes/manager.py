@@ -82,9 +82,11 @@ class PassManager:
     restored to what they were before it ran.
     """
 
-    def __init__(self, passes: list[tuple[str, Pass]], strict: bool = False, dump_dir: str | None = None) -> None:
+    def __init__(self, passes: list[tuple[str, Pass]], strict: bool = False, dump_dir: str | None = None,
+                 expected: frozenset[str] = frozenset()) -> None:
         self.passes = passes
         self.strict = strict
+        self.expected = expected  # passes whose not acting on some graphs is by design: logged, not warned
         self.dump_dir = Path(dump_dir) if dump_dir else None
         self.records: list[PassRecord] = []
 
@@ -98,7 +100,8 @@ class PassManager:
         """A pass that was asked for does not act on this graph: one warning saying why (strict: an error)."""
         if self.strict:
             raise StrictModeError(f"flashu pass {name!r} does not apply: {why}") from cause
-        warn_user(f"flashu pass {name!r} skipped: {why}")
+        if name not in self.expected:
+            warn_user(f"flashu pass {name!r} skipped: {why}")
         logger.info("pass %s skipped: %s", name, why)
         self.records.append(PassRecord(name, False, seconds, {}, why))
 

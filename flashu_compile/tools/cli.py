@@ -24,23 +24,14 @@ from flashu_compile.validate import MAX_GUIDANCE, MAX_SEED, MAX_STEPS, check_flo
 USER_ERRORS = (ValueError, OSError, StrictDataclassError, StrictModeError)
 
 
-def _save_grid(images: torch.Tensor, path: Path, upscale: int) -> None:
-    from flashu_compile.models.showo2.codecs import to_pil
-
-    pics = to_pil(images, upscale=upscale)
-    from PIL import Image
-
-    grid = Image.new("RGB", (sum(p.width for p in pics), max(p.height for p in pics)))
-    x = 0
-    for p in pics:
-        grid.paste(p, (x, 0))
-        x += p.width
-    path.parent.mkdir(parents=True, exist_ok=True)
-    write_atomic(path, lambda tmp: grid.save(tmp, format="PNG"))
-
-
 def cmd_demo(args: argparse.Namespace) -> int:
-    """Generate and answer; ``--out`` is a folder whose ``t2i.png`` is replaced atomically (a file there is refused)."""
+    """The same prompts, seed and question through the eager model and through the same model compiled with
+    ``backend="flashu"``: timings, the speed-up, FLOPs per image, what the compiler did, and one picture with the
+    eager images above the compiled ones (``--out``/t2i.png, replaced atomically; a file at ``--out`` is refused)."""
+    import flashu_compile
+    from flashu_compile.runtime import FlopTally
+    from flashu_compile.tools.bench import load_plan
+
     for i, prompt in enumerate(args.prompt):
         check_text(f"--prompt #{i + 1}", prompt)
     check_text("--question", args.question)
@@ -49,29 +40,72 @@ def cmd_demo(args: argparse.Namespace) -> int:
     check_int("--seed", args.seed, 0, MAX_SEED)
     check_int("--upscale", args.upscale, 1, 64)
     check_int("--max-new-tokens", args.max_new_tokens, 1)  # its upper bound is the loaded model's
+    options = {"preset": args.preset, "lowering": args.lowering}
+    checked = common.flashu_options(options)
+    common.check_plan("--plan", args.plan)
     out = check_output("--out", args.out, folder=True)
-    torch.manual_seed(args.seed)
     t0 = time.perf_counter()
-    model = common.load_model(args)
-    load_s = time.perf_counter() - t0
+    model, compiled = common.load_model(args), common.load_model(args)
     check_int("--max-new-tokens", args.max_new_tokens, 1, model.config.llm.max_position_embeddings)
-    params = sum(p.numel() for p in model.parameters())
-    print(f"model: {args.model} ({params / 1e6:.2f} M parameters), loaded in {load_s:.2f} s")
+    print(f"model: {args.model} ({sum(p.numel() for p in model.parameters()) / 1e6:.2f} M parameters), loaded twice "
+          f"in {time.perf_counter() - t0:.2f} s")
+    if checked.needs_plan:
+        options["plan"] = load_plan(args, model)
+    compiled.compile(backend="flashu", options=options)
+    run = {"prompts": args.prompt, "steps": args.steps, "guidance": args.guidance, "seed": args.seed}
 
-    t0 = time.perf_counter()
-    images = model.generate_images(args.prompt, steps=args.steps, guidance=args.guidance, seed=args.seed)
-    gen_s = time.perf_counter() - t0
-    _save_grid(images, out / "t2i.png", args.upscale)
-    calls = args.steps - 1
-    print(f"text-to-image: {len(args.prompt)} prompt(s), {args.steps} grid points ({calls} model calls, "
-          f"guidance {args.guidance}) in {gen_s:.2f} s ({gen_s / calls * 1000:.1f} ms/call) -> {out / 't2i.png'}")
+    def timed(fn, *a, **kw):
+        t0 = time.perf_counter()
+        result = fn(*a, **kw)
+        return result, time.perf_counter() - t0
 
-    image = images[0]
-    t0 = time.perf_counter()
-    text = model.answer(image, args.question, max_new_tokens=args.max_new_tokens)
-    ask_s = time.perf_counter() - t0
-    print(f"understanding: Q: {args.question!r} about the first generated image -> A: {text!r} ({ask_s:.2f} s)")
+    progress = not args.no_progress
+    eager, eager_s = timed(model.generate_images, **run, progress=progress)
+    with FlopTally() as tally:
+        tally.record(model.generate_images, **run, progress=False)
+    eager_flops = tally.total
+    _, first_s = timed(compiled.generate_images, **run, progress=progress)  # compiles its graphs
+    fast, fast_s = timed(compiled.generate_images, **run, progress=progress)
+    with flashu_compile.summary() as done:
+        compiled.generate_images(**run, progress=False)
+    n = len(args.prompt)
+    _save_rows([eager, fast], out / "t2i.png", args.upscale)
+    print(f"text-to-image, {n} prompt(s), {args.steps} grid points, guidance {args.guidance:g}, seed {args.seed}:")
+    print(f"  eager:             {eager_s / n:.2f} s/image, {eager_flops / n / 1e9:.2f} GFLOP/image")
+    print(f"  flashu {args.preset} ({args.lowering}): {fast_s / n:.2f} s/image, {done.flops / n / 1e9:.2f} GFLOP/image "
+          f"(first run {first_s:.1f} s, compilation included): {eager_s / fast_s:.2f}x faster")
+    print(f"  what the compiler did:\n{_indented(str(done))}")
+    print(f"  -> {out / 't2i.png'} (top row eager, bottom row flashu)")
+    print(f"understanding: Q: {args.question!r} about the first eager image")
+    for name, m in (("eager", model), (f"flashu {args.preset}", compiled)):
+        m.answer(eager[0], args.question, max_new_tokens=args.max_new_tokens)  # the compiled one compiles here
+        text, seconds = timed(m.answer, eager[0], args.question, max_new_tokens=args.max_new_tokens)
+        print(f"  {name}: A: {text!r} ({seconds:.3f} s)")
     return 0
+
+
+def _indented(text: str) -> str:
+    return "\n".join(f"    {line}" for line in text.splitlines())
+
+
+def _save_rows(rows: list[torch.Tensor], path: Path, upscale: int) -> None:
+    """Images (B, 3, H, W) per row, the rows one above the other, as one PNG written atomically."""
+    from PIL import Image
+
+    from flashu_compile.models.showo2.codecs import to_pil
+
+    pictures = [to_pil(images, upscale=upscale) for images in rows]
+    width = max(sum(p.width for p in row) for row in pictures)
+    grid = Image.new("RGB", (width, sum(max(p.height for p in row) for row in pictures)), "white")
+    y = 0
+    for row in pictures:
+        x = 0
+        for picture in row:
+            grid.paste(picture, (x, y))
+            x += picture.width
+        y += max(p.height for p in row)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    write_atomic(path, lambda tmp: grid.save(tmp, format="PNG"))
 
 
 def _read_image(path: str) -> torch.Tensor:
@@ -135,12 +169,17 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="flashu-compile", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
 
-    demo = sub.add_parser("demo", help="generate an image and answer a question, printing timings")
+    demo = sub.add_parser("demo", help="generate images and answer a question, eager against compiled with flashu")
     model_args(demo)
     demo.add_argument("--prompt", nargs="+", default=["a red circle left of a blue square"])
     demo.add_argument("--question", default="what colour is the circle?")
     demo.add_argument("--steps", type=int, default=50, help="time-grid points (steps - 1 model calls)")
-    demo.add_argument("--guidance", type=float, default=7.5)
+    demo.add_argument("--guidance", type=float, default=1.0, help="s0 (default: the embedded model's best, 1)")
+    demo.add_argument("--preset", default="fast", help="flashu preset (default fast: every technique of it acts on "
+                                                       "the embedded model)")
+    demo.add_argument("--lowering", default="inductor", help="inductor, eager or tensorrt")
+    demo.add_argument("--plan", help="a saved calibration plan (default: calibrate the model first, when needed)")
+    demo.add_argument("--no-progress", action="store_true")
     demo.add_argument("--seed", type=int, default=0)
     demo.add_argument("--max-new-tokens", type=int, default=16)
     demo.add_argument("--upscale", type=int, default=8, help="nearest-neighbour enlargement of saved images")

@@ -3,6 +3,7 @@
 
 import json
 import os
+import re
 from pathlib import Path
 
 import pytest
@@ -149,3 +150,17 @@ def test_a_compile_error_is_shown_as_the_backend_raised_it(monkeypatch, capsys):
     monkeypatch.setattr(common, "load_model", compile_fails(KeyError("a bug")))
     with pytest.raises(BackendCompilerFailed):
         main(["demo"])
+
+
+def test_the_demo_compares_eager_and_compiled_and_draws_both(tmp_path, capsys):
+    from PIL import Image
+
+    assert main(["demo", "--steps", "4", "--lowering", "eager", "--out", str(tmp_path / "out"), "--no-progress",
+                 "--max-new-tokens", "2"]) == 0
+    out = capsys.readouterr().out
+    assert re.search(r"flashu fast \(eager\): [\d.]+ s/image, [\d.]+ GFLOP/image .*: [\d.]+x faster", out), out
+    assert re.search(r"eager: +[\d.]+ s/image, [\d.]+ GFLOP/image", out) and "what the compiler did" in out
+    assert re.search(r"1\. t2i +3 calls", out), out  # the compiler's summary of the request
+    assert len(re.findall(r"A: '", out)) == 2  # the answer both ways
+    with Image.open(tmp_path / "out" / "t2i.png") as picture:
+        assert picture.height == 2 * picture.width  # one prompt: the eager image above the compiled one
