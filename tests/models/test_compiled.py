@@ -94,3 +94,25 @@ def test_the_wrapper_form_says_once_that_it_runs_uncompiled(model):
         wrapper.answer(*IMAGE_QUESTION, max_new_tokens=2)
     assert len([w for w in caught if "wrapper" in str(w.message)]) == 1
     assert caught[0].filename == __file__
+
+
+def test_the_off_switch_runs_eager_and_back_without_recompiling(tokenizer):
+    """torch.compiler.set_stance("force_eager") turns the acceleration off and on again, nothing recompiled."""
+    from torch._dynamo.utils import counters
+
+    from flashu_compile.runtime import FlopTally
+
+    model = Showo2.random(small_config(), seed=3).attach(tokenizer=tokenizer)
+    eager = model.generate_images(["red circle"], steps=4, progress=False)
+    torch._dynamo.reset()
+    counters.clear()
+    model.compile(backend="flashu", options={**CACHED})
+    fast = model.generate_images(["red circle"], steps=4, progress=False)
+    graphs = counters["stats"]["unique_graphs"]
+    with torch.compiler.set_stance("force_eager"), FlopTally() as tally:
+        off = model.generate_images(["red circle"], steps=4, progress=False)
+    assert not torch.equal(fast, eager)  # the head cache changes the result, so the comparisons below can tell
+    assert torch.equal(off, eager) and tally.calls == 0  # no flashu program ran
+    with FlopTally() as tally:
+        again = model.generate_images(["red circle"], steps=4, progress=False)
+    assert torch.equal(again, fast) and tally.calls == 3 and counters["stats"]["unique_graphs"] == graphs
