@@ -322,6 +322,19 @@ def reference_skip_generate(lm, ids, new_tokens, skip_ratio):
 
 
 @pytest.mark.parametrize("family", ["qwen2", "llama"])
+def test_generate_of_a_model_compiled_in_place_skips_layers_like_the_reference(family):
+    """lm.compile(backend="flashu", ...), PyTorch's in-place form: generate() calls the module, so it runs compiled."""
+    lm, ids, new = _lm(family), torch.randint(0, 64, (1, 7), generator=torch.Generator().manual_seed(1)), 8
+    want = reference_skip_generate(lm, ids, new, 0.5)
+    torch._dynamo.reset()
+    end_implicit_requests()
+    lm.compile(backend="flashu", options={"passes": ["layer_skip"], "lowering": "eager", "skip_ratio": 0.5})
+    with torch.no_grad(), FlopTally() as tally:
+        got = lm.generate(ids, max_new_tokens=new, do_sample=False)[0, 7:].tolist()
+    assert got == want and tally.calls == new  # a prefill and new - 1 decode steps, all compiled
+
+
+@pytest.mark.parametrize("family", ["qwen2", "llama"])
 def test_generate_skips_layers_like_the_reference(family):
     lm, ids, new = _lm(family), torch.randint(0, 64, (1, 7), generator=torch.Generator().manual_seed(1)), 8
     want = reference_skip_generate(lm, ids, new, 0.5)
