@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import json
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +27,7 @@ import torch
 
 from ..files import write_atomic
 from ..options import FlashUOptions
+from ..passes.manager import PassRecord, observe_passes
 from ..scenes.dataset import make_split
 from ..scenes.evaluate import BOOTSTRAP_RESAMPLES, compare, evaluate, markdown_tables
 from ..validate import MAX_GUIDANCE, MAX_SEED, MAX_STEPS, check_float, check_int
@@ -119,6 +121,38 @@ def check_args(args: argparse.Namespace) -> list[tuple[str, dict[str, Any]]]:
     return configurations(args)
 
 
+def _collector(records: list[PassRecord]) -> Callable:
+    """A pass observer appending each pass's record to ``records``."""
+    def seen(name: str, when: str, gm: Any, context: Any, record: PassRecord | None) -> None:
+        if when == "after" and record is not None:
+            records.append(record)
+    return seen
+
+
+def techniques(records: list[PassRecord]) -> dict[str, dict[str, Any]]:
+    """Per pass that ran on some graph: on how many graphs it acted, and why it did not on the others (reason ->
+    graphs), so a configuration can never silently measure less than its name says."""
+    out: dict[str, dict[str, Any]] = {}
+    for record in records:
+        entry = out.setdefault(record.name, {"acted": 0, "did_not": {}})
+        if record.changed:
+            entry["acted"] += 1
+        else:
+            why = record.skipped_reason or "changed nothing"
+            entry["did_not"][why] = entry["did_not"].get(why, 0) + 1
+    return out
+
+
+def techniques_text(outcomes: dict[str, dict[str, Any]]) -> str:
+    if not outcomes:
+        return "none ran"
+    parts = []
+    for name, entry in outcomes.items():
+        missed = "; ".join(f"not on {n}: {why}" for why, n in entry["did_not"].items())
+        parts.append(f"{name} acted on {entry['acted']} graph(s){' (' + missed + ')' if missed else ''}")
+    return ", ".join(parts)
+
+
 def cmd_evaluate(args: argparse.Namespace) -> int:
     from .bench import load_plan, machine_line
 
@@ -132,19 +166,22 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     if any(FlashUOptions.from_dict(options).needs_plan for _, options in configs):
         plan = load_plan(args, model)
         configs = [(name, {**options, "plan": plan}) for name, options in configs]
-    results, seconds = {}, {}
+    results, seconds, acted = {}, {}, {}
     for i, (name, options) in enumerate(configs, start=1):
         print(f"[{i}/{len(configs)}] {name}: {json.dumps({k: v for k, v in options.items() if k != 'plan'})}")
         torch._dynamo.reset()
-        compiled = model.compile_tasks("flashu", options)
-        t0 = time.perf_counter()
-        results[name] = evaluate(compiled, args.prompts, args.questions, args.steps, guidance, seed=args.seed,
-                                 batch=args.batch, images_per_prompt=args.images_per_prompt, label=name,
-                                 progress=not args.no_progress)
-        seconds[name] = time.perf_counter() - t0
+        records: list[PassRecord] = []
+        with observe_passes(_collector(records)):
+            compiled = model.compile_tasks("flashu", options)
+            t0 = time.perf_counter()
+            results[name] = evaluate(compiled, args.prompts, args.questions, args.steps, guidance, seed=args.seed,
+                                     batch=args.batch, images_per_prompt=args.images_per_prompt, label=name,
+                                     progress=not args.no_progress)
+            seconds[name] = time.perf_counter() - t0
+        acted[name] = techniques(records)
         result = results[name]
         print(f"  GenEval-like overall {result['geneval']['overall']:.3f}, VQA {result['vqa_accuracy']:.3f} "
-              f"({seconds[name]:.0f} s)")
+              f"({seconds[name]:.0f} s)\n  techniques: {techniques_text(acted[name])}")
     comparison = compare(results, resamples=args.resamples, seed=args.seed)
     tables = markdown_tables(comparison)
     machine = machine_line()
@@ -153,7 +190,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         shown = {name: {k: (v if k != "plan" else "calibrated" if not args.plan else args.plan)
                         for k, v in options.items()} for name, options in configs}
         report = {"command": args.command_line, "machine": machine, "guidance": guidance, "configurations": shown,
-                  "seconds": seconds, "comparison": comparison, "results": results}
+                  "seconds": seconds, "techniques": acted, "comparison": comparison, "results": results}
         text = json.dumps(report, indent=1, default=str)
         path = Path(args.json)
         path.parent.mkdir(parents=True, exist_ok=True)

@@ -99,6 +99,17 @@ def test_a_small_run_end_to_end(tmp_path, capsys):
                                                 "lowering": "eager"}
     for scores in comparison["scores"].values():
         assert all(0 <= s["low"] <= s["value"] <= s["high"] <= 1 for s in scores.values())
+    # Which techniques acted, per configuration: layer_skip on the denoising, prefill and decode graphs alike.
+    assert report["techniques"]["off"] == {}
+    assert report["techniques"]["skip"]["layer_skip"]["acted"] >= 3
+    assert "techniques: layer_skip acted on" in printed and "techniques: none ran" in printed
+
+
+def test_a_technique_that_does_not_act_is_reported_with_why(capsys):
+    argv = ["evaluate", *SMALL, "--config", 'skip=off,passes=["layer_skip"]']  # 0.2 x 4 layers skips none
+    assert main(argv) == 0
+    printed = capsys.readouterr().out
+    assert "layer_skip acted on 0 graph(s) (not on " in printed and "skips no layer" in printed
 
 
 SMALL = ["--prompts", "1", "--images-per-prompt", "1", "--questions", "1", "--steps", "3", "--no-progress",
