@@ -265,5 +265,6 @@ def serving(task: str, *, starts: bool | None = None, time: float | None = None,
 
 
 def end_implicit_requests() -> None:
-    """Forget this thread's implicit requests (tests, or a server between unrelated users)."""
+    """Forget this thread's implicit requests and what it was told (tests, or a server between unrelated users)."""
     _IMPLICIT.requests.clear()
+    _IMPLICIT.warned_restart = False

@@ -28,8 +28,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
     """The same prompts, seed and question through the eager model and through the same model compiled with
     ``backend="flashu"``: timings, the speed-up, FLOPs per image, what the compiler did, and one picture with the
     eager images above the compiled ones (``--out``/t2i.png, replaced atomically; a file at ``--out`` is refused)."""
-    import flashu_compile
     from flashu_compile.runtime import FlopTally
+    from flashu_compile.runtime.summary import summary
     from flashu_compile.tools.bench import load_plan
 
     for i, prompt in enumerate(args.prompt):
@@ -69,7 +69,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     eager_flops = tally.total
     _, first_s = timed(compiled.generate_images, **run, progress=progress)  # compiles its graphs
     fast, fast_s = timed(compiled.generate_images, **run, progress=progress)
-    with flashu_compile.summary() as done:
+    with summary() as done:
         compiled.generate_images(**run, progress=False)
     n = len(args.prompt)
     _save_rows([eager, fast], out / "t2i.png", args.upscale)
