@@ -254,7 +254,7 @@ PRESETS: dict[str, dict[str, Any]] = {
     # [(24, 7.5), (11, 10.0)] at 35 grid points is this relative schedule at s0 = 10, call for call.
     "flashu-reference": {"preset": "flashu-reference", "passes": ("prune_channels", "layer_skip", "head_cache"),
                          "guidance_schedule": PAPER_GUIDANCE, "step_semantics": "flashu-reference"},
-    # Beyond the paper (docs/presets.md, measured in docs/fidelity.md): no layer skipping, whose loss the
+    # Beyond the paper (docs/presets.md; a small run in docs/fidelity.md): no layer skipping, whose loss the
     # exact prefix cache avoids while saving the text rows' work; guidance s0 on the first half of the calls
     # and off after (scale 0 runs the conditional rows alone: half the batch), where the layout is set.
     "fast": {"preset": "fast", "passes": ("prune_channels", "token_drop", "prefix_cache", "head_cache"),
