@@ -75,8 +75,8 @@ class PhasedProgram:
             if not self.warned_ambiguous:
                 self.warned_ambiguous = True
                 warn_user("flashu: this denoising graph's flow time t was not found among its inputs, so its "
-                              "calls cannot be told apart into requests; run the loop inside "
-                              "flashu_compile.request('t2i', calls=N). Until then it runs the full network")
+                          "calls cannot be told apart into requests; run the loop inside "
+                          "flashu_compile.request('t2i', calls=N). Until then it runs the full network")
             return call_counted(self.rewritten, *args)
         time = conditioning = None
         if task == "t2i" and self.timestep is not None:

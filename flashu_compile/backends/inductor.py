@@ -59,7 +59,7 @@ def lower_inductor(gm: torch.fx.GraphModule, example_inputs: list, settings: Ind
 
     if settings is not None and settings.cudagraphs and not on_cuda(example_inputs):
         warn_user("flashu: option cudagraphs=True is ignored for a graph whose inputs are not on a CUDA device "
-                      "(CUDA graphs need a GPU); Inductor compiles it without them")
+                  "(CUDA graphs need a GPU); Inductor compiles it without them")
         settings = None
     patches = settings.config_patches() if settings is not None else {}
     if detect_fake_mode(pytree.tree_leaves(example_inputs)) is not None:

@@ -86,7 +86,7 @@ def _compile_or_run_eagerly(program: Any, compile_now: Callable[[], None], what:
         compile_now()
     except Exception as error:
         warn_user(f"compiling {what} with symbolic sizes failed ({type(error).__name__}: {error}); "
-                      f"{they} eagerly")
+                  f"{they} eagerly")
         program.fall_back_to_eager()
 
 

@@ -66,7 +66,7 @@ class _FirstCallFallback:
         except Exception as error:  # any compile failure has the same remedy
             cause = getattr(error, "inner_exception", None) or error  # dynamo wraps the lowering's own error
             warn_user(f"compiling the decode graph specialized on skip set {sorted(self.skip)} failed "
-                          f"({type(cause).__name__}: {cause}); the guarded graph runs")
+                      f"({type(cause).__name__}: {cause}); the guarded graph runs")
             self.fn = self.guarded
             out = self.fn(*args)
         self.tried = True

@@ -218,8 +218,8 @@ def _boundary(req: Request, starts: bool | None, time: float | None, conditionin
         if not _IMPLICIT.warned_restart:
             _IMPLICIT.warned_restart = True
             warn_user(f"flashu: a denoising call repeated t={time:g} with the same prompts, so it is taken as a "
-                          "new request of the same prompts; if it continues the same request, run the loop inside "
-                          f"flashu_compile.request({req.task!r}, calls=N)")
+                      "new request of the same prompts; if it continues the same request, run the loop inside "
+                      f"flashu_compile.request({req.task!r}, calls=N)")
         boundary = "start"
     else:
         boundary = "step"

@@ -128,9 +128,8 @@ class Showo2(nn.Module):
         """The embedded default model shipped with the package, checksum-verified; the seeded ``tiny`` preset
         (with a warning) if none is shipped."""
         if not (WEIGHTS_DIR / "config.json").is_file():
-            warn_user(
-                f"no trained embedded weights at {WEIGHTS_DIR}; using the randomly initialised 'tiny' preset "
-                "(outputs are not meaningful images or answers)")
+            warn_user(f"no trained embedded weights at {WEIGHTS_DIR}; using the randomly initialised 'tiny' preset "
+                      "(outputs are not meaningful images or answers)")
             return cls.from_preset("tiny")
         verify_checksums(WEIGHTS_DIR)
         return cls.from_pretrained(WEIGHTS_DIR)

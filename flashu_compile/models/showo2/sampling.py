@@ -117,8 +117,8 @@ def generate_latents(
     semantics = options.step_semantics if options is not None else "project"
     if explicit and ignores_guidance(schedule, steps - 1, semantics):
         warn_user(f"guidance={guidance!r} is ignored: the compiled flashu options' absolute guidance_schedule "
-                      f"{list(schedule)} sets every step's scale (a relative schedule, {{'relative': [(fraction, "
-                      "multiple), ...]}, scales the request's guidance instead)")
+                  f"{list(schedule)} sets every step's scale (a relative schedule, {{'relative': [(fraction, "
+                  "multiple), ...]}, scales the request's guidance instead)")
     shift = check_float("shift", shift, 0.0, MAX_SHIFT, low_open=True)
     seed = check_int("seed", seed, 0, MAX_SEED)
     cfg = model.config

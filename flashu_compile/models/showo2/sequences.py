@@ -117,7 +117,7 @@ def _fit(ids: list[int], max_text_len: int, prompt: str) -> list[int]:
     """The prompt's ids within the row's text budget; what does not fit is cut, with a warning."""
     if len(ids) > max_text_len:
         warn_user(f"prompt {reprlib.repr(prompt)} has {len(ids)} tokens but the text budget is {max_text_len}: "
-                      f"its last {len(ids) - max_text_len} token(s) are cut")
+                  f"its last {len(ids) - max_text_len} token(s) are cut")
     return ids[:max_text_len]
 
 

@@ -85,7 +85,7 @@ class SceneTokenizer:
             ids.append(self.token_to_id.get(key, self.unk_id))
         if unknown:
             warn_user(f"{len(unknown)} piece(s) of {reprlib.repr(text)} are not in the scenes vocabulary and "
-                          f"are encoded as <unk>: {list(dict.fromkeys(unknown))}")
+                      f"are encoded as <unk>: {list(dict.fromkeys(unknown))}")
         return ids
 
     def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str:
