@@ -202,17 +202,19 @@ def prefix_guard(cid: int, region, key: str, positions: torch.Tensor, mask: torc
     Before computing, the layout the rewrite relies on is checked.
     """
     st = controller(cid).state()
+    if st is None:  # outside a request nothing is kept, so nothing needs comparing
+        _check_span_layout(positions, mask)
+        return region(*inputs)
     shapes = tuple(tuple(v.shape) for v in inputs if isinstance(v, torch.Tensor))
     source = _prefix_inputs(positions, mask, stream)
-    kept = st.memo.get((key, shapes)) if st is not None else None
+    kept = st.memo.get((key, shapes))
     if kept is not None and all(torch.equal(a, b) for a, b in zip(kept[0], source, strict=True)):
         st.history.append((st.step, "prefix reuse"))
         return kept[1]
     _check_span_layout(positions, mask)
     out = region(*inputs)
-    if st is not None:
-        st.memo[key, shapes] = (tuple(t.clone() for t in source), out)
-        st.history.append((st.step, "prefix store"))
+    st.memo[key, shapes] = (tuple(t.clone() for t in source), out)
+    st.history.append((st.step, "prefix store"))
     return out
 
 
