@@ -38,15 +38,15 @@ READING_ORDER_UNTIL = 0.5
 DEFAULT_STEPS = 6762
 
 
-def scenes_config():
-    """Show-o2's structure at a size a 2-core CPU trains in minutes (about 1.6 M parameters).
+def scenes_config(num_layers: int = 4):
+    """Show-o2's structure at a size a 2-core CPU trains in minutes (about 1.6 M parameters at 4 LLM layers).
 
     The flow head is as wide as the LLM, so it needs no width projections, and has two blocks. In the same
     30 minutes this trained 6,529 steps of 16 + 12 rows where three 160-wide blocks (40-wide attention heads)
     trained 5,331 steps of 16 + 16, and it answered questions better (flashu_compile/scenes/TRAINING.md).
     """
     return custom_config(
-        vocab_size=len(SceneTokenizer()), hidden_size=128, num_layers=4, num_heads=4, num_kv_heads=2,
+        vocab_size=len(SceneTokenizer()), hidden_size=128, num_layers=num_layers, num_heads=4, num_kv_heads=2,
         intermediate_size=352, vision_hidden_size=96, vision_layers=3, vision_heads=4,
         vision_intermediate_size=256, grid=8, head_hidden_size=128, head_heads=4, head_kv_heads=2, head_dim=32,
         head_intermediate_size=352, num_diffusion_layers=2, latent_channels=48, max_text_len=12,
@@ -200,8 +200,9 @@ def train(steps: int, out: Path, batch: int = 16, lr: float = 1.5e-3, seed: int 
           init_from: Path | None = None, answer_batch: int = 12, answer_weight: float = 0.5,
           ema_decay: float = 0.998, time_shift: float = 3.0, kind_weights: dict[str, int] | None = None,
           answer_kind_weights: dict[str, int] | None = None, answers_from: float | None = None,
-          reading_order_until: float = READING_ORDER_UNTIL) -> dict:
-    """Train for ``steps`` optimizer steps; each step has ``batch`` text-to-image rows and ``answer_batch``
+          reading_order_until: float = READING_ORDER_UNTIL, num_layers: int = 4) -> dict:
+    """Train for ``steps`` optimizer steps of a fresh :func:`scenes_config` model with ``num_layers`` LLM layers
+    (ignored with ``init_from``); each step has ``batch`` text-to-image rows and ``answer_batch``
     understanding rows, the answer loss weighted by ``answer_weight``.
     Either batch may be 0 (one task only, e.g. to see how fast that task learns on its own).
     The saved weights are an exponential moving average with ``ema_decay`` (0: the last step's weights).
@@ -220,6 +221,8 @@ def train(steps: int, out: Path, batch: int = 16, lr: float = 1.5e-3, seed: int 
         raise ValueError(f"steps must be a whole number >= 1, got {steps!r}")
     if batch < 0 or answer_batch < 0 or batch + answer_batch == 0:
         raise ValueError(f"batch sizes must be non-negative and not both 0, got {batch} and {answer_batch}")
+    if isinstance(num_layers, bool) or not isinstance(num_layers, int) or num_layers < 1:
+        raise ValueError(f"num_layers must be a whole number >= 1, got {num_layers!r}")
     if answers_from is None:
         answers_from = ANSWERS_FROM if batch and answer_batch else 0.0
     if not 0 <= answers_from < 1 or (answers_from and not (batch and answer_batch)):
@@ -235,7 +238,7 @@ def train(steps: int, out: Path, batch: int = 16, lr: float = 1.5e-3, seed: int 
     if init_from:
         model = Showo2.from_pretrained(str(init_from))
     else:
-        model = Showo2.random(scenes_config(), seed=seed)
+        model = Showo2.random(scenes_config(num_layers), seed=seed)
         with torch.no_grad():
             table = model.position_embedding.weight
             table.copy_(grid_position_table(int(round(table.shape[0] ** 0.5)), table.shape[1]))
@@ -315,6 +318,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--lr", type=float, default=1.5e-3)
     parser.add_argument("--ema", type=float, default=0.998, help="decay of the saved weights' moving average (0: off)")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--layers", type=int, default=4, help="LLM layers of a fresh model (default: 4, as shipped)")
     parser.add_argument("--init-from", type=Path, help="continue from a saved checkpoint folder")
     parser.add_argument("--time-shift", type=float, default=3.0,
                         help="shift of the logit-normal training times towards noise, as the sampler shifts its "
@@ -336,7 +340,8 @@ def main(argv: list[str] | None = None) -> None:
     log = train(args.steps, args.out, args.batch, args.lr, args.seed, init_from=args.init_from,
                 answer_batch=args.answer_batch, answer_weight=args.answer_weight, ema_decay=args.ema,
                 time_shift=args.time_shift, kind_weights=args.kinds, answer_kind_weights=args.answer_kinds,
-                answers_from=args.answers_from, reading_order_until=args.reading_order_until)
+                answers_from=args.answers_from, reading_order_until=args.reading_order_until,
+                num_layers=args.layers)
     final = ", ".join(f"{key} {sum(log[key][-50:]) / len(log[key][-50:]):.4f}" for key in ("flow", "ntp") if log[key])
     print(f"{log['steps']} steps in {log['seconds']:.0f} s; final {final} -> {args.out}")
 
