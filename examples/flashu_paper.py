@@ -13,6 +13,7 @@ import torch
 
 from flashu_compile import Showo2
 from flashu_compile.calibrate import calibrate
+from flashu_compile.tasks import compile_tasks
 
 PROMPT, QUESTION = "a red circle left of a blue square", "what colour is the circle?"
 
@@ -29,7 +30,7 @@ reference = timed("eager, 50 steps", lambda: eager.generate_images([PROMPT], ste
 
 model = Showo2.default()
 plan = calibrate(model, progress=False)
-fast = model.compile_tasks("flashu", {"preset": "paper", "plan": plan})
+fast = compile_tasks(model, "flashu", {"preset": "paper", "plan": plan})
 timed("flashu paper, 35 steps, first run (compiles)", lambda: fast.generate_images([PROMPT], steps=35, progress=False))
 images = timed("flashu paper, 35 steps", lambda: fast.generate_images([PROMPT], steps=35, progress=False))
 print(f"mean |difference| from the eager image: {float((images - reference).abs().mean()):.3f}")

@@ -23,6 +23,8 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+from flashu_compile.tasks import compile_tasks
+
 PROMPT = "a red circle left of a blue square"
 QUESTION = "what colour is the circle?"
 
@@ -33,10 +35,10 @@ def _latents(model, options: dict[str, Any], steps: int):
     from flashu_compile.models.showo2.sampling import generate_latents
 
     torch._dynamo.reset()
-    compiled = model.compile_tasks("flashu", options)
+    compiled = compile_tasks(model, "flashu", options)
     with torch.no_grad():
         return generate_latents(model, model.tokenizer, [PROMPT], steps=steps, progress=False,
-                                denoise=compiled.entries["denoise"], options=compiled.options)
+                                denoise=compiled.entries["denoise"], rules=compiled.rules)
 
 
 def _answer(model, options: dict[str, Any], image) -> list[int]:
@@ -45,7 +47,7 @@ def _answer(model, options: dict[str, Any], image) -> list[int]:
     from flashu_compile.models.showo2.understanding import answer_tokens
 
     torch._dynamo.reset()
-    compiled = model.compile_tasks("flashu", options)
+    compiled = compile_tasks(model, "flashu", options)
     with torch.no_grad():
         return answer_tokens(model, model.tokenizer, image, QUESTION, max_new_tokens=8, entries=compiled.entries)
 
@@ -118,7 +120,7 @@ def main(argv: list[str] | None = None) -> int:
     timings = {}
     for lowering in ("inductor", "tensorrt"):
         torch._dynamo.reset()
-        compiled = model.compile_tasks("flashu", {**trt, "lowering": lowering, "passes": []})
+        compiled = compile_tasks(model, "flashu", {**trt, "lowering": lowering, "passes": []})
         denoise, calls = compiled.entries["denoise"], []
         with torch.no_grad():
             generate_latents(model, model.tokenizer, [PROMPT], steps=2, progress=False,

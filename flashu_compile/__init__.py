@@ -16,9 +16,10 @@ from .graph.rewrite import StrictModeError
 from .runtime.request import auto_request as request
 from .runtime.summary import summary
 
-# Public names whose modules import transformers, by the module that defines them.
+# Public names whose modules import transformers or the backend, by the module that defines them.
 _LAZY = {"Showo2": "flashu_compile.models.showo2", "Showo2Config": "flashu_compile.models.showo2",
-         "calibrate_lm": "flashu_compile.calibrate.lm", "PlanError": "flashu_compile.calibrate.plan"}
+         "calibrate_lm": "flashu_compile.calibrate.lm", "PlanError": "flashu_compile.calibrate.plan",
+         "compile_tasks": "flashu_compile.tasks", "sampler_rules": "flashu_compile.backend"}
 
 
 def __getattr__(name: str) -> Any:
@@ -27,5 +28,6 @@ def __getattr__(name: str) -> Any:
     raise AttributeError(f"module 'flashu_compile' has no attribute {name!r}")
 
 
-__all__ = ["PlanError", "Showo2", "Showo2Config", "StrictModeError", "calibrate_lm", "request", "summary"]
+__all__ = ["PlanError", "Showo2", "Showo2Config", "StrictModeError", "calibrate_lm", "compile_tasks", "request",
+           "sampler_rules", "summary"]
 __version__ = "0.1.0"

@@ -31,6 +31,7 @@ from .runtime.compile_profile import phase, profiled
 from .runtime.flops import call_counted, counted
 from .runtime.guards import Controller, full_phase
 from .runtime.request import current_request, serving
+from .runtime.sampler_rules import SamplerRules
 from .runtime.schedule import StepRules
 from .runtime.timeline import CallWatch, recording
 from .validate import warn_user
@@ -146,6 +147,23 @@ def flashu_backend(gm: torch.fx.GraphModule, example_inputs: list, options: Any 
         return _compile(gm, example_inputs, options)
     except _USER_ERRORS as error:
         raise _surfaced(error).with_traceback(error.__traceback__) from error.__cause__
+
+
+def sampler_rules(options: Any = None, model: torch.nn.Module | None = None) -> SamplerRules:
+    """The rules a model's sampler follows for programs compiled with ``options`` (the dict given to
+    ``torch.compile``, or FlashUOptions): their guidance schedule, and a request around each image's calls.
+
+    The options are checked here, and a Plan among them against ``model`` as a whole (each graph checks only
+    the weights it reads), so a model's in-place ``compile`` refuses them at the call, before anything compiles.
+    A model finds this function as the ``sampler_rules`` attribute of the backend its ``compile`` was given.
+    """
+    opts = FlashUOptions.from_dict(options)
+    if model is not None and hasattr(opts.plan, "verify_model"):
+        opts.plan.verify_model(model)
+    return SamplerRules(opts.guidance_schedule, opts.step_semantics)
+
+
+flashu_backend.sampler_rules = sampler_rules
 
 
 def _compile(gm: torch.fx.GraphModule, example_inputs: list, options: Any) -> Callable:

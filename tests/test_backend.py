@@ -15,6 +15,7 @@ from flashu_compile.models.showo2 import Showo2
 from flashu_compile.models.showo2.understanding import answer_tokens
 from flashu_compile.options import PASS_TASKS, PASSES, FlashUOptions
 from flashu_compile.passes.registry import REGISTRY
+from flashu_compile.tasks import compile_tasks
 from tests.conftest import small_config
 from tests.models.test_compile_friendly import t2i_inputs
 
@@ -100,9 +101,9 @@ def test_a_plan_for_other_weights_is_a_plan_error_by_name_before_any_weight_move
             fast(*t2i_inputs(changed, tokenizer))
     # compile_tasks checks a Plan against the whole model at the call; a saved plan's path, in the graphs.
     with pytest.raises(PlanError, match=r"weights showo.model.layers.1.self_attn.v_proj.weight differ"):
-        changed.compile_tasks("flashu", {"passes": ["prune_channels"], "plan": plan, "lowering": "eager"})
+        compile_tasks(changed, "flashu", {"passes": ["prune_channels"], "plan": plan, "lowering": "eager"})
     torch._dynamo.reset()
-    compiled = changed.compile_tasks("flashu", {"passes": ["prune_channels"], "plan": path, "lowering": "eager"})
+    compiled = compile_tasks(changed, "flashu", {"passes": ["prune_channels"], "plan": path, "lowering": "eager"})
     with pytest.raises(PlanError, match=r"v_proj.* is none of its weights"):
         compiled.generate_images("a red circle", steps=2, progress=False)
     assert all(torch.equal(v, changed.state_dict()[k]) for k, v in before.items())  # no FFN was permuted
@@ -162,7 +163,7 @@ def test_compiled_tasks_do_not_recompile_across_steps_or_requests(tokenizer):
     ref_answer = answer_tokens(model, tokenizer, latents, "what colour is the circle?", max_new_tokens=32)
     torch._dynamo.reset()
     counters.clear()
-    compiled = model.compile_tasks(options={"lowering": "eager"})
+    compiled = compile_tasks(model, options={"lowering": "eager"})
 
     image = compiled.generate_images(["red circle"], steps=50, guidance=5.0, seed=0, progress=False)
     assert counters["stats"]["unique_graphs"] == 1  # one denoising graph for all 49 calls
@@ -231,7 +232,7 @@ def test_strict_turns_a_pass_that_does_not_act_into_an_error(case, small_model, 
 def test_compile_tasks_gives_each_entry_only_the_passes_that_act_on_it(tokenizer):
     model = Showo2.random(small_config(num_layers=4), seed=2).attach(tokenizer=tokenizer)
     torch._dynamo.reset()
-    compiled = model.compile_tasks("flashu", {"passes": ["token_drop", "layer_skip", "head_cache"], "skip_ratio": 0.5,
+    compiled = compile_tasks(model, "flashu", {"passes": ["token_drop", "layer_skip", "head_cache"], "skip_ratio": 0.5,
                                               "lowering": "eager", "strict": True})
     image = compiled.generate_images(["a red circle"], steps=4, guidance=2.0, progress=False)
     assert compiled.answer(image[0], "what colour is the circle?", max_new_tokens=3) is not None

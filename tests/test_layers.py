@@ -25,10 +25,11 @@ LAYERS: list[tuple[str, ...]] = [
     ("graph",),  # analysis of FX graphs and the FX utilities passes share
     ("passes",),  # the rewrites
     ("backends",),  # lowering of a rewritten graph
-    ("models",),  # Show-o2 on transformers parts; knows the compiler only through options and runtime markers
+    ("models",),  # Show-o2 on transformers parts; knows the compiler only through its marker ops (see below)
     ("scenes",),  # the embedded model's data and scorers
     ("calibrate",),  # plans, scored on a model
     ("backend",),  # the "flashu" entry point
+    ("tasks",),  # Show-o2's task entry points compiled
     ("tools", "__init__"),  # command lines and the package's public names
 ]
 
@@ -111,3 +112,14 @@ def test_loading_the_backend_imports_neither_transformers_nor_the_model():
              "or m.startswith('flashu_compile.calibrate')))")
     out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]", out
+
+
+def test_the_model_knows_nothing_of_the_compiler_but_its_marker_ops():
+    """Show-o2 is a model: no compile helper, option, request or schedule; it asks a compiled call for sampler
+    rules by duck type (see Showo2.compile). What it may use: argument checks, file helpers, and the marker op
+    that tells token_drop where an answer's image tokens are (a fact only the model knows)."""
+    allowed = {"flashu_compile.validate", "flashu_compile.files", "flashu_compile.runtime.markers"}
+    graph = import_graph()
+    used = sorted(f"{a} imports {b}" for a, b in graph.edges
+                  if unit(a) == "models" and unit(b) != "models" and b not in allowed)
+    assert not used, "\n".join(used)

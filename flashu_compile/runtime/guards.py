@@ -81,7 +81,8 @@ class Controller:
             warn_user(f"flashu: the final full-network phase (hybrid_tau={self.rules.hybrid_tau}) counts back from "
                       f"the end of a request, and nothing in this loop's inputs says how many calls it makes; run "
                       f"it inside flashu_compile.request({self.task!r}, calls=N), or set hybrid_tau=0. Until then "
-                      f"its requests run without that phase")
+                      f"its requests run without that phase: faster and less exact than the options ask, so a "
+                      f"timing of this loop overstates their speed-up")
         full = self.phased and calls is not None and self.rules.full_phase(step, calls)
         if full != st.full:
             st.memo.clear()  # the head cache belongs to one phase

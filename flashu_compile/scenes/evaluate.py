@@ -27,13 +27,13 @@ import argparse
 import json
 from collections import defaultdict
 from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 import torch
 from tqdm.auto import tqdm
 
 from flashu_compile.models.showo2 import Showo2
-from flashu_compile.models.showo2.compiled import CompiledShowo2
 
 from .dataset import KINDS, QUESTION_TYPES, Scene, make_split, question_type, to_tensor
 from .scoring import geneval_score, normalise_answer, score_image, vqa_accuracy
@@ -51,11 +51,11 @@ def vqa_items(scenes, n: int) -> list[tuple[Scene, str, str]]:
 
 
 @torch.no_grad()
-def evaluate(model: Showo2 | CompiledShowo2, n_prompts: int = 100, n_questions: int = 200, steps: int = 50,
+def evaluate(model: Showo2 | Any, n_prompts: int = 100, n_questions: int = 200, steps: int = 50,
              guidance: float = 5.0, seed: int = 0, batch: int = 10, images_per_prompt: int = 4, label: str = "",
              progress: bool = True) -> dict:
     """Only ``model.generate_images`` ((B, 3, H, W) in [0, 1]) and ``model.answer`` are used: a model, or one
-    compiled with :meth:`Showo2.compile_tasks`.
+    compiled with ``flashu_compile.compile_tasks``.
 
     Image ``j`` of the run comes from the noise of seed ``seed + batch * (j // batch)`` at row
     ``j % batch``: the same for every model given the same arguments, so configurations compared

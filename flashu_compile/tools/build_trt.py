@@ -19,6 +19,7 @@ from ..backends import tensorrt
 from ..backends.trt_cache import ENV_VAR, engine_entries
 from ..files import write_atomic
 from ..options import PRESETS, TRT_PRECISIONS
+from ..tasks import compile_tasks
 from ..validate import MAX_STEPS, check_int, check_text
 from . import common
 from .common import check_output, model_args
@@ -57,12 +58,12 @@ def cmd_build_trt(args: argparse.Namespace) -> int:
     model = common.load_model(args).to("cuda")
     if checked.needs_plan:
         options["plan"] = load_plan(args, model)
-    compiled = model.compile_tasks("flashu", options)
+    compiled = compile_tasks(model, "flashu", options)
     used: dict[str, list[str]] = {name: [] for name in compiled.entries}
     entries = {name: _recording(fn, used[name]) for name, fn in compiled.entries.items()}
     with torch.no_grad():
         latents = generate_latents(model, model.tokenizer, [args.prompt], steps=args.steps,
-                                   progress=not args.no_progress, denoise=entries["denoise"], options=compiled.options)
+                                   progress=not args.no_progress, denoise=entries["denoise"], rules=compiled.rules)
         understanding.answer_tokens(model, model.tokenizer, latents[:1].to(model.dtype), args.question,
                                     max_new_tokens=args.max_new_tokens, entries=entries)
     manifest = {

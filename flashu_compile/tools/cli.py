@@ -14,6 +14,7 @@ from huggingface_hub.errors import StrictDataclassError
 
 from flashu_compile.files import write_atomic
 from flashu_compile.graph.rewrite import StrictModeError
+from flashu_compile.tasks import compile_tasks
 from flashu_compile.tools import common
 from flashu_compile.tools.common import check_output, model_args
 from flashu_compile.validate import MAX_GUIDANCE, MAX_SEED, MAX_STEPS, check_float, check_int, check_text
@@ -155,7 +156,7 @@ def cmd_ask(args: argparse.Namespace) -> int:
     check_int("--max-new-tokens", args.max_new_tokens, 1, model.config.llm.max_position_embeddings)
     if checked.needs_plan:
         options["plan"] = load_plan(args, model)
-    fast = model.compile_tasks("flashu", options)
+    fast = compile_tasks(model, "flashu", options)
     t0 = time.perf_counter()
     text = fast.answer(image, question, max_new_tokens=args.max_new_tokens)
     cold = time.perf_counter() - t0

@@ -30,6 +30,7 @@ from ..options import FlashUOptions
 from ..passes.manager import PassRecord, observe_passes
 from ..scenes.dataset import make_split
 from ..scenes.evaluate import BOOTSTRAP_RESAMPLES, compare, evaluate, markdown_tables
+from ..tasks import compile_tasks
 from ..validate import MAX_GUIDANCE, MAX_SEED, MAX_STEPS, check_float, check_int
 from . import common
 from .common import check_output, model_args, parse_option
@@ -172,7 +173,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         torch._dynamo.reset()
         records: list[PassRecord] = []
         with observe_passes(_collector(records)):
-            compiled = model.compile_tasks("flashu", options)
+            compiled = compile_tasks(model, "flashu", options)
             t0 = time.perf_counter()
             results[name] = evaluate(compiled, args.prompts, args.questions, args.steps, guidance, seed=args.seed,
                                      batch=args.batch, images_per_prompt=args.images_per_prompt, label=name,

@@ -12,6 +12,7 @@ from hypothesis import strategies as st
 
 from flashu_compile.models.showo2 import Showo2
 from flashu_compile.models.showo2.sampling import generate_latents
+from flashu_compile.tasks import compile_tasks
 from tests.conftest import small_config
 from tests.passes.reference import assert_close_rel, latent_noise, reference_generate
 
@@ -29,10 +30,10 @@ def model(tokenizer):
 def _serve(model, options, sizes):
     """Latents for one request per batch size in ``sizes``, all from one compilation."""
     torch._dynamo.reset()
-    compiled = model.compile_tasks("flashu", options)
+    compiled = compile_tasks(model, "flashu", options)
     return [generate_latents(model, model.tokenizer, PROMPTS[:b], steps=STEPS, guidance=4.0,
                              noise=latent_noise(model, b, seed=b), progress=False, denoise=compiled.entries["denoise"],
-                             options=compiled.options) for b in sizes]
+                             rules=compiled.rules) for b in sizes]
 
 
 def _reference(model, b, passes):

@@ -15,12 +15,13 @@ SCRIPT = textwrap.dedent("""
     from torch._dynamo.utils import counters
     from flashu_compile.models.showo2 import Showo2
     from flashu_compile.models.showo2.tokenizer import SceneTokenizer
+    from flashu_compile.tasks import compile_tasks
     from tests.conftest import WORDS, small_config
 
     warnings.simplefilter("ignore")
     model = Showo2.random(small_config(num_layers=4), seed=3).attach(tokenizer=SceneTokenizer(words=WORDS))
     # layer_skip outlines the four decoder layers: four pieces of one structure, differing only in weights.
-    compiled = model.compile_tasks("flashu", {"passes": ["layer_skip"], "skip_ratio": 0.5, "hybrid_tau": 0})
+    compiled = compile_tasks(model, "flashu", {"passes": ["layer_skip"], "skip_ratio": 0.5, "hybrid_tau": 0})
     latents = compiled.generate_images(["a red circle"], steps=4, guidance=1.0, progress=False)
     print(json.dumps({"inductor": dict(counters["inductor"]), "aot": dict(counters["aot_autograd"]),
                       "sum": float(latents.double().sum())}))

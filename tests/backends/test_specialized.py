@@ -9,6 +9,7 @@ from flashu_compile.backends.specialized import Specializations
 from flashu_compile.models.showo2 import Showo2
 from flashu_compile.models.showo2.understanding import answer_tokens, prepare
 from flashu_compile.runtime.request import request
+from flashu_compile.tasks import compile_tasks
 from tests.conftest import small_config
 from tests.passes.reference import reference_answer
 
@@ -24,7 +25,7 @@ def _model(tokenizer, num_layers=4, seed=2):
 def _decode(model, tokenizer, image, options, steps):
     """Every decode step's logits, feeding back the argmax, and how many entries each layer's cache gained."""
     torch._dynamo.reset()
-    compiled = model.compile_tasks("flashu", options)
+    compiled = compile_tasks(model, "flashu", options)
     rows, embeds = prepare(model, tokenizer, image, QUESTION)
     cache = DynamicCache(config=model.config.llm)
     out = []
@@ -74,7 +75,7 @@ def test_a_specialization_that_fails_to_compile_falls_back_to_the_guarded_graph(
     model, image = _model(tokenizer, num_layers=2, seed=0)
     _, want, _, _ = reference_answer(model, tokenizer, image, QUESTION, 6, skip_ratio=0.5)
     torch._dynamo.reset()
-    compiled = model.compile_tasks("flashu", {"passes": ["layer_skip"], "skip_ratio": 0.5})
+    compiled = compile_tasks(model, "flashu", {"passes": ["layer_skip"], "skip_ratio": 0.5})
     with torch.no_grad(), pytest.warns(UserWarning, match=r"specialized on skip set \[1\] failed .*no kernel"):
         assert answer_tokens(model, tokenizer, image, QUESTION, max_new_tokens=6, entries=compiled.entries) == want
     assert builds == [frozenset({1})]

@@ -22,6 +22,7 @@ from flashu_compile.backends.lowerings import lowering_for
 from flashu_compile.backends.tensorrt import PRECISIONS, TensorRTProgram, TensorRTSettings, lower_tensorrt
 from flashu_compile.options import TRT_PRECISIONS, FlashUOptions
 from flashu_compile.runtime.markers import MARK_VISUAL, mark_visual
+from flashu_compile.tasks import compile_tasks
 
 
 class Input:
@@ -239,12 +240,12 @@ def test_an_answer_lowers_through_the_flashu_backend(trt, tokenizer, passes):
     image = torch.randn(1, c, h, w, generator=torch.Generator().manual_seed(2))
     options = {"passes": passes, "skip_ratio": 0.5, "decode_graphs": 0}
     torch._dynamo.reset()
-    compiled = model.compile_tasks("flashu", {**options, "lowering": "eager"})
+    compiled = compile_tasks(model, "flashu", {**options, "lowering": "eager"})
     with torch.no_grad():
         want = answer_tokens(model, tokenizer, image, "what colour is the circle?", max_new_tokens=5,
                              entries=compiled.entries)
     torch._dynamo.reset()
-    compiled = model.compile_tasks("flashu", {**options, "lowering": "tensorrt"})
+    compiled = compile_tasks(model, "flashu", {**options, "lowering": "tensorrt"})
     with torch.no_grad(), warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         got = answer_tokens(model, tokenizer, image, "what colour is the circle?", max_new_tokens=5,

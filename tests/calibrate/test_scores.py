@@ -9,6 +9,7 @@ from flashu_compile.calibrate import Plan, calibrate
 from flashu_compile.calibrate.plan import decoder_layers, keep_count
 from flashu_compile.calibrate.scores import DownProjInputs, select_keep, wanda_scores
 from flashu_compile.models.showo2 import Showo2
+from flashu_compile.tasks import compile_tasks
 
 from ..conftest import small_config
 
@@ -193,7 +194,7 @@ def test_calibrate_needs_a_codec_for_images_but_not_for_latents(model):
 
 def test_calibrate_ignores_a_compiled_guidance_schedule(model, plan):
     # Compiling leaves the model as it was: its schedule lives in the compiled object, never reached by calibration.
-    compiled = model.compile_tasks("flashu", {"guidance_schedule": ((1, 0.0), (1, 5.0)), "lowering": "eager"})
+    compiled = compile_tasks(model, "flashu", {"guidance_schedule": ((1, 0.0), (1, 5.0)), "lowering": "eager"})
     assert compiled.options.guidance_schedule == ((1, 0.0), (1, 5.0))
     again = calibrate(model, prune_ratio=0.2, multiple=8, steps=3, samples=3, progress=False)
     assert again == plan  # the full cond + uncond batch at every step, as without options

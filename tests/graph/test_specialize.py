@@ -7,6 +7,7 @@ from flashu_compile.graph.rewrite import copy_graph
 from flashu_compile.graph.specialize import layer_guards, resolve_layer_guards
 from flashu_compile.models.showo2 import Showo2
 from flashu_compile.models.showo2.understanding import answer_tokens
+from flashu_compile.tasks import compile_tasks
 from tests.conftest import small_config
 from tests.passes.reference import compiled_generate, latent_noise
 
@@ -35,7 +36,7 @@ def test_skipped_layers_leave_the_graph_and_kept_ones_are_plain_calls(tokenizer,
     image = torch.randn(1, model.config.image_latent_dim, *model.config.latent_size)
 
     def run():
-        compiled = model.compile_tasks("flashu", {"passes": ["layer_skip"], "skip_ratio": 0.5, "lowering": "eager",
+        compiled = compile_tasks(model, "flashu", {"passes": ["layer_skip"], "skip_ratio": 0.5, "lowering": "eager",
                                                   "decode_graphs": 0})
         with torch.no_grad():
             answer_tokens(model, tokenizer, image, "what colour is the circle?", max_new_tokens=4,

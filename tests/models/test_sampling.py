@@ -142,31 +142,39 @@ def test_euler_cfg_rejects_non_finite_scales(tokenizer):
 
 def test_a_relative_schedule_honours_guidance_as_s0(small_model, tokenizer, monkeypatch):
     """The paper preset scales the request's guidance (0.75 s0, then s0) without a warning; no guidance: 7.5."""
+    from flashu_compile.backend import sampler_rules
     from flashu_compile.models.showo2 import sampling
     from flashu_compile.options import FlashUOptions
 
     seen = []
-    monkeypatch.setattr(sampling, "euler_cfg", lambda denoise, rows, noise, grid, scales, progress: seen.append(scales))
+    monkeypatch.setattr(sampling, "euler_cfg",
+                        lambda denoise, rows, noise, grid, scales, progress, rules: seen.append(scales))
     paper = FlashUOptions.from_dict({"preset": "paper"})
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        generate_latents(small_model, tokenizer, ["red"], steps=11, guidance=3.0, options=paper, progress=False)
-        generate_latents(small_model, tokenizer, ["red"], steps=11, options=paper, progress=False)
+        generate_latents(small_model, tokenizer, ["red"], steps=11, guidance=3.0,
+                         rules=sampler_rules(paper), progress=False)
+        generate_latents(small_model, tokenizer, ["red"], steps=11,
+                         rules=sampler_rules(paper), progress=False)
     assert seen == [[2.25] * 7 + [3.0] * 3, [5.625] * 7 + [7.5] * 3]
 
 
 def test_an_absolute_schedule_does_not_silently_override_an_explicit_guidance(small_model, tokenizer):
     """An absolute schedule sets every scale itself: ``guidance=`` cannot take effect, so say so."""
+    from flashu_compile.backend import sampler_rules
     from flashu_compile.options import FlashUOptions
 
     absolute = FlashUOptions.from_dict({"guidance_schedule": [(24, 7.5), (11, 10.0)]})
     with pytest.warns(UserWarning, match=r"guidance=3.0 is ignored: .*absolute guidance_schedule \[\(24, 7.5\), "
                       r"\(11, 10.0\)\]"):
-        generate_latents(small_model, tokenizer, ["red"], steps=3, guidance=3.0, options=absolute, progress=False)
+        generate_latents(small_model, tokenizer, ["red"], steps=3, guidance=3.0,
+                         rules=sampler_rules(absolute), progress=False)
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # the schedule alone, or guidance without a schedule: no warning
-        generate_latents(small_model, tokenizer, ["red"], steps=3, options=absolute, progress=False)
+        generate_latents(small_model, tokenizer, ["red"], steps=3,
+                         rules=sampler_rules(absolute), progress=False)
         generate_latents(small_model, tokenizer, ["red"], steps=3, guidance=3.0, progress=False)
         # The public rule: calls past an absolute schedule use the request's guidance, so it is not ignored.
         reference = absolute.replace(step_semantics="flashu-reference", guidance_schedule=((1, 7.5),))
-        generate_latents(small_model, tokenizer, ["red"], steps=4, guidance=3.0, options=reference, progress=False)
+        generate_latents(small_model, tokenizer, ["red"], steps=4, guidance=3.0,
+                         rules=sampler_rules(reference), progress=False)

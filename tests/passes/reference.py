@@ -15,6 +15,7 @@ import torch.nn.functional as F
 
 from flashu_compile.models.showo2.sampling import generate_latents, time_grid
 from flashu_compile.models.showo2.sequences import t2i_rows
+from flashu_compile.tasks import compile_tasks
 
 
 def latent_noise(model, n, seed=0):
@@ -26,9 +27,9 @@ def latent_noise(model, n, seed=0):
 def compiled_generate(model, options, prompts, steps, noise, guidance=5.0):
     """Latents from the ``flashu`` backend with ``options``."""
     torch._dynamo.reset()  # every example compiles a new backend; stay below dynamo's recompile limit
-    compiled = model.compile_tasks("flashu", options)
+    compiled = compile_tasks(model, "flashu", options)
     return generate_latents(model, model.tokenizer, prompts, steps=steps, guidance=guidance, noise=noise,
-                            progress=False, denoise=compiled.entries["denoise"], options=compiled.options)
+                            progress=False, denoise=compiled.entries["denoise"], rules=compiled.rules)
 
 
 def assert_close_rel(a, b, rel=1e-5):

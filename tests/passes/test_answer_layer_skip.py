@@ -13,6 +13,7 @@ from flashu_compile.graph.rewrite import is_symbolic
 from flashu_compile.models.showo2 import Showo2
 from flashu_compile.models.showo2.understanding import answer_tokens, prefill, prepare
 from flashu_compile.runtime.request import request
+from flashu_compile.tasks import compile_tasks
 from tests.conftest import small_config
 from tests.passes.reference import assert_close_rel, reference_answer
 
@@ -38,7 +39,7 @@ def test_answer_equals_the_reference(tokenizer, num_layers, skip_ratio, seed, wi
     options = {"passes": passes, "lowering": "eager", "strict": int(num_layers * skip_ratio) > 0,
                "skip_ratio": skip_ratio, "token_drop_layer": 0}
     torch._dynamo.reset()
-    compiled = model.compile_tasks("flashu", options)
+    compiled = compile_tasks(model, "flashu", options)
     with torch.no_grad():
         rows, embeds = prepare(model, tokenizer, image, QUESTION)
         with request("mmu", 1) as req:
@@ -58,7 +59,7 @@ def test_skipped_layers_write_no_kv_entries(tokenizer):
     _, _, _, skipped = reference_answer(model, tokenizer, image, QUESTION, 6, skip_ratio=0.5)
     assert len(skipped) == 2
     torch._dynamo.reset()
-    compiled = model.compile_tasks("flashu", {"passes": ["layer_skip"], "lowering": "eager", "skip_ratio": 0.5})
+    compiled = compile_tasks(model, "flashu", {"passes": ["layer_skip"], "lowering": "eager", "skip_ratio": 0.5})
     with torch.no_grad():
         rows, embeds = prepare(model, tokenizer, image, QUESTION)
         cache = DynamicCache(config=model.config.llm)
@@ -95,7 +96,7 @@ def test_decode_is_traced_with_no_mask_while_caches_differ_in_length(tokenizer, 
 
     monkeypatch.setattr(modeling_qwen2, "create_causal_mask", materialized)
     torch._dynamo.reset()
-    compiled = model.compile_tasks("flashu", {"passes": ["layer_skip"], "lowering": "eager", "skip_ratio": 0.5,
+    compiled = compile_tasks(model, "flashu", {"passes": ["layer_skip"], "lowering": "eager", "skip_ratio": 0.5,
                                               "strict": True})
     with torch.no_grad():
         assert answer_tokens(model, tokenizer, image, QUESTION, max_new_tokens=6, entries=compiled.entries) == want
@@ -110,7 +111,7 @@ def test_embedded_model_answers_with_dropping_and_skipping_composed():
                                            drop=(2, 0.5, True))
     assert skipped
     torch._dynamo.reset()
-    compiled = model.compile_tasks("flashu", {"passes": ["token_drop", "layer_skip"], "skip_ratio": 0.5,
+    compiled = compile_tasks(model, "flashu", {"passes": ["token_drop", "layer_skip"], "skip_ratio": 0.5,
                                               "strict": True, "lowering": "eager"})
     with torch.no_grad():
         assert answer_tokens(model, model.tokenizer, image, QUESTION, max_new_tokens=8,
@@ -132,7 +133,7 @@ def _skipping_answerer(tokenizer, monkeypatch, on_symbolic):
     image = _image(model, 2)
     _, want, _, _ = reference_answer(model, tokenizer, image, QUESTION, 8, skip_ratio=0.5)
     torch._dynamo.reset()
-    compiled = model.compile_tasks("flashu", {"passes": ["layer_skip"], "skip_ratio": 0.5})
+    compiled = compile_tasks(model, "flashu", {"passes": ["layer_skip"], "skip_ratio": 0.5})
     return lambda: answer_tokens(model, tokenizer, image, QUESTION, max_new_tokens=8, entries=compiled.entries), want
 
 
@@ -174,7 +175,7 @@ def test_pruned_dropping_skipping_answer_compiles_its_symbolic_pieces(tokenizer,
     with torch.no_grad():
         for lowering in ("eager", "inductor"):
             torch._dynamo.reset()
-            compiled = model.compile_tasks("flashu", {**options, "lowering": lowering})
+            compiled = compile_tasks(model, "flashu", {**options, "lowering": lowering})
             answers.append(answer_tokens(model, tokenizer, image, QUESTION, max_new_tokens=8, entries=compiled.entries))
     assert len(answers[0]) == 8 and answers[1] == answers[0]
     assert len(builds) == 2 and builds[0] == builds[1]  # one specialization per lowering, same skip set

@@ -8,6 +8,7 @@ from hypothesis import strategies as st
 from flashu_compile.models.showo2 import Showo2
 from flashu_compile.models.showo2.sampling import generate_latents
 from flashu_compile.options import FlashUOptions
+from flashu_compile.tasks import compile_tasks
 from tests.conftest import small_config
 from tests.passes.reference import assert_close_rel as _close
 from tests.passes.reference import compiled_generate, latent_noise, reference_generate
@@ -70,7 +71,7 @@ def test_no_recompiles_after_first_request(model):
     torch._dynamo.utils.counters.clear()
     options = {"passes": ["layer_skip", "head_cache"], "lowering": "eager", "skip_ratio": 0.5,
                "skip_interval": 10, "cache_interval": 5, "guidance_schedule": ((24, 7.5), (11, 10.0))}
-    compiled = model.compile_tasks("flashu", options)
+    compiled = compile_tasks(model, "flashu", options)
     run = {"denoise": compiled.entries["denoise"], "options": compiled.options, "progress": False}
     generate_latents(model, model.tokenizer, PROMPTS, steps=50, noise=latent_noise(model, len(PROMPTS)), **run)
     first = torch._dynamo.utils.counters["stats"]["unique_graphs"]
@@ -82,6 +83,6 @@ def test_no_recompiles_after_first_request(model):
 
 
 def test_options_reach_the_sampler(model):
-    compiled = model.compile_tasks("flashu", {"guidance_schedule": ((1, 0.0), (1, 5.0)), "lowering": "eager"})
+    compiled = compile_tasks(model, "flashu", {"guidance_schedule": ((1, 0.0), (1, 5.0)), "lowering": "eager"})
     assert compiled.options == FlashUOptions.from_dict({"guidance_schedule": ((1, 0.0), (1, 5.0)),
                                                         "lowering": "eager"})

@@ -13,6 +13,7 @@ from flashu_compile.models.showo2.understanding import prefill, prepare
 from flashu_compile.options import FlashUOptions
 from flashu_compile.runtime import FlopTally
 from flashu_compile.runtime.request import current_request, request
+from flashu_compile.tasks import compile_tasks
 from tests.conftest import WORDS, small_config
 from tests.passes.reference import assert_close_rel as _close
 from tests.passes.reference import (
@@ -89,7 +90,7 @@ def test_composes_with_pruned_ffns(tokenizer, data, steps, tau, head_cache):
 
 def test_prefix_is_computed_once_per_request_and_batch(model):
     torch._dynamo.reset()
-    compiled = model.compile_tasks("flashu", {"passes": ["prefix_cache"], "lowering": "eager",
+    compiled = compile_tasks(model, "flashu", {"passes": ["prefix_cache"], "lowering": "eager",
                                               "guidance_schedule": ((2, 5.0), (2, 0.0), (2, 5.0))})
     histories = []
     fn = compiled.entries["denoise"]
@@ -100,7 +101,7 @@ def test_prefix_is_computed_once_per_request_and_batch(model):
         return out
 
     generate_latents(model, model.tokenizer, ["red circle"], steps=7, noise=latent_noise(model, 1), progress=False,
-                     denoise=denoise, options=compiled.options)
+                     denoise=denoise, rules=compiled.rules)
     # Guided calls (2 rows) and unguided ones (1 row) each fill their own cache once.
     assert histories[-1] == [(1, "prefix store"), (2, "prefix reuse"), (3, "prefix store"), (4, "prefix reuse"),
                              (5, "prefix reuse"), (6, "prefix reuse")]
@@ -141,7 +142,7 @@ def test_step_flops_fall_by_the_prefix_and_tail_share(tokenizer):
 def test_no_recompiles_after_the_first_request(model):
     torch._dynamo.reset()
     torch._dynamo.utils.counters.clear()
-    compiled = model.compile_tasks("flashu", {"passes": ["prefix_cache", "head_cache"], "lowering": "eager",
+    compiled = compile_tasks(model, "flashu", {"passes": ["prefix_cache", "head_cache"], "lowering": "eager",
                                               "guidance_schedule": ((24, 7.5), (11, 10.0))})
     run = {"denoise": compiled.entries["denoise"], "options": compiled.options, "progress": False}
     generate_latents(model, model.tokenizer, ["red circle", ""], steps=20, noise=latent_noise(model, 2), **run)

@@ -18,6 +18,7 @@ from flashu_compile.models.showo2.understanding import answer_tokens, prefill, p
 from flashu_compile.passes.prune_channels import ffn_layout
 from flashu_compile.runtime import FlopTally
 from flashu_compile.runtime.request import request
+from flashu_compile.tasks import compile_tasks
 from tests.conftest import small_config
 from tests.passes.reference import assert_close_rel as _close
 from tests.passes.reference import reference_generate, zeroed_copy
@@ -69,9 +70,9 @@ def test_pruned_model_equals_zeroed_neurons(tokenizer, data, num_layers, size, s
     noise, image = _latents(model, len(PROMPTS), 0), _latents(model, 1, 1)
 
     torch._dynamo.reset()
-    compiled = model.compile_tasks("flashu", options)
+    compiled = compile_tasks(model, "flashu", options)
     got = generate_latents(model, tokenizer, PROMPTS, steps=steps, guidance=5.0, noise=noise, progress=False,
-                           denoise=compiled.entries["denoise"], options=compiled.options)
+                           denoise=compiled.entries["denoise"], rules=compiled.rules)
     want = reference_generate(full, PROMPTS, steps, 5.0, noise, layer_skip=with_generation_passes,
                               head_cache=with_generation_passes, tau=tau, skip_interval=2, skip_ratio=0.5,
                               cache_interval=2, pruned=zeroed["t2i"])
@@ -119,7 +120,7 @@ def test_ffn_flops_fall_with_the_prune_ratio(calibrated):
     ffn = sum(sum(ops.values()) for name, ops in mode.get_flop_counts().items()
               if name.startswith("Qwen2Model.layers.") and name.endswith(".mlp"))
     torch._dynamo.reset()
-    compiled = model.compile_tasks("flashu", {"passes": ["prune_channels"], "plan": plan, "lowering": "eager",
+    compiled = compile_tasks(model, "flashu", {"passes": ["prune_channels"], "plan": plan, "lowering": "eager",
                                               "hybrid_tau": 0})
     with request("t2i", 1), torch.no_grad(), FlopTally() as tally:
         compiled.entries["denoise"](*args)
@@ -134,7 +135,7 @@ def test_both_plans_and_the_full_network_share_one_weight_set(calibrated, tokeni
     before = {name: (p.data_ptr(), p.numel() * p.element_size()) for name, p in params.items()}
     storages = {p.untyped_storage().data_ptr() for p in params.values()}
     torch._dynamo.reset()
-    compiled = model.compile_tasks("flashu", {"passes": ["prune_channels"], "plan": plan, "lowering": "eager",
+    compiled = compile_tasks(model, "flashu", {"passes": ["prune_channels"], "plan": plan, "lowering": "eager",
                                               "hybrid_tau": 1})
     run = {"denoise": compiled.entries["denoise"], "options": compiled.options, "progress": False}
     narrowed = []
@@ -168,11 +169,11 @@ def test_a_second_plan_on_the_same_weights_is_refused(calibrated, tokenizer):
 
 
 def _compile_and_generate(model, tokenizer, options, error):
-    compiled = model.compile_tasks("flashu", {"passes": ["prune_channels"], "lowering": "eager", "hybrid_tau": 0,
+    compiled = compile_tasks(model, "flashu", {"passes": ["prune_channels"], "lowering": "eager", "hybrid_tau": 0,
                                               **options})
     with pytest.raises(Exception, match=error) if error else contextlib.nullcontext():
         generate_latents(model, tokenizer, PROMPTS, steps=2, guidance=0.0, noise=_latents(model, 2, 6),
-                         progress=False, denoise=compiled.entries["denoise"], options=compiled.options)
+                         progress=False, denoise=compiled.entries["denoise"], rules=compiled.rules)
 
 
 @pytest.mark.parametrize("family", ["qwen2", "llama"])

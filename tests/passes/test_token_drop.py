@@ -13,6 +13,7 @@ from flashu_compile.models.showo2.understanding import answer_tokens, prefill, p
 from flashu_compile.passes.manager import observe_passes
 from flashu_compile.runtime import FlopTally
 from flashu_compile.runtime.flops import call_counted
+from flashu_compile.tasks import compile_tasks
 from tests.conftest import small_config
 from tests.passes.reference import assert_close_rel, reference_answer, reference_token_drop_prefill
 
@@ -37,7 +38,7 @@ def test_compiled_prefill_and_answer_equal_the_reference(tokenizer, num_layers, 
                                                                drop=(layer, ratio, highest))
 
     torch._dynamo.reset()
-    compiled = model.compile_tasks("flashu", options)
+    compiled = compile_tasks(model, "flashu", options)
     with torch.no_grad():
         rows, embeds = prepare(model, tokenizer, image, QUESTION)
         cache = DynamicCache(config=model.config.llm)
@@ -72,7 +73,7 @@ def test_prompts_of_different_lengths_drop_on_the_symbolic_prefill_and_equal_the
             sequences.append(result.stats.get("sequence"))
 
     torch._dynamo.reset()
-    compiled = model.compile_tasks("flashu", options)
+    compiled = compile_tasks(model, "flashu", options)
     with torch.no_grad(), observe_passes(record):
         for question, (want_logits, want_tokens, _, _) in zip(questions, wanted, strict=True):
             rows, embeds = prepare(model, tokenizer, image, question)

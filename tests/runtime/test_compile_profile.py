@@ -8,6 +8,7 @@ import torch
 
 from flashu_compile.models.showo2 import Showo2
 from flashu_compile.runtime.compile_profile import DYNAMO, REQUEST, phase, piece_kind, profiled, profiling
+from flashu_compile.tasks import compile_tasks
 from tests.conftest import small_config
 
 
@@ -53,7 +54,7 @@ def test_a_compile_is_profiled_phase_by_phase(tokenizer, one_thread):
     layers = 4
     model = Showo2.random(small_config(num_layers=layers), seed=5).attach(tokenizer=tokenizer)
     torch._dynamo.reset()
-    compiled = model.compile_tasks("flashu", {"passes": ["layer_skip"], "lowering": "eager", "skip_ratio": 0.5,
+    compiled = compile_tasks(model, "flashu", {"passes": ["layer_skip"], "lowering": "eager", "skip_ratio": 0.5,
                                               "hybrid_tau": 0})
     with warnings.catch_warnings(), profiling() as profile:
         warnings.simplefilter("ignore")

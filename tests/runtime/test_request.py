@@ -22,6 +22,7 @@ from flashu_compile.models.showo2.sequences import t2i_rows
 from flashu_compile.options import FlashUOptions
 from flashu_compile.runtime import FlopTally, guidance_scales
 from flashu_compile.runtime.request import end_implicit_requests, serving
+from flashu_compile.tasks import compile_tasks
 from tests.conftest import small_config
 from tests.passes.reference import assert_close_rel, latent_noise
 
@@ -63,9 +64,9 @@ def user_loop(denoise, model, steps, scales, noise):
 
 def _sampler_latents(model, options, steps, noise):
     torch._dynamo.reset()
-    compiled = model.compile_tasks("flashu", options)
+    compiled = compile_tasks(model, "flashu", options)
     return generate_latents(model, model.tokenizer, PROMPTS[:noise.shape[0]], steps=steps, guidance=GUIDANCE,
-                            noise=noise, progress=False, denoise=compiled.entries["denoise"], options=compiled.options)
+                            noise=noise, progress=False, denoise=compiled.entries["denoise"], rules=compiled.rules)
 
 
 CONFIGS = {

@@ -18,11 +18,9 @@ from torch import nn
 from transformers import Qwen2ForCausalLM
 from transformers.models.siglip.modeling_siglip import SiglipEncoder
 
-from ...options import PASSES, FlashUOptions
 from ...validate import warn_user
 from . import understanding
 from .checkpoint import load_showo2, save_showo2
-from .compiled import CompiledShowo2
 from .configuration import Showo2Config, preset
 from .embedded import WEIGHTS_DIR, verify_checksums
 from .images import to_pixels
@@ -39,7 +37,7 @@ from .modules import (
 from .sequences import check_t2i_fits, span_membership
 
 if TYPE_CHECKING:
-    from .sampling import DenoiseFn
+    from .sampling import DenoiseFn, SamplerRules
 
 
 def image_span_mask(modality_positions: torch.Tensor, seq_len: int) -> torch.Tensor:
@@ -86,8 +84,6 @@ class Showo2(nn.Module):
         # Set by attach(): what generate_images() / answer() need beyond the network.
         self.tokenizer = None
         self.codec = None
-        # Set by compile(backend="flashu"): the checked options, whose guidance schedule generate_images applies.
-        self.compiled_options: FlashUOptions | None = None
         self._checked_for_wrapper = False
 
     # ----------------------------------------------------------------- construction helpers
@@ -149,15 +145,18 @@ class Showo2(nn.Module):
         """PyTorch's in-place :meth:`torch.nn.Module.compile`: the model's own calls, which ``generate_images`` and
         ``answer`` make for every step (see :meth:`forward`), then run compiled.
 
-        With ``backend="flashu"``, the ``options`` (and a Plan among them) are checked here, at the call, and
-        ``generate_images`` applies their guidance schedule. ``torch.compile(model)`` instead returns a wrapper
+        A backend may have rules for the sampler (a ``sampler_rules(options, model)`` attribute, as ``flashu``
+        has: its guidance schedule and the request each image's calls form). They are asked for here, before
+        anything compiles, so the backend can refuse its options at this call, and are kept with the compiled
+        call PyTorch keeps, which ``generate_images`` follows. ``torch.compile(model)`` instead returns a wrapper
         whose other methods run this model uncompiled (their first call says so).
         """
-        options = FlashUOptions.from_dict(kwargs.get("options")) if kwargs.get("backend") == "flashu" else None
-        if options is not None and hasattr(options.plan, "verify_model"):
-            options.plan.verify_model(self)
+        backend = kwargs.get("backend", "inductor")
+        found = torch._dynamo.lookup_backend(backend) if isinstance(backend, str) else backend
+        make_rules = getattr(found, "sampler_rules", None)
+        rules = make_rules(kwargs.get("options"), self) if make_rules is not None else None
         super().compile(*args, **kwargs)
-        self.compiled_options = options
+        self._compiled_call_impl.sampler_rules = rules
 
     def _step(self, name: str) -> Callable:
         """One step kind of the task methods, through the module itself (compiled if compiled in place)."""
@@ -175,40 +174,6 @@ class Showo2(nn.Module):
             warn_user("torch.compile(model) returns a wrapper that compiles only the wrapper's own calls; "
                       "generate_images and answer run the model uncompiled. Compile the model in place instead: "
                       "model.compile(backend='flashu', options={...}), then model.generate_images(...)")
-
-    def compile_tasks(self, backend: str = "flashu", options: dict | None = None) -> CompiledShowo2:
-        """Compile the four hot entry points the task methods use; the model itself is left unchanged.
-
-        ``torch.compile(model)`` compiles only ``forward``, and the returned wrapper's other
-        methods run uncompiled; this compiles what generate_images() and answer() actually call
-        and returns them with the options (see :class:`compiled.CompiledShowo2`).
-        """
-        from . import understanding
-
-        entries = {"embed": (self.embed, None), "denoise": (self.denoise, "t2i"),
-                   "prefill": (understanding.prefill, "mmu"), "decode": (understanding.decode_step, "mmu")}
-        if backend != "flashu":
-            extra = {"options": options} if options else {}
-            compiled = {name: torch.compile(fn, backend=backend, fullgraph=name in ("embed", "denoise"), **extra)
-                        for name, (fn, _) in entries.items()}
-            return CompiledShowo2(self, compiled)
-        # The sampler applies the guidance schedule; the graphs read the rest.
-        opts = FlashUOptions.from_dict(options)
-        if hasattr(opts.plan, "verify_model"):
-            # A Plan is checked against the whole model here, at the call, before any graph compiles or weight
-            # moves (each graph checks only the weights it reads; a saved plan's path is checked by them all).
-            opts.plan.verify_model(self)
-
-        def entry_options(name: str, task: str | None) -> dict:
-            # Each entry gets the passes that act on its graphs, so none is reported as not applying: the image +
-            # question embedding (the vision encoder) has nothing they rewrite, and a decode step no image tokens.
-            passes = [p for p in opts.passes
-                      if task in PASSES[p].tasks and (name != "decode" or PASSES[p].decode_steps)]
-            return {**(options or {}), "passes": passes, **({"task": task} if task else {})}
-
-        return CompiledShowo2(self, {name: torch.compile(fn, backend="flashu", options=entry_options(name, task),
-                                                         fullgraph=name in ("embed", "denoise"))
-                                     for name, (fn, task) in entries.items()}, opts)
 
     def save_pretrained(self, path: str, **kwargs) -> None:
         """Write an official-layout checkpoint folder that replaces whatever checkpoint ``path`` held;
@@ -409,15 +374,15 @@ class Showo2(nn.Module):
     @torch.no_grad()
     def generate_images(
         self, prompts: list[str] | str, steps: int = 50, guidance: float | None = None, shift: float = 3.0,
-        seed: int = 0, progress: bool = True, denoise: DenoiseFn | None = None,
-        options: FlashUOptions | dict | None = None,
+        seed: int = 0, progress: bool = True, denoise: DenoiseFn | None = None, rules: SamplerRules | None = None,
     ) -> torch.Tensor:
         """Images (B, 3, H, W) in [0, 1]; without a decoder, a preview of the latents.
 
-        ``denoise`` replaces ``self.denoise`` (e.g. ``torch.compile(model.denoise, backend="flashu",
-        options=...)``), and ``options`` (a FlashUOptions, or the dict given to ``torch.compile``) brings
-        its guidance schedule: ``guidance`` is the request's scale s0, 7.5 by default, which a relative
-        schedule scales per call (see :func:`sampling.generate_latents`).
+        Each denoising step is a call of the model itself (compiled if the model was compiled in place, whose
+        backend's sampler rules then apply), unless ``denoise`` replaces it (e.g. ``torch.compile(model.denoise,
+        backend="flashu", options=...)``, with ``rules=flashu_compile.sampler_rules(options)``). ``guidance`` is
+        the request's scale s0, 7.5 by default, which a relative schedule scales per call (see
+        :func:`sampling.generate_latents`).
 
         A prompt longer than the text budget (``config.max_text_len`` tokens) is cut, with a warning; a model whose
         text-to-image row (budget, image tokens, special tokens) exceeds ``config.llm.max_position_embeddings`` is
@@ -429,11 +394,12 @@ class Showo2(nn.Module):
         cfg = self.config
         check_t2i_fits(cfg.num_image_tokens, cfg.max_text_len, cfg.llm.max_position_embeddings)
         if denoise is None:
-            # The model's own calls: compiled in place, with the compile's guidance schedule unless told otherwise.
-            denoise, options = self._step("denoise"), options if options is not None else self.compiled_options
+            # The model's own calls: compiled in place, with the rules of the compile's backend unless told otherwise.
+            denoise = self._step("denoise")
+            if rules is None:
+                rules = getattr(self._compiled_call_impl, "sampler_rules", None)
         latents = generate_latents(self, self._require("tokenizer"), prompts, steps=steps, guidance=guidance,
-                                   shift=shift, seed=seed, denoise=denoise, progress=progress,
-                                   options=FlashUOptions.from_dict(options) if options is not None else None)
+                                   shift=shift, seed=seed, denoise=denoise, progress=progress, rules=rules)
         return self.codec.decode(latents) if self.codec is not None else preview(latents)
 
     def encode_image(self, image: Any) -> torch.Tensor:
@@ -463,8 +429,8 @@ class Showo2(nn.Module):
         ``max_new_tokens`` answer tokens must fit ``config.llm.max_position_embeddings``: a longer question is a
         ValueError naming how many tokens fit, not an answer from positions the model does not know.
 
-        ``entries`` replaces the ``embed``, ``prefill`` and ``decode`` steps by name (compiled ones; see
-        :class:`compiled.CompiledShowo2`); without it, each step is a call of the model itself (compiled when
+        ``entries`` replaces the ``embed``, ``prefill`` and ``decode`` steps by name (compiled ones, as
+        ``flashu_compile.compile_tasks`` gives them); without it, each step is a call of the model itself (compiled when
         the model was compiled in place), and a name it lacks runs eagerly.
         """
         from ...validate import check_int, check_text
@@ -475,7 +441,7 @@ class Showo2(nn.Module):
         max_new_tokens = check_int("max_new_tokens", max_new_tokens, 1, self.config.llm.max_position_embeddings)
         tokenizer = self._require("tokenizer")
         if entries is None:
-            # prefill and decode take the model first, as the module-level functions compile_tasks compiles do.
+            # prefill and decode take the model first, as the module-level functions of understanding do.
             entries = {"embed": self._step("embed"), "prefill": lambda model, *a: model(*a, step="prefill"),
                        "decode": lambda model, *a: model(*a, step="decode")}
         ids = answer_tokens(self, tokenizer, self.encode_image(image), question, max_new_tokens=max_new_tokens,

@@ -7,21 +7,34 @@ as in the official evaluation scripts (``num_inference_steps`` counts grid point
 
 from __future__ import annotations
 
+import contextlib
 import numbers
 from collections.abc import Callable
+from typing import Any, Protocol
 
 import torch
 from tqdm.auto import tqdm
 
-from ...runtime import guidance_scales, request
-from ...runtime.schedule import ignores_guidance
-from ...validate import MAX_GUIDANCE, MAX_SEED, MAX_SHIFT, MAX_STEPS, check_float, check_int, warn_user
+from ...validate import MAX_GUIDANCE, MAX_SEED, MAX_SHIFT, MAX_STEPS, check_float, check_int
 from .sequences import Rows, t2i_rows
 
 DEFAULT_GUIDANCE = 7.5  # the official evaluation scripts' scale
 
 # (text_tokens, latents, t, attention_mask, modality_positions) -> velocity
 DenoiseFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+class SamplerRules(Protocol):
+    """What the sampler asks of whoever compiled its steps (a compiler's rules; the sampler imports none).
+
+    ``scales(calls, guidance, explicit)``: the scale of each model call of a request at scale ``guidance``
+    (``explicit``: the caller chose it). ``request(task, calls)``: a context around the request's calls whose
+    value is advanced (``.advance()``) before each call.
+    """
+
+    def scales(self, calls: int, guidance: float, explicit: bool = True) -> list[float]: ...
+
+    def request(self, task: str, calls: int) -> contextlib.AbstractContextManager[Any]: ...
 
 
 def shift_time(s: torch.Tensor, shift: float) -> torch.Tensor:
@@ -44,13 +57,15 @@ def euler_cfg(
     grid: torch.Tensor,
     guidance: float | list[float],
     progress: bool = True,
+    rules: SamplerRules | None = None,
 ) -> torch.Tensor:
     """Integrate from ``noise`` over ``grid``; rows hold cond rows first, then uncond rows if guided.
 
     ``guidance`` is one scale or one per model call. A call with scale 0 runs the cond rows
-    only (the official sampler's unguided branch), so the batch halves on those steps. The
-    calls run inside a ``runtime.request`` so compiled graphs know which step they serve.
-    The latent stays fp32 between steps whatever the model dtype, like the official sampler.
+    only (the official sampler's unguided branch), so the batch halves on those steps. With
+    ``rules``, the calls run inside its request, so compiled programs know which call of how
+    many they serve. The latent stays fp32 between steps whatever the model dtype, like the
+    official sampler.
     """
     x = noise.float()
     calls = len(grid) - 1
@@ -66,9 +81,10 @@ def euler_cfg(
         raise ValueError(f"{rows.text_tokens.shape[0]} rows for {b} latents")
     if not guided and any(s > 0 for s in scales):
         raise ValueError("guidance > 0 needs rows with unconditional rows (t2i_rows(..., guidance=True))")
-    with request("t2i", calls) as req:
+    with rules.request("t2i", calls) if rules is not None else contextlib.nullcontext() as req:
         for i in tqdm(range(calls), desc="denoising", disable=not progress, leave=False):
-            req.advance()
+            if req is not None:
+                req.advance()
             t, scale = grid[i], scales[i]
             n = 2 * b if scale > 0 else b
             model_x = torch.cat([x, x]) if n > b else x
@@ -94,15 +110,15 @@ def generate_latents(
     max_text_len: int | None = None,
     denoise: DenoiseFn | None = None,
     progress: bool = True,
-    options=None,
+    rules: SamplerRules | None = None,
 ) -> torch.Tensor:
     """Latents (B, c, H, W) for ``prompts`` at the model's default resolution.
 
     ``denoise`` replaces ``model.denoise`` (a compiled one). ``guidance`` is the request's scale s0
-    (default :data:`DEFAULT_GUIDANCE`). ``options`` (the FlashUOptions ``denoise`` was compiled with;
-    None: no schedule) may carry a guidance schedule: a relative one (the presets') scales s0 per
-    call, so ``guidance`` always counts; an absolute one fixes the scales itself, and a ``guidance``
-    it leaves unused is reported with a warning. Every argument is checked before any work.
+    (default :data:`DEFAULT_GUIDANCE`). ``rules`` (those of the compiler ``denoise`` came from; None:
+    every call at s0, outside any request) give each call's scale, from s0 unless the compiler's
+    schedule fixes them (and then says so when ``guidance`` was given), and the request the calls
+    form. Every argument is checked before any work.
     """
     prompts = [prompts] if isinstance(prompts, str) else prompts
     if not isinstance(prompts, (list, tuple)) or not prompts:
@@ -110,15 +126,9 @@ def generate_latents(
     for i, prompt in enumerate(prompts):
         if not isinstance(prompt, str):
             raise ValueError(f"prompts[{i}] must be a str, got {type(prompt).__name__} {prompt!r}")
-    schedule = options.guidance_schedule if options is not None else None
     explicit = guidance is not None
     guidance = check_float("guidance", DEFAULT_GUIDANCE if guidance is None else guidance, 0.0, MAX_GUIDANCE)
     steps = check_int("steps", steps, 2, MAX_STEPS)
-    semantics = options.step_semantics if options is not None else "project"
-    if explicit and ignores_guidance(schedule, steps - 1, semantics):
-        warn_user(f"guidance={guidance!r} is ignored: the compiled flashu options' absolute guidance_schedule "
-                  f"{list(schedule)} sets every step's scale (a relative schedule, {{'relative': [(fraction, "
-                  "multiple), ...]}, scales the request's guidance instead)")
     shift = check_float("shift", shift, 0.0, MAX_SHIFT, low_open=True)
     seed = check_int("seed", seed, 0, MAX_SEED)
     cfg = model.config
@@ -130,11 +140,11 @@ def generate_latents(
         noise = torch.randn(len(prompts), c, h, w, generator=gen)
     elif noise.shape != (len(prompts), c, h, w):
         raise ValueError(f"noise must be {(len(prompts), c, h, w)}, got {tuple(noise.shape)}")
-    scales = guidance_scales(schedule, steps - 1, guidance, semantics)
+    scales = rules.scales(steps - 1, guidance, explicit) if rules is not None else [guidance] * (steps - 1)
     rows = t2i_rows(tokenizer, prompts, cfg.num_image_tokens, max_text_len or cfg.max_text_len,
                     guidance=any(s > 0 for s in scales), dtype=model.dtype)
     # Noise is drawn on the CPU so a seed gives the same image on every device.
     device = model.device
     denoise = denoise or model.denoise
     return euler_cfg(denoise, rows.to(device), noise.to(device), time_grid(steps, shift).to(device), scales,
-                     progress)
+                     progress, rules)

@@ -15,7 +15,6 @@ import torch
 from transformers import DynamicCache, Qwen2Model
 
 from ...runtime.markers import mark_visual
-from ...runtime.request import request
 from .sequences import Rows, mmu_row, omni_attention_mask
 
 # The LLM's name for its KV cache argument: ``cache`` since transformers 5.24 (``past_key_values`` is
@@ -81,8 +80,9 @@ def answer_tokens(
     image, the chat template and ``max_new_tokens`` answer tokens do not fit the LLM's positions is a ValueError.
 
     ``entries`` replaces :func:`prefill`, :func:`decode_step` and ``model.embed`` by name (``"prefill"``,
-    ``"decode"``, ``"embed"``: compiled ones, as :meth:`Showo2.compile_tasks` returns them); a name it lacks
-    runs eagerly.
+    ``"decode"``, ``"embed"``: compiled ones, as ``flashu_compile.compile_tasks`` gives them); a name it lacks
+    runs eagerly. The compiled programs tell an answer's calls apart by themselves: a prefill begins a
+    request, each decode step (which continues a KV cache) is its next call.
     """
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
@@ -91,26 +91,22 @@ def answer_tokens(
     prefill_fn = entries.get("prefill", prefill)
     decode_fn = entries.get("decode", decode_step)
     out: list[int] = []
-    # One request per answer: the prefill is its first model call, each decoded token one more.
-    with request("mmu", max_new_tokens) as req:
-        req.advance()
+    if use_cache:
+        cache = DynamicCache(config=model.config.llm)
+        logits = prefill_fn(model, embeds, rows.attention_mask, cache, rows.image_positions())
+    else:
+        logits = model.showo.lm_head(model.llm_hidden(embeds, rows.attention_mask))[:, -1]
+    for _ in range(max_new_tokens):
+        token = logits.argmax(dim=-1)
+        if int(token) == tokenizer.eos_id:
+            break
+        out.append(int(token))
+        if len(out) == max_new_tokens:
+            break
         if use_cache:
-            cache = DynamicCache(config=model.config.llm)
-            logits = prefill_fn(model, embeds, rows.attention_mask, cache, rows.image_positions())
+            logits = decode_fn(model, token, cache)
         else:
-            logits = model.showo.lm_head(model.llm_hidden(embeds, rows.attention_mask))[:, -1]
-        for _ in range(max_new_tokens):
-            token = logits.argmax(dim=-1)
-            if int(token) == tokenizer.eos_id:
-                break
-            out.append(int(token))
-            if len(out) == max_new_tokens:
-                break
-            req.advance()
-            if use_cache:
-                logits = decode_fn(model, token, cache)
-            else:
-                embeds = torch.cat([embeds, model.showo.model.embed_tokens(token.view(1, 1))], dim=1)
-                mask = omni_attention_mask(rows.modality_positions, embeds.shape[1], dtype=embeds.dtype)
-                logits = model.showo.lm_head(model.llm_hidden(embeds, mask))[:, -1]
+            embeds = torch.cat([embeds, model.showo.model.embed_tokens(token.view(1, 1))], dim=1)
+            mask = omni_attention_mask(rows.modality_positions, embeds.shape[1], dtype=embeds.dtype)
+            logits = model.showo.lm_head(model.llm_hidden(embeds, mask))[:, -1]
     return out

@@ -70,6 +70,11 @@ def markdown(results: list[Result], machine: str, command: str) -> str:
             r = by_name[name]
             lines.append(f"| {row['technique']} | {name} | {r.flops / 1e9:.2f} | {row['flops_saved']:.1%} | "
                          f"{_num(ups[name].get('vs_inductor'))} | {_fidelity(r)} |")
+    did = [r for r in results if r.did]
+    if did:
+        # Which techniques acted on each row, so a row cannot silently measure less than its name says.
+        lines += ["", "What the compiler did on each flashu row's FLOP-counted request (`flashu_compile.summary()`):",
+                  "", "```", *(f"{r.name}:\n{r.did}" for r in did), "```"]
     for r in results:
         if r.compile_profile:
             lines += ["", *compile_phases(r)]

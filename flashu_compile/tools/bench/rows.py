@@ -36,6 +36,7 @@ class Result:
     tokens: int | None = None  # mmu: tokens in the answer (it stops at eos), which its time depends on
     # --profile-compile: "cold" and "warm" -> CompileProfile.to_dict() of that first request
     compile_profile: dict = field(default_factory=dict)
+    did: str | None = None  # flashu: what the compiler did on the FLOP-counted request (flashu_compile.summary())
 
     @property
     def median_s(self) -> float:

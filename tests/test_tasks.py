@@ -1,11 +1,13 @@
-"""CompiledShowo2: compiling leaves the model as it was, and a plain torch.compile plus options samples the same."""
+"""compile_tasks leaves the model as it was; a plain torch.compile with the backend's sampler rules samples the
+same; the in-place form (Showo2.compile) runs every step compiled with the backend's rules."""
 
 import pytest
 import torch
 
+from flashu_compile.backend import sampler_rules
 from flashu_compile.models.showo2 import Showo2
-from flashu_compile.models.showo2.compiled import ENTRIES, CompiledShowo2
 from flashu_compile.options import FlashUOptions
+from flashu_compile.tasks import ENTRIES, CompiledShowo2, compile_tasks
 from tests.conftest import small_config
 
 # An absolute schedule: unguided first call, guided second, so it changes the result only if the sampler applies it.
@@ -20,28 +22,29 @@ def model(tokenizer):
 def test_compile_tasks_returns_the_entries_and_options_and_leaves_the_model_alone(model):
     before = dict(vars(model))
     torch._dynamo.reset()
-    compiled = model.compile_tasks("flashu", SCHEDULE)
+    compiled = compile_tasks(model, "flashu", SCHEDULE)
     assert vars(model) == before
     assert compiled.model is model and set(compiled.entries) == set(ENTRIES)
     assert compiled.options == FlashUOptions.from_dict(SCHEDULE)
-    assert model.compile_tasks("eager").options is None  # another backend has no flashu options
+    assert compile_tasks(model, "eager").options is None  # another backend has no flashu options
 
 
-def test_a_plain_torch_compile_with_its_options_samples_as_compile_tasks_does(model):
+def test_a_plain_torch_compile_with_its_sampler_rules_samples_as_compile_tasks_does(model):
     torch._dynamo.reset()
-    via_tasks = model.compile_tasks("flashu", SCHEDULE).generate_images(["red circle"], steps=3, progress=False)
+    via_tasks = compile_tasks(model, "flashu", SCHEDULE).generate_images(["red circle"], steps=3, progress=False)
     torch._dynamo.reset()
     denoise = torch.compile(model.denoise, backend="flashu", options=SCHEDULE)
-    plain = model.generate_images(["red circle"], steps=3, progress=False, denoise=denoise, options=SCHEDULE)
+    plain = model.generate_images(["red circle"], steps=3, progress=False, denoise=denoise,
+                                  rules=sampler_rules(SCHEDULE))
     unscheduled = model.generate_images(["red circle"], steps=3, progress=False, denoise=denoise)
     assert torch.equal(plain, via_tasks)
-    assert not torch.equal(plain, unscheduled)  # without the options the default guidance runs every call
+    assert not torch.equal(plain, unscheduled)  # without the rules the default guidance runs every call
 
 
 def test_the_compiled_answer_is_the_models(model):
     image = torch.rand(3, 32, 32, generator=torch.Generator().manual_seed(0))
     torch._dynamo.reset()
-    compiled = model.compile_tasks("flashu", {"lowering": "eager"})
+    compiled = compile_tasks(model, "flashu", {"lowering": "eager"})
     assert compiled.answer(image, "what colour is the circle?", max_new_tokens=4) == \
         model.answer(image, "what colour is the circle?", max_new_tokens=4)
 
@@ -74,7 +77,7 @@ def test_compiled_in_place_every_step_runs_compiled_and_equals_compile_tasks(tok
         results[name] = (images, answer, tally.total)
     torch._dynamo.reset()
     reference = Showo2.random(small_config(), seed=3).attach(tokenizer=tokenizer)
-    tasks = reference.compile_tasks("flashu", {**CACHED, **SCHEDULE})
+    tasks = compile_tasks(reference, "flashu", {**CACHED, **SCHEDULE})
     assert torch.allclose(results["cached"][0], tasks.generate_images(["red circle"], steps=6, progress=False),
                           rtol=1e-5, atol=1e-6)  # the compile's guidance schedule applies, as compile_tasks'
     assert results["cached"][1] == tasks.answer(*IMAGE_QUESTION, max_new_tokens=3) == results["off"][1]
@@ -84,7 +87,21 @@ def test_compiled_in_place_every_step_runs_compiled_and_equals_compile_tasks(tok
 def test_compile_in_place_checks_its_options_at_the_call(model):
     with pytest.raises(ValueError, match=r"unknown flashu option\(s\) \['lowerng'\]"):
         model.compile(backend="flashu", options={"lowerng": "eager"})
-    assert model.compiled_options is None and model._compiled_call_impl is None
+    assert model._compiled_call_impl is None
+
+
+def test_in_place_rules_come_from_the_backend_and_go_with_its_compiled_call(model):
+    """The model keeps nothing of its own: the rules sit on the compiled call PyTorch keeps, and compiling again
+    with a backend that has none (or reading a model never compiled) samples every call at the request's scale."""
+    eager = model.generate_images(["red circle"], steps=3, progress=False)
+    torch._dynamo.reset()
+    model.compile(backend="flashu", options=SCHEDULE)
+    assert model._compiled_call_impl.sampler_rules == sampler_rules(SCHEDULE)
+    scheduled = model.generate_images(["red circle"], steps=3, progress=False)
+    model.compile(backend="eager")
+    assert model._compiled_call_impl.sampler_rules is None
+    assert torch.equal(model.generate_images(["red circle"], steps=3, progress=False), eager)
+    assert not torch.equal(scheduled, eager)
 
 
 def test_the_wrapper_form_says_once_that_it_runs_uncompiled(model):
