@@ -3,8 +3,9 @@
 An answer fixes its skip set in the prefill and keeps it for every decoded token, yet each decode
 step of the guarded graph still runs one Python guard and two compiled pieces per layer. Once the
 skip set is known, every layer guard's decision is too: a kept layer becomes a plain call of its
-outlined block, a skipped one the inputs it carries (the residual stream, the past keys/values),
-and whatever only fed a skipped layer is dead code. The result can be compiled as one graph.
+outlined block, a skipped one what its guard returns (the residual stream, the past keys/values
+with placeholder entries, ``runtime.guards.skipped_cache``), and whatever only fed a skipped layer
+is dead code. The result can be compiled as one graph.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ from collections.abc import Iterable
 
 import torch.fx
 
-from ..runtime.guards import layer_guard
+from ..runtime.guards import layer_guard, skipped_cache
 from .rewrite import copy_graph, has_guards
 
 
@@ -35,9 +36,15 @@ def resolve_layer_guards(gm: torch.fx.GraphModule, skip: Iterable[int]) -> torch
         if index in skip and -1 not in carry:
             if len(carry) == 1:
                 node.replace_all_uses_with(inputs[0])
-            else:  # one getitem per output: each becomes the input that output equals when skipped
+            else:  # one getitem per output: each becomes what the guard returns for it when skipped
                 for item in list(node.users):  # outline() reads every output through a getitem
-                    item.replace_all_uses_with(inputs[carry[item.args[1]]])
+                    p = carry[item.args[1]]
+                    if p == 0:
+                        item.replace_all_uses_with(inputs[0])
+                    else:
+                        with out.graph.inserting_before(item):
+                            kept = out.graph.call_function(skipped_cache, (inputs[p], inputs[0]))
+                        item.replace_all_uses_with(kept)
                     out.graph.erase_node(item)
         else:
             with out.graph.inserting_before(node):

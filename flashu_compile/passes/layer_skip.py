@@ -6,9 +6,11 @@ batch and tokens; an answer: the last token) and skips the int(L * r_LS) least i
 on the others; the skip set lives in the request, so changing it never recompiles.
 
 In prefill and decode graphs a layer also writes its keys and values: those outputs are
-``cat(past, new)``, and a skipped layer returns ``past`` unchanged, appending nothing. An answer
-fixes its skip set in the prefill (see ``runtime.guards``), so a skipped layer's cache is never
-read again. A prefill has no past to carry, so its layers always run (they are measured there).
+``cat(past, new)`` along the sequence (dim -2), and a skipped layer returns ``past`` with a zero
+entry per new token. An answer fixes its skip set in the prefill (see ``runtime.guards``), so a
+skipped layer's cache is never read again; the placeholders keep every layer's cache equally
+long, so dynamo sees one cache length whatever the skip set, and a new skip set compiles nothing.
+A prefill has no past to carry, so its layers always run (they are measured there).
 """
 
 from __future__ import annotations
@@ -36,10 +38,14 @@ NAME = "layer_skip"
 
 
 def _past(node: torch.fx.Node, inside: set[torch.fx.Node]) -> torch.fx.Node | None:
-    """For a KV-cache write ``cat([past, new], dim)``: ``past``, when it comes from outside the layer."""
+    """For a KV-cache write ``cat([past, new], dim=-2)`` of (B, heads, T, D) tensors: ``past``, when it comes from
+    outside the layer (what a skipped layer extends, see ``runtime.guards.skipped_cache``)."""
     if node.target is torch.cat and isinstance(node.args[0], (list, tuple)) and len(node.args[0]) == 2:
         past = node.args[0][0]
-        return past if isinstance(past, torch.fx.Node) and past not in inside else None
+        dim = node.kwargs.get("dim", node.args[1] if len(node.args) > 1 else 0)
+        value = node.meta.get("example_value")
+        on_sequence = isinstance(value, torch.Tensor) and value.dim() == 4 and dim in (-2, 2)
+        return past if on_sequence and isinstance(past, torch.fx.Node) and past not in inside else None
     return None
 
 

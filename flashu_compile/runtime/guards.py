@@ -88,7 +88,7 @@ class Controller:
             st.memo.clear()  # the head cache belongs to one phase
             st.full = full
         # An answer measures once, in the prefill, and keeps that skip set for every token: a layer
-        # skipped for a token writes no KV entry, so it could not attend to that token later.
+        # skipped for a token writes only a placeholder KV entry, so it could not attend to that token later.
         if self.num_layers and (self.rules.recalculate(step) if self.task == "t2i" else step == 1):
             st.recalc_due = True
         if st.recalc_due:
@@ -119,9 +119,10 @@ def full_phase(cid: int) -> bool:
 def layer_guard(cid: int, block, index: int, carry: tuple[int, ...], *inputs: Any) -> Any:
     """A decoder layer: skipped when the step's skip set says so.
 
-    The residual stream is input 0. ``carry`` gives, per output of the block, the input it equals
-    when the layer is skipped: the stream for the stream, the past K/V for a KV-cache write (a
-    skipped layer appends nothing). -1 means the output has no such input, so the layer runs.
+    The residual stream is input 0. ``carry`` gives, per output of the block, the input it stands on
+    when the layer is skipped: the stream for the stream, the past K/V for a KV-cache write (which
+    a skipped layer extends with placeholder entries, :func:`skipped_cache`). -1 means the output
+    has no such input, so the layer runs.
     """
     ctl = controller(cid)
     st = ctl.state()
@@ -135,8 +136,19 @@ def layer_guard(cid: int, block, index: int, carry: tuple[int, ...], *inputs: An
         st.importance[index] = float(1.0 - (cos[..., -1] if ctl.task == "mmu" else cos).mean())
         return out
     if index in st.skip and -1 not in carry:
-        return inputs[0] if len(carry) == 1 else tuple(inputs[p] for p in carry)
+        return inputs[0] if len(carry) == 1 else tuple(inputs[0] if p == 0 else skipped_cache(inputs[p], inputs[0])
+                                                       for p in carry)
     return block(*inputs)
+
+
+def skipped_cache(past: torch.Tensor, stream: torch.Tensor) -> torch.Tensor:
+    """A skipped layer's KV-cache write: ``past`` (B, heads, T, D) with a zero entry for each of the ``stream``'s
+    new tokens (B, S, H). The entries are never read: an answer keeps its skip set for every token, so the layer
+    never runs again in it. They keep every layer's cache as long as layer 0's, as without skipping, so dynamo
+    sees one cache length for all layers whatever the skip set (a cache left shorter is a static size of its own,
+    and each new skip set would compile the decode step again)."""
+    new = past.new_zeros((*past.shape[:-2], stream.shape[-2], past.shape[-1]))
+    return torch.cat([past, new], dim=-2)
 
 
 def memo_guard(cid: int, region, key: str, *inputs: Any) -> Any:
