@@ -49,7 +49,12 @@ class RequestSummary:
         skipped = "; ".join(f"{n} call(s) skip {list(s)}" for s, n in sorted(self.skipped.items()) if s) or "none"
         cache = ", ".join(f"{a} x{n}" for a, n in sorted(self.cache.items())) or "-"
         return (f"{self.task:<4} {len(self.calls):>5} calls ({phases}) | layers skipped: {skipped} | "
-                f"cache: {cache} | {self.flops / 1e6:,.1f} MFLOP")
+                f"cache: {cache} | " + (f"{self.flops / 1e6:,.1f} MFLOP" if self.counted else "FLOPs not counted"))
+
+    @property
+    def counted(self) -> bool:
+        """Whether its calls' FLOPs were counted (a :func:`summary` with ``flops=True``)."""
+        return any(c.flops is not None for c in self.calls)
 
 
 @dataclass
@@ -61,6 +66,16 @@ class Summary:
     @property
     def flops(self) -> int:
         return sum(r.flops for r in self.requests)
+
+    def totals(self) -> list[str]:
+        """One line per task, its requests taken together (a long run's summary, where a row per request is too
+        many): the requests, then the calls as :meth:`RequestSummary.line` counts them."""
+        lines = []
+        for task in dict.fromkeys(r.task for r in self.requests):
+            mine = [r for r in self.requests if r.task == task]
+            merged = RequestSummary(task, [c for r in mine for c in r.calls])
+            lines.append(f"{len(mine)} request(s): {merged.line()}")
+        return lines
 
     def __str__(self) -> str:
         if not self.requests:
@@ -85,11 +100,12 @@ def group(records: list[CallRecord]) -> list[RequestSummary]:
 
 
 @contextlib.contextmanager
-def summary() -> Iterator[Summary]:
+def summary(flops: bool = True) -> Iterator[Summary]:
     """Record what every compiled flashu program does inside the block; the yielded :class:`Summary` is filled
-    when the block ends. Costs a FLOP count per call while active (nothing outside a block)."""
+    when the block ends. Costs a FLOP count per call while active (nothing outside a block); ``flops=False``
+    leaves the FLOPs out (0) and costs next to nothing."""
     done = Summary()
-    with FlopTally(), record_calls() as records:
+    with FlopTally() if flops else contextlib.nullcontext(), record_calls() as records:
         try:
             yield done
         finally:

@@ -28,6 +28,7 @@ import torch
 from ..files import write_atomic
 from ..options import FlashUOptions
 from ..passes.manager import PassRecord, observe_passes
+from ..runtime.summary import summary
 from ..scenes.dataset import make_split
 from ..scenes.evaluate import BOOTSTRAP_RESAMPLES, compare, evaluate, markdown_tables
 from ..tasks import compile_tasks
@@ -167,12 +168,12 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     if any(FlashUOptions.from_dict(options).needs_plan for _, options in configs):
         plan = load_plan(args, model)
         configs = [(name, {**options, "plan": plan}) for name, options in configs]
-    results, seconds, acted = {}, {}, {}
+    results, seconds, acted, did = {}, {}, {}, {}
     for i, (name, options) in enumerate(configs, start=1):
         print(f"[{i}/{len(configs)}] {name}: {json.dumps({k: v for k, v in options.items() if k != 'plan'})}")
         torch._dynamo.reset()
         records: list[PassRecord] = []
-        with observe_passes(_collector(records)):
+        with observe_passes(_collector(records)), summary(flops=False) as done:
             compiled = compile_tasks(model, "flashu", options)
             t0 = time.perf_counter()
             results[name] = evaluate(compiled, args.prompts, args.questions, args.steps, guidance, seed=args.seed,
@@ -183,6 +184,8 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         result = results[name]
         print(f"  GenEval-like overall {result['geneval']['overall']:.3f}, VQA {result['vqa_accuracy']:.3f} "
               f"({seconds[name]:.0f} s)\n  techniques: {techniques_text(acted[name])}")
+        did[name] = done.totals()
+        print("  what the compiler did:" + "".join(f"\n    {line}" for line in did[name] or ["nothing"]))
     comparison = compare(results, resamples=args.resamples, seed=args.seed)
     tables = markdown_tables(comparison)
     machine = machine_line()
@@ -191,7 +194,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         shown = {name: {k: (v if k != "plan" else "calibrated" if not args.plan else args.plan)
                         for k, v in options.items()} for name, options in configs}
         report = {"command": args.command_line, "machine": machine, "guidance": guidance, "configurations": shown,
-                  "seconds": seconds, "techniques": acted, "comparison": comparison, "results": results}
+                  "seconds": seconds, "techniques": acted, "did": did, "comparison": comparison, "results": results}
         text = json.dumps(report, indent=1, default=str)
         path = Path(args.json)
         path.parent.mkdir(parents=True, exist_ok=True)

@@ -39,3 +39,18 @@ def test_the_summary_of_a_compiled_model_says_what_it_did(tokenizer):
     assert mmu.task == "mmu" and 1 <= len(mmu.calls) <= 3 and mmu.flops > 0
     text = str(done)
     assert text.startswith("flashu: 2 request(s)") and "reuse x2" in text and "2 full" in text
+
+
+def test_totals_take_a_tasks_requests_together_and_say_when_flops_were_not_counted():
+    from flashu_compile.runtime.summary import RequestSummary, Summary
+    from flashu_compile.runtime.timeline import CallRecord
+
+    def call(step, skipped=(), flops=None):
+        return CallRecord("t2i", step, "rewritten", skipped, False, (), flops)
+
+    done = Summary([RequestSummary("t2i", [call(1), call(2, (1,))]), RequestSummary("t2i", [call(1, (1,))])])
+    (line,) = done.totals()
+    assert line.startswith("2 request(s): t2i      3 calls (3 rewritten)")
+    assert "2 call(s) skip [1]" in line and line.endswith("FLOPs not counted")
+    counted = Summary([RequestSummary("t2i", [call(1, flops=2_000_000)])])
+    assert counted.totals()[0].endswith("| 2.0 MFLOP")
