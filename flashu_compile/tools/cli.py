@@ -45,6 +45,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     checked = common.flashu_options(options)
     common.check_plan("--plan", args.plan)
     out = check_output("--out", args.out, folder=True)
+    caches = common.load_compile_caches("--cache-artifacts", args.cache_artifacts)
     t0 = time.perf_counter()
     model, compiled = common.load_model(args), common.load_model(args)
     check_int("--max-new-tokens", args.max_new_tokens, 1, model.config.llm.max_position_embeddings)
@@ -85,6 +86,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
         m.answer(eager[0], args.question, max_new_tokens=args.max_new_tokens)  # the compiled one compiles here
         text, seconds = timed(m.answer, eager[0], args.question, max_new_tokens=args.max_new_tokens)
         print(f"  {name}: A: {text!r} ({seconds:.3f} s)")
+    common.save_compile_caches("--cache-artifacts", caches)
     return 0
 
 
@@ -152,6 +154,7 @@ def cmd_ask(args: argparse.Namespace) -> int:
         image = (to_tensor(scene.render()) + 1) / 2
         question, expected = (args.question, None) if args.question is not None else scene.qa[0]
         print(f"image: held-out scene {args.scene}: {scene.caption!r}")
+    caches = common.load_compile_caches("--cache-artifacts", args.cache_artifacts)
     model = common.load_model(args)
     check_int("--max-new-tokens", args.max_new_tokens, 1, model.config.llm.max_position_embeddings)
     if checked.needs_plan:
@@ -166,6 +169,7 @@ def cmd_ask(args: argparse.Namespace) -> int:
     print(f"Q: {question}\nA: {text}" + (f"   (expected: {expected})" if expected is not None else ""))
     print(f"flashu {args.preset} on {args.lowering}: first answer {cold:.2f} s (compilation included), "
           f"then {warm:.3f} s")
+    common.save_compile_caches("--cache-artifacts", caches)
     return 0
 
 
@@ -191,6 +195,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--max-new-tokens", type=int, default=16)
     demo.add_argument("--upscale", type=int, default=8, help="nearest-neighbour enlargement of saved images")
     demo.add_argument("--out", default="outputs/demo")
+    common.cache_artifacts_arg(demo)
     demo.set_defaults(func=cmd_demo)
 
     ask = sub.add_parser("ask", help="answer a question about an image with the flashu backend")
@@ -203,6 +208,7 @@ def build_parser() -> argparse.ArgumentParser:
     ask.add_argument("--plan", help="a saved calibration plan (default: calibrate the model first)")
     ask.add_argument("--max-new-tokens", type=int, default=32)
     ask.add_argument("--no-progress", action="store_true")
+    common.cache_artifacts_arg(ask)
     ask.set_defaults(func=cmd_ask)
     __import__("flashu_compile.tools.calibrate", fromlist=["add_parser"]).add_parser(sub)  # lazy imports
     __import__("flashu_compile.tools.graph_diff", fromlist=["add_parser"]).add_parser(sub)

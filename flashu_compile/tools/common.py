@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -107,3 +108,48 @@ def parse_option(text: str) -> tuple[str, Any]:
         return key, json.loads(value)
     except json.JSONDecodeError:
         return key, value  # a bare word, e.g. step_semantics=project
+
+
+def cache_artifacts_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--cache-artifacts", metavar="FILE",
+                   help="PyTorch's compile caches in one file (torch.compiler's mega-cache): loaded before anything "
+                        "compiles when the file exists, written (replaced) after, so a later run, here or on "
+                        "another machine of the same kind, compiles nothing it holds")
+
+
+def load_compile_caches(flag: str, value: str | None) -> Path | None:
+    """``value``'s cache artifacts loaded into this process, before anything compiles (a file that is not PyTorch's
+    cache artifacts is a ValueError naming ``flag``); returns the path for :func:`save_compile_caches`."""
+    if value is None:
+        return None
+    import torch
+
+    path = check_output(flag, value, folder=False)
+    if path.exists():
+        # PyTorch logs a file it cannot read, traceback and all, and returns None: the refusal below says it once.
+        quiet = logging.getLogger("torch.compiler._cache")
+        level, quiet.level = quiet.level, logging.CRITICAL
+        try:
+            loaded = torch.compiler.load_cache_artifacts(path.read_bytes())
+        finally:
+            quiet.setLevel(level)
+        if loaded is None:
+            raise ValueError(f"{flag} {value!r} holds no PyTorch cache artifacts (torch.compiler could not read it)")
+        print(f"compile caches loaded from {path}")
+    return path
+
+
+def save_compile_caches(flag: str, path: Path | None) -> None:
+    """What this process compiled (and loaded), written to ``path`` atomically, replacing it."""
+    if path is None:
+        return
+    import torch
+
+    from ..files import write_atomic
+
+    saved = torch.compiler.save_cache_artifacts()
+    if saved is None:
+        print(f"{flag}: nothing compiled to a cache (the eager lowering generates no kernels); {path} left as it was")
+        return
+    write_atomic(path, lambda tmp: tmp.write_bytes(saved[0]))
+    print(f"compile caches -> {path}")

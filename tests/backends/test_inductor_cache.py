@@ -45,3 +45,51 @@ def test_identical_layers_compile_once_and_a_restart_compiles_nothing(tmp_path):
     assert warm["inductor"].get("fxgraph_cache_miss", 0) == 0, warm
     assert warm["aot"].get("autograd_cache_hit", 0) == warm["aot"]["total"], warm
     assert warm["sum"] == cold["sum"]
+
+
+MEGA = textwrap.dedent("""
+    import json, os, sys, warnings
+    import torch
+    from torch._dynamo.utils import counters
+    from flashu_compile.models.showo2 import Showo2
+    from flashu_compile.models.showo2.tokenizer import SceneTokenizer
+    from flashu_compile.tasks import compile_tasks
+    from tests.conftest import WORDS, small_config
+
+    warnings.simplefilter("ignore")
+    mode, path = sys.argv[1], sys.argv[2]
+    if mode == "load":
+        with open(path, "rb") as f:
+            torch.compiler.load_cache_artifacts(f.read())
+    model = Showo2.random(small_config(num_layers=4), seed=3).attach(tokenizer=SceneTokenizer(words=WORDS))
+    compiled = compile_tasks(model, "flashu", {"passes": ["layer_skip", "head_cache"], "skip_ratio": 0.5,
+                                              "hybrid_tau": 2, "cache_interval": 2})
+    latents = compiled.generate_images(["a red circle"], steps=5, guidance=1.0, progress=False)
+    answer = compiled.answer(torch.rand(3, 32, 32, generator=torch.Generator().manual_seed(0)),
+                             "what colour is the circle?", max_new_tokens=4)
+    if mode == "save":
+        artifacts = torch.compiler.save_cache_artifacts()
+        assert artifacts is not None, "nothing to save"
+        with open(path, "wb") as f:
+            f.write(artifacts[0])
+    print(json.dumps({"inductor": dict(counters["inductor"]), "sum": float(latents.double().sum()),
+                      "answer": answer}))
+""")
+
+
+def test_a_mega_cache_saved_by_one_process_leaves_another_nothing_to_compile(tmp_path):
+    """torch.compiler.save_cache_artifacts() after both tasks' flashu programs compiled; a new process with empty
+    caches loads them and compiles no FX graph of its own (every lowering of both tasks is a cache hit)."""
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    artifacts = str(tmp_path / "mega.bin")
+    runs = {}
+    for mode in ("save", "load"):
+        result = subprocess.run([sys.executable, "-c", MEGA, mode, artifacts], capture_output=True, text=True,
+                                timeout=900, cwd=root, env={**os.environ, "TORCHINDUCTOR_CACHE_DIR":
+                                                            str(tmp_path / f"cache-{mode}")})
+        assert result.returncode == 0, result.stderr[-3000:]
+        runs[mode] = json.loads(result.stdout.strip().splitlines()[-1])
+    saved, loaded = runs["save"]["inductor"], runs["load"]["inductor"]
+    assert saved.get("fxgraph_cache_miss", 0) > 0, saved  # the first process compiled
+    assert loaded.get("fxgraph_cache_miss", 0) == 0 and loaded.get("fxgraph_cache_hit", 0) > 0, loaded
+    assert runs["load"]["sum"] == runs["save"]["sum"] and runs["load"]["answer"] == runs["save"]["answer"]

@@ -164,3 +164,19 @@ def test_the_demo_compares_eager_and_compiled_and_draws_both(tmp_path, capsys):
     assert len(re.findall(r"A: '", out)) == 2  # the answer both ways
     with Image.open(tmp_path / "out" / "t2i.png") as picture:
         assert picture.height == 2 * picture.width  # one prompt: the eager image above the compiled one
+
+
+@pytest.mark.parametrize("command", ["demo", "ask"])
+def test_a_file_that_is_not_cache_artifacts_is_refused_before_the_model_loads(command, tmp_path, no_model, capsys):
+    junk = tmp_path / "caches.bin"
+    junk.write_bytes(b"not a mega-cache")
+    err = run([command, "--cache-artifacts", str(junk)], capsys)
+    assert "--cache-artifacts" in err and "holds no PyTorch cache artifacts" in err, err
+    assert junk.read_bytes() == b"not a mega-cache"  # left as it was
+
+
+def test_the_eager_demo_says_it_has_no_compile_caches_to_write(tmp_path, capsys):
+    caches = tmp_path / "caches.bin"
+    assert main(["demo", "--steps", "3", "--lowering", "eager", "--out", str(tmp_path / "out"), "--no-progress",
+                 "--max-new-tokens", "1", "--cache-artifacts", str(caches)]) == 0
+    assert "nothing compiled to a cache" in capsys.readouterr().out and not caches.exists()
