@@ -20,8 +20,40 @@ from .validate import check_float, check_int
 
 TASK_CHOICES = ("auto", *TASKS)  # option 'task': "auto" lets the backend infer a graph's task from its structure
 LOWERINGS = ("inductor", "eager", "tensorrt")
-TOKEN_DROP_ORDERS = ("highest", "lowest")
 TRT_PRECISIONS = ("explicit", "bf16", "fp16")  # explicit: the graph's own dtypes
+
+
+@dataclass(frozen=True)
+class Setting:
+    """A pass's own option, declared with the pass (``PassSpec.settings``): its default and the values it takes.
+
+    ``kind``: "int" (a whole number >= ``low``), "float" (a finite number >= ``low``), "fraction" (a number in
+    [0, 1)) or "choice" (one of ``choices``).
+    Invariant: the default is itself a valid value.
+    """
+
+    default: Any
+    kind: str
+    low: int = 0
+    choices: tuple[str, ...] = ()
+    doc: str = ""
+
+    def __post_init__(self) -> None:
+        if self.kind not in ("int", "float", "fraction", "choice") or (self.kind == "choice" and not self.choices):
+            raise ValueError(f"a setting's kind must be 'int', 'float', 'fraction' or 'choice' (with choices), "
+                             f"got {self.kind!r}")
+        self.check("default", self.default)
+
+    def check(self, key: str, value: Any) -> Any:
+        """``value`` for option ``key`` as this setting takes it, or a ValueError naming the key."""
+        if self.kind == "int":
+            return check_int(f"option {key!r}", value, self.low)
+        if self.kind == "float":
+            return check_float(f"option {key!r}", value, self.low)
+        if self.kind == "fraction":
+            return check_float(f"option {key!r}", value, 0.0, 1.0, high_open=True)
+        _choice(key, value, self.choices)
+        return value
 
 
 @dataclass(frozen=True)
@@ -35,6 +67,7 @@ class PassInfo:
     needs_plan: bool = False  # reads the calibration plan (options' ``plan``)
     decode_steps: bool = True  # rewrites an answer's decode steps too, not only its prefill
     skips_layers: bool = False  # measures layer importance and skips the least important layers
+    settings: Mapping[str, Setting] = dataclasses.field(default_factory=dict)  # its own options, by option name
 
 
 class PassCatalogue(Mapping[str, PassInfo]):
@@ -56,8 +89,16 @@ class PassCatalogue(Mapping[str, PassInfo]):
         unknown = sorted(set(info.tasks) - set(TASKS))
         if not info.tasks or unknown:
             raise ValueError(f"pass {info.name!r}: tasks must be some of {list(TASKS)}, got {list(info.tasks)}")
+        taken = {f.name for f in fields(FlashUOptions)} | set(self.settings())
+        clash = sorted(set(info.settings) & taken)
+        if clash:
+            raise ValueError(f"pass {info.name!r}: setting(s) {clash} are already options")
         self._infos[info.name] = info
         self._infos = dict(sorted(self._infos.items(), key=lambda item: (item[1].order, item[0])))
+
+    def settings(self) -> dict[str, Setting]:
+        """Every registered pass's own options, by option name."""
+        return {key: setting for info in self._infos.values() for key, setting in info.settings.items()}
 
     def withdraw(self, name: str) -> None:
         del self._infos[name]
@@ -105,20 +146,11 @@ class FlashUOptions:
     lowering: str = "inductor"
     passes: tuple[str, ...] = ()
     plan: Any = None  # a calibration Plan or the path of a saved one
-    prune_ratio: float = 0.2  # r_p: fraction of FFN neurons removed
-    prune_multiple: int = 64  # kept neurons are rounded down to a multiple of this
-    hybrid_tau: int = 11  # full FFN when step > total_steps - tau
-    skip_ratio: float = 0.2  # r_LS: fraction of decoder layers skipped
-    skip_interval: int = 10  # T_LS: recalculation period of the skip set
-    cache_interval: int = 5  # T_cache: refresh period of the flow-head cache
+    hybrid_tau: int = 11  # the last tau model calls of a generation run the full network (every approximate pass off)
     # None: the request's guidance on every call; [(steps, scale), ...]: absolute scales; {"relative": [(fraction of
     # the calls, multiple of the request's guidance), ...]}: scales relative to it (runtime.schedule.guidance_scales)
     guidance_schedule: GuidanceSchedule = None
-    token_drop_layer: int = 2  # K: visual tokens are dropped after this decoder layer
-    token_drop_ratio: float = 0.5  # rho: fraction of visual tokens dropped
-    token_drop_order: str = "highest"  # drop the highest V-norm tokens (the paper's direction)
     step_semantics: str = "project"  # "project" or "flashu-reference" (the public code's step rules)
-    decode_graphs: int = 8  # guard-free decode graphs kept, one per answer skip set (0: always the guarded graph)
     strict: bool = False  # raise instead of falling back when a pass does not apply
     debug_dir: str | None = None  # dump every graph before and after every pass here
     trt_precision: str = "explicit"  # lowering="tensorrt": the graph's dtypes, or autocast to bf16 / fp16
@@ -126,11 +158,22 @@ class FlashUOptions:
     trt_max_size: int = 4096  # TensorRT: declared upper bound of a size dynamo made symbolic (a cache length)
     cudagraphs: bool = False  # lowering="inductor": each compiled piece replays as CUDA graphs (on a GPU)
     preset: str = "off"
+    # The passes' own options (PassSpec.settings) given a value, as sorted (name, value) pairs; read as attributes
+    # (``options.token_drop_layer``), which fall back to the setting's default.
+    pass_settings: tuple[tuple[str, Any], ...] = ()
+
+    def __getattr__(self, name: str) -> Any:
+        # Only reached for names that are not fields: a pass's own option.
+        if name.startswith("__") or name == "pass_settings":
+            raise AttributeError(name)
+        declared = PASSES.settings()
+        if name not in declared:
+            raise AttributeError(f"{type(self).__name__!r} has no option {name!r}")
+        return dict(self.pass_settings).get(name, declared[name].default)
 
     def __post_init__(self) -> None:
         _choice("task", self.task, TASK_CHOICES)
         _choice("lowering", self.lowering, LOWERINGS)
-        _choice("token_drop_order", self.token_drop_order, TOKEN_DROP_ORDERS)
         _choice("step_semantics", self.step_semantics, ("project", "flashu-reference"))
         _choice("trt_precision", self.trt_precision, TRT_PRECISIONS)
         _choice("preset", self.preset, tuple(PRESETS))
@@ -141,8 +184,12 @@ class FlashUOptions:
             raise ValueError(f"option 'passes' lists a pass twice: {list(self.passes)}")
         if (conflict := PASSES.conflict(self.passes)) is not None:
             raise ValueError(f"option 'passes': {conflict}; enable one of them")
-        for name in _FLOAT_FIELDS:
-            check_float(f"option {name!r}", getattr(self, name), 0.0, 1.0, high_open=True)
+        declared = PASSES.settings()
+        for key, value in self.pass_settings:
+            if key not in declared:
+                raise ValueError(f"unknown flashu option {key!r} among the pass settings; the passes' own options: "
+                                 f"{sorted(declared)}")
+            declared[key].check(key, value)
         for name, low in _INT_FIELDS.items():
             check_int(f"option {name!r}", getattr(self, name), low)
         # Normalised here too (a mapping becomes a RelativeSchedule), so options built directly stay hashable.
@@ -161,16 +208,20 @@ class FlashUOptions:
             return options
         if not isinstance(options, dict):
             raise ValueError(f"flashu options must be a dict, got {type(options).__name__}")
-        known = {f.name: f for f in fields(cls)}
-        unknown = sorted(set(options) - set(known), key=repr)  # keys of any type: never a TypeError
+        known = {f.name: f for f in fields(cls) if f.name != "pass_settings"}
+        declared = PASSES.settings()
+        unknown = sorted(set(options) - set(known) - set(declared), key=repr)  # keys of any type: never a TypeError
         if unknown:
-            raise ValueError(f"unknown flashu option(s) {unknown}; valid options: {sorted(known)}")
+            raise ValueError(f"unknown flashu option(s) {unknown}; valid options: {sorted({*known, *declared})}")
         preset = options.get("preset", "off")
         _choice("preset", preset, tuple(PRESETS))
-        values = dict(PRESETS[preset])
-        for key, value in options.items():
-            values[key] = _coerce(key, value, known[key])
-        return cls(**values)
+        values, settings = {}, {}
+        for key, value in {**PRESETS[preset], **options}.items():
+            if key in declared:
+                settings[key] = declared[key].check(key, value)
+            else:
+                values[key] = _coerce(key, value, known[key])
+        return cls(**values, pass_settings=tuple(sorted(settings.items())))
 
     @property
     def by_preset(self) -> bool:
@@ -182,8 +233,17 @@ class FlashUOptions:
         """Whether an enabled pass reads the calibration plan."""
         return any(PASSES[name].needs_plan for name in self.passes)
 
+    def values(self) -> dict[str, Any]:
+        """Every option by name, the passes' own options included (at their defaults where not given)."""
+        shown = {f.name: getattr(self, f.name) for f in fields(self) if f.name != "pass_settings"}
+        return shown | {name: getattr(self, name) for name in PASSES.settings()}
+
     def replace(self, **changes: Any) -> FlashUOptions:
-        return dataclasses.replace(self, **changes)
+        """A copy with ``changes``, fields and passes' own options alike."""
+        declared = PASSES.settings()
+        settings = dict(self.pass_settings) | {k: v for k, v in changes.items() if k in declared}
+        fields_changed = {k: v for k, v in changes.items() if k not in declared}
+        return dataclasses.replace(self, **fields_changed, pass_settings=tuple(sorted(settings.items())))
 
 
 def _choice(name: str, value: Any, valid: tuple[str, ...]) -> None:
@@ -200,11 +260,9 @@ def _check_passes(value: Any) -> list[str]:
     return list(value)
 
 
-# Integer options and their smallest value; the ratios are fractions in [0, 1).
-_INT_FIELDS = {"prune_multiple": 1, "hybrid_tau": 0, "skip_interval": 1, "cache_interval": 1, "token_drop_layer": 0,
-               "decode_graphs": 0, "trt_max_size": 1}
-_FLOAT_FIELDS = ("prune_ratio", "skip_ratio", "token_drop_ratio")
-_STR_FIELDS = {"task", "lowering", "token_drop_order", "step_semantics", "preset", "trt_precision"}
+# Integer options and their smallest value (the passes' own options are declared with them: PassSpec.settings).
+_INT_FIELDS = {"hybrid_tau": 0, "trt_max_size": 1}
+_STR_FIELDS = {"task", "lowering", "step_semantics", "preset", "trt_precision"}
 
 
 def _coerce(key: str, value: Any, spec: dataclasses.Field) -> Any:
@@ -214,8 +272,6 @@ def _coerce(key: str, value: Any, spec: dataclasses.Field) -> Any:
 
     if key in _INT_FIELDS:
         return check_int(f"option {key!r}", value)
-    if key in _FLOAT_FIELDS:
-        return check_float(f"option {key!r}", value)
     if key in _STR_FIELDS:
         if not isinstance(value, str):
             raise wrong("a str")
@@ -262,4 +318,4 @@ PRESETS: dict[str, dict[str, Any]] = {
 }
 
 __all__ = ["FAST_GUIDANCE", "LOWERINGS", "PAPER_GUIDANCE", "PASSES", "PASS_TASKS", "PRESETS", "TASK_CHOICES", "TASKS",
-           "FlashUOptions", "PassCatalogue", "PassInfo"]
+           "FlashUOptions", "PassCatalogue", "PassInfo", "Setting"]

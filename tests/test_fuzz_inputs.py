@@ -29,7 +29,7 @@ numbers = st.one_of(
 )
 values = st.one_of(numbers, st.lists(st.sampled_from([*PASSES, "magic", 3]), max_size=3),
                    st.lists(st.tuples(numbers, numbers), max_size=2), st.sampled_from(["eager", "paper", "t2i"]))
-keys = st.sampled_from(["passes", "prune_ratio", "hybrid_tau", "guidance_schedule", "lowering", "preset", "strict",
+keys = st.sampled_from(["passes", "skip_ratio", "hybrid_tau", "guidance_schedule", "lowering", "preset", "strict",
                         "skip_interval", "token_drop_ratio", "decode_graphs", "task", "bogus", 7])
 
 
@@ -47,7 +47,7 @@ def test_option_dicts_build_or_name_the_key(options):
         assert "option" in str(err)
         return
     for key, value in options.items():
-        if key in ("prune_ratio", "token_drop_ratio"):
+        if key in ("skip_ratio", "token_drop_ratio"):
             assert math.isfinite(getattr(opts, key)) and 0 <= getattr(opts, key) < 1
         if key in ("hybrid_tau", "skip_interval", "decode_graphs"):
             assert type(getattr(opts, key)) is int and not isinstance(value, (bool, float, str))

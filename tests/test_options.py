@@ -10,7 +10,7 @@ def test_presets():
     paper = FlashUOptions.from_dict({"preset": "paper"})
     assert paper.passes == ("prune_channels", "token_drop", "layer_skip", "head_cache")
     assert paper.token_drop_layer == 2 and paper.token_drop_ratio == 0.5 and paper.token_drop_order == "highest"
-    assert paper.prune_ratio == 0.2 and paper.skip_interval == 10
+    assert paper.skip_ratio == 0.2 and paper.skip_interval == 10 and paper.cache_interval == 5
     assert paper.cache_interval == 5 and paper.hybrid_tau == 11
     assert paper.guidance_schedule == RelativeSchedule(((0.7, 0.75), (0.3, 1.0)))  # 0.75 s0, then s0 (the paper)
     ref = FlashUOptions.from_dict({"preset": "flashu-reference", "lowering": "eager"})
@@ -27,7 +27,8 @@ def test_presets():
         ({"passes": ["prune_channels", "magic"]}, r"option 'passes' must be one of .* got 'magic'"),
         ({"passes": "layer_skip"}, r"option 'passes' must be a list of pass names"),
         ({"passes": ["layer_skip", "prefix_cache"]}, r"option 'passes': prefix_cache does not compose with layer_skip"),
-        ({"prune_ratio": 1.0}, r"option 'prune_ratio' must be in \[0, 1\), got 1.0"),
+        ({"skip_ratio": 1.0}, r"option 'skip_ratio' must be in \[0, 1\), got 1.0"),
+        ({"prune_ratio": 0.3}, r"unknown flashu option\(s\) \['prune_ratio'\]"),  # the plan holds what is pruned
         ({"token_drop_ratio": -0.1}, r"option 'token_drop_ratio' must be in \[0, 1\)"),
         ({"skip_interval": 0}, r"option 'skip_interval' must be an int >= 1, got 0"),
         ({"decode_graphs": -1}, r"option 'decode_graphs' must be an int >= 0, got -1"),
@@ -44,7 +45,7 @@ def test_presets():
         ({"guidance_schedule": [(True, 7.5)]}, r"'guidance_schedule'\[0\] steps must be an int, got bool True"),
         ({"guidance_schedule": [("3", 7.5)]}, r"'guidance_schedule'\[0\] steps must be an int, got str '3'"),
         ({"guidance_schedule": []}, r"option 'guidance_schedule' must be None or a non-empty list"),
-        ({"prune_ratio": float("nan")}, r"option 'prune_ratio' must be a finite number, got nan"),
+        ({"skip_ratio": float("nan")}, r"option 'skip_ratio' must be a finite number, got nan"),
         ({"passes": None}, r"option 'passes' must be a list of pass names .* got NoneType None"),
         ({"passes": ["layer_skip", 3]}, r"option 'passes' must be a list of pass names"),
         ({"layer_skip": 1, 2: "x"}, r"unknown flashu option\(s\) \['layer_skip', 2\]"),
@@ -58,13 +59,13 @@ def test_bad_options_name_the_key(options, message):
 
 
 def test_ints_are_accepted_for_floats():
-    assert FlashUOptions.from_dict({"prune_ratio": 0}).prune_ratio == 0.0
+    assert FlashUOptions.from_dict({"skip_ratio": 0}).skip_ratio == 0.0
 
 
 def test_numpy_scalars_are_numbers():
-    opts = FlashUOptions.from_dict({"hybrid_tau": np.int64(3), "prune_ratio": np.float32(0.25),
+    opts = FlashUOptions.from_dict({"hybrid_tau": np.int64(3), "skip_ratio": np.float32(0.25),
                                     "guidance_schedule": [(np.int32(4), np.float64(2.0))]})
-    assert (opts.hybrid_tau, opts.prune_ratio, opts.guidance_schedule) == (3, 0.25, ((4, 2.0),))
+    assert (opts.hybrid_tau, opts.skip_ratio, opts.guidance_schedule) == (3, 0.25, ((4, 2.0),))
     assert type(opts.hybrid_tau) is int and type(opts.guidance_schedule[0][0]) is int
 
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 import torch.fx
 
 from ..graph.outline import outline
+from ..options import Setting
 from ..runtime.guards import controller, memo_guard
 from .manager import PassContext, PassNotApplicable, PassResult
 from .registry import (
@@ -76,4 +77,6 @@ def describe(node: torch.fx.Node, request: DescribeContext) -> Described | None:
 
 
 SPEC = register(PassSpec(NAME, head_cache, order=50, tasks=("t2i",), hybrid=True, describe=describe,
-                         writes=GUARD_REGION, bench_row=BenchRow("cache", NAME)))
+                         writes=GUARD_REGION, bench_row=BenchRow("cache", NAME),
+                         settings={"cache_interval": Setting(5, "int", low=1, doc="T_cache: the head cache is "
+                                                                                 "refreshed every this many calls")}))

@@ -19,6 +19,7 @@ import torch
 import torch.fx
 
 from ..graph.outline import outline
+from ..options import Setting
 from ..runtime.guards import controller, layer_guard
 from .manager import PassContext, PassNotApplicable, PassResult
 from .registry import (
@@ -99,5 +100,10 @@ def describe(node: torch.fx.Node, request: DescribeContext) -> Described | None:
 
 SPEC = register(PassSpec(
     NAME, layer_skip, order=40, tasks=("t2i", "mmu"), hybrid=True, describe=describe, skips_layers=True,
+    settings={"skip_ratio": Setting(0.2, "fraction", doc="r_LS: the fraction of the decoder layers skipped"),
+              "skip_interval": Setting(10, "int", low=1, doc="T_LS: a generation measures layer importance every "
+                                                             "this many calls"),
+              "decode_graphs": Setting(8, "int", doc="guard-free decode graphs kept, one per answer skip set (0: "
+                                                     "always the guarded graph)")},
     writes=GUARD_REGION,
     bench_row=BenchRow("skip", NAME)))

@@ -1,15 +1,17 @@
 """The pass registry: every rewrite declares itself here once, from its own module.
 
 A pass module ends with ``SPEC = register(PassSpec(...))``: its option name, function, canonical
-order, the tasks whose graphs it rewrites, the passes it conflicts with, the node-metadata keys
-it writes, the hook graph-diff describes its nodes with, and its bench row. The backend, options
+order, the tasks whose graphs it rewrites, the passes it conflicts with, its own options (each a
+``Setting``: default and valid values), the node-metadata keys it writes, the hook graph-diff
+describes its nodes with, and its bench row. The backend, options
 validation (through :data:`flashu_compile.options.PASSES`, which ``register`` declares into, since
 options sit below the passes), graph-diff and the bench read this registry and nothing else, so
 adding a pass is one new module in this package (found by :func:`discover`) plus its tests.
 docs/writing-a-pass.md is the guide.
 
-Invariants: one spec per name; a spec's name, order, tasks and conflicts are in ``options.PASSES``
-exactly while it is registered; :data:`REGISTRY` iterates in canonical order.
+Invariants: one spec per name; a spec's name, order, tasks, conflicts and settings are in
+``options.PASSES`` exactly while it is registered; no setting shares a name with an option;
+:data:`REGISTRY` iterates in canonical order.
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ from pathlib import Path
 import torch
 import torch.fx
 
-from ..options import PASSES, PassInfo
+from ..options import PASSES, PassInfo, Setting
 from ..runtime.guards import Controller
 from .manager import PROVENANCE_KEY, Pass
 
@@ -74,6 +76,8 @@ class PassSpec:
     needs_plan: bool = False  # reads the calibration plan: the tools load or calibrate one when it is enabled
     decode_steps: bool = True  # False: rewrites an answer's prefill only (compile_tasks leaves it off the decode step)
     skips_layers: bool = False  # the backend measures layer importance for it (where int(L x skip_ratio) > 0)
+    # Its own options (option name -> Setting), validated with the rest and read as ``options.<name>``.
+    settings: Mapping[str, Setting] = field(default_factory=dict)
 
 
 # Pass name -> spec, in canonical order.
@@ -94,7 +98,7 @@ def register(spec: PassSpec) -> PassSpec:
     if unknown:
         raise ValueError(f"pass {spec.name!r} conflicts with unregistered pass(es) {unknown}")
     PASSES.declare(PassInfo(spec.name, spec.order, spec.tasks, spec.conflicts, spec.needs_plan, spec.decode_steps,
-                            spec.skips_layers))
+                            spec.skips_layers, spec.settings))
     REGISTRY[spec.name] = spec
     ordered = sorted(REGISTRY.values(), key=lambda s: (s.order, s.name))
     REGISTRY.clear()

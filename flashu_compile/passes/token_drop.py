@@ -31,6 +31,7 @@ import operator
 import torch
 import torch.fx
 
+from ..options import Setting
 from ..runtime.markers import MARK_VISUAL
 from .manager import PassContext, PassNotApplicable, PassResult, tag
 from .registry import DescribeContext, Described, PassSpec, register
@@ -237,6 +238,10 @@ def describe(node: torch.fx.Node, request: DescribeContext) -> Described | None:
 
 SPEC = register(PassSpec(
     NAME, token_drop, order=20, tasks=("mmu",), describe=describe, decode_steps=False,
+    settings={"token_drop_layer": Setting(2, "int", doc="K: the visual tokens are dropped after this decoder layer"),
+              "token_drop_ratio": Setting(0.5, "fraction", doc="rho: the fraction of the visual tokens dropped"),
+              "token_drop_order": Setting("highest", "choice", choices=("highest", "lowest"),
+                                          doc="drop the tokens of the highest value norm (the paper's) or lowest")},
     writes={DROP_KEY: '{"after_layer": module path of layer K, "visual_tokens": int, "dropped": int, "order": '
                       '"highest" | "lowest", "sequence": [length before, after]} on the op computing the kept '
                       "positions"}))

@@ -12,6 +12,14 @@ words), e.g. ``--config off=off --config paper=paper --config skip=off,passes=[\
 without ``--config``: ``off``, then ``--preset`` with the ``-O KEY=VALUE`` options (as graph-diff
 names one configuration). With ``--config``, ``-O`` applies to every configuration. ``--lowering``
 and ``--plan`` always apply to all. Every input is checked before the model loads.
+
+Resuming: ``--json`` is rewritten after each configuration scored, so an interrupted run loses at
+most the one in progress. Run again with the same ``--json``, a report of the same run settings
+(:func:`run_settings`) gives every configuration it holds with the same options (as the report
+records them: a plan as its path or ``calibrated``) instead of scoring it again; the others are
+scored, and the tables and report cover this command line's configurations, in its order. A
+report of other run settings, or a file that is not a report, is refused (``--no-resume``
+replaces it).
 """
 
 from __future__ import annotations
@@ -155,50 +163,144 @@ def techniques_text(outcomes: dict[str, dict[str, Any]]) -> str:
     return ", ".join(parts)
 
 
+# A configuration's entries in a report, each a mapping from configuration name.
+SCORED = ("results", "seconds", "techniques", "did")
+# What a resumed configuration's result must hold: what this command prints and compare() reads.
+RESULT_KEYS = ("geneval", "vqa_accuracy", "per_prompt", "per_question")
+
+
+def run_settings(args: argparse.Namespace) -> dict[str, Any]:
+    """Everything but a configuration's options that decides its scores: the model, the captions, questions and
+    noise, and the sampler's steps and guidance (its default resolved)."""
+    # The embedded scenes model draws best at guidance 1; a real checkpoint at the official 7.5.
+    guidance = args.guidance if args.guidance is not None else 1.0 if args.model == "default" else 7.5
+    return {"model": args.model, "tokenizer": args.tokenizer, "vae": args.vae, "prompts": args.prompts,
+            "images_per_prompt": args.images_per_prompt, "questions": args.questions, "steps": args.steps,
+            "guidance": guidance, "seed": args.seed, "batch": args.batch}
+
+
+def recorded_options(args: argparse.Namespace, configs: list[tuple[str, dict[str, Any]]]) -> dict[str, dict[str, Any]]:
+    """Each configuration's options as the report records them: one that prunes gets ``plan``, ``--plan``'s path
+    or ``"calibrated"``, so a resumed run reuses a result only if its plan came the same way."""
+    plan = args.plan or "calibrated"
+    return {name: {**options, "plan": plan} if FlashUOptions.from_dict(options).needs_plan else options
+            for name, options in configs}
+
+
+def _lacks(report: Any) -> str | None:
+    """What a report to resume lacks first (a key, a configuration's entry), or None when it lacks nothing."""
+    if not isinstance(report, dict):
+        return "a JSON object"
+    for key in ("settings", "configurations", *SCORED):
+        if not isinstance(report.get(key), dict):
+            return repr(key)
+    for name in report["configurations"]:
+        for key in SCORED:
+            if name not in report[key]:
+                return f"{key}[{name!r}]"
+        result = report["results"][name]
+        for key in RESULT_KEYS:
+            if not isinstance(result, dict) or key not in result:
+                return f"results[{name!r}][{key!r}]"
+    return None
+
+
+def previous_report(path: Path, settings: dict[str, Any]) -> dict[str, Any]:
+    """The report at ``path``, to resume from: a ValueError if it is not a complete report of this command's
+    entries, or if it was made with other :func:`run_settings` than ``settings`` (its scores would not compare)."""
+    instead = "give another --json path, delete the file or pass --no-resume to replace it"
+    try:
+        report = json.loads(path.read_text())
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise ValueError(f"--json {str(path)!r} is not a report to resume ({err}): {instead}") from None
+    if (lacking := _lacks(report)) is not None:
+        raise ValueError(f"--json {str(path)!r} is not a report to resume (it lacks {lacking}): {instead}")
+    for key in dict.fromkeys([*settings, *report["settings"]]):
+        there, here = report["settings"].get(key, "not recorded"), settings.get(key, "not recorded")
+        if there != here:
+            raise ValueError(f"--json {str(path)!r} holds results of other run settings ({key}: {there!r} there, "
+                             f"{here!r} here): {instead}")
+    return report
+
+
+def build_report(args: argparse.Namespace, settings: dict[str, Any], machine: str, shown: dict[str, dict[str, Any]],
+                 scored: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    """The report of the configurations of ``shown`` scored so far (``scored``: each of :data:`SCORED` by name), in
+    the command line's order, compared with the first of them; ``pending`` names the others."""
+    names = [name for name in shown if name in scored["results"]]
+    comparison = compare({name: scored["results"][name] for name in names}, resamples=args.resamples, seed=args.seed)
+    return {"command": args.command_line, "machine": machine, "guidance": settings["guidance"], "settings": settings,
+            "configurations": {name: shown[name] for name in names}, "pending": [n for n in shown if n not in names],
+            **{key: {name: scored[key][name] for name in names} for key in SCORED}, "comparison": comparison}
+
+
+def write_report(path: Path, report: dict[str, Any]) -> None:
+    """``report`` as JSON at ``path``, replaced in one step: an interruption leaves the previous one whole."""
+    text = json.dumps(report, indent=1, default=str)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    write_atomic(path, lambda tmp: tmp.write_text(text))
+
+
+def score(model: Any, name: str, options: dict[str, Any], args: argparse.Namespace,
+          settings: dict[str, Any]) -> dict[str, Any]:
+    """``model`` compiled with ``options`` and scored: the configuration's entry for each of :data:`SCORED`."""
+    torch._dynamo.reset()
+    records: list[PassRecord] = []
+    with observe_passes(_collector(records)), summary(flops=False) as done:
+        compiled = compile_tasks(model, "flashu", options)
+        t0 = time.perf_counter()
+        result = evaluate(compiled, args.prompts, args.questions, args.steps, settings["guidance"], seed=args.seed,
+                          batch=args.batch, images_per_prompt=args.images_per_prompt, label=name,
+                          progress=not args.no_progress)
+        seconds = time.perf_counter() - t0
+    return {"results": result, "seconds": seconds, "techniques": techniques(records), "did": done.totals()}
+
+
 def cmd_evaluate(args: argparse.Namespace) -> int:
+    """Score every configuration (see the module docstring), print the comparison tables, and with ``--json``
+    rewrite the report after each configuration scored; a report already there with the same run settings
+    gives every configuration it holds with the same options, unless ``--no-resume``."""
     from .bench import load_plan, machine_line
 
     configs = check_args(args)
-    model = common.load_model(args)
-    # The embedded scenes model draws best at guidance 1; a real checkpoint at the official 7.5.
-    guidance = args.guidance if args.guidance is not None else 1.0 if args.model == "default" else 7.5
-    print(f"model: {args.model} ({sum(p.numel() for p in model.parameters()) / 1e6:.2f} M parameters); "
-          f"{len(configs)} configuration(s), {args.prompts} captions x {args.images_per_prompt} images, "
-          f"{args.questions} questions, {args.steps} steps, guidance {guidance:g}, seed {args.seed}")
-    if any(FlashUOptions.from_dict(options).needs_plan for _, options in configs):
-        plan = load_plan(args, model)
-        configs = [(name, {**options, "plan": plan}) for name, options in configs]
-    results, seconds, acted, did = {}, {}, {}, {}
-    for i, (name, options) in enumerate(configs, start=1):
-        print(f"[{i}/{len(configs)}] {name}: {json.dumps({k: v for k, v in options.items() if k != 'plan'})}")
-        torch._dynamo.reset()
-        records: list[PassRecord] = []
-        with observe_passes(_collector(records)), summary(flops=False) as done:
-            compiled = compile_tasks(model, "flashu", options)
-            t0 = time.perf_counter()
-            results[name] = evaluate(compiled, args.prompts, args.questions, args.steps, guidance, seed=args.seed,
-                                     batch=args.batch, images_per_prompt=args.images_per_prompt, label=name,
-                                     progress=not args.no_progress)
-            seconds[name] = time.perf_counter() - t0
-        acted[name] = techniques(records)
-        result = results[name]
-        print(f"  GenEval-like overall {result['geneval']['overall']:.3f}, VQA {result['vqa_accuracy']:.3f} "
-              f"({seconds[name]:.0f} s)\n  techniques: {techniques_text(acted[name])}")
-        did[name] = done.totals()
-        print("  what the compiler did:" + "".join(f"\n    {line}" for line in did[name] or ["nothing"]))
-    comparison = compare(results, resamples=args.resamples, seed=args.seed)
-    tables = markdown_tables(comparison)
+    settings = run_settings(args)
+    shown = recorded_options(args, configs)
+    path = Path(args.json) if args.json else None
+    scored: dict[str, dict[str, Any]] = {key: {} for key in SCORED}
+    if path is not None and path.exists() and not args.no_resume:
+        previous = previous_report(path, settings)
+        taken = [name for name, options in shown.items() if previous["configurations"].get(name) == options]
+        scored = {key: {name: previous[key][name] for name in taken} for key in SCORED}
+        dropped = [name for name in previous["configurations"] if name not in shown]
+        print(f"resuming {path}: {len(taken)} of {len(shown)} configuration(s) scored there with the same options"
+              + (f"; not on this command line, so left out of it: {', '.join(dropped)}" if dropped else ""))
+    todo = [name for name in shown if name not in scored["results"]]
+    model = common.load_model(args) if todo else None
+    size = (f"{sum(p.numel() for p in model.parameters()) / 1e6:.2f} M parameters" if model is not None
+            else "not loaded: every configuration is taken from the report")
+    print(f"model: {args.model} ({size}); {len(shown)} configuration(s), {args.prompts} captions x "
+          f"{args.images_per_prompt} images, {args.questions} questions, {args.steps} steps, guidance "
+          f"{settings['guidance']:g}, seed {args.seed}")
+    plan = load_plan(args, model) if any("plan" in shown[name] for name in todo) else None
     machine = machine_line()
-    print(f"\n{args.command_line}\n{machine}\n\n{tables}")
-    if args.json:
-        shown = {name: {k: (v if k != "plan" else "calibrated" if not args.plan else args.plan)
-                        for k, v in options.items()} for name, options in configs}
-        report = {"command": args.command_line, "machine": machine, "guidance": guidance, "configurations": shown,
-                  "seconds": seconds, "techniques": acted, "did": did, "comparison": comparison, "results": results}
-        text = json.dumps(report, indent=1, default=str)
-        path = Path(args.json)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        write_atomic(path, lambda tmp: tmp.write_text(text))
+    for i, (name, options) in enumerate(shown.items(), start=1):
+        print(f"[{i}/{len(shown)}] {name}: {json.dumps(options)}")
+        if name in todo:
+            entries = score(model, name, {**options, "plan": plan} if "plan" in options else options, args, settings)
+            for key, entry in entries.items():
+                scored[key][name] = entry
+        source = f"taken from {path}: " if name not in todo else ""
+        result = scored["results"][name]
+        print(f"  {source}GenEval-like overall {result['geneval']['overall']:.3f}, VQA {result['vqa_accuracy']:.3f} "
+              f"({scored['seconds'][name]:.0f} s)\n  techniques: {techniques_text(scored['techniques'][name])}")
+        print("  what the compiler did:" + "".join(f"\n    {line}" for line in scored["did"][name] or ["nothing"]))
+        if path is not None and name in todo:
+            write_report(path, build_report(args, settings, machine, shown, scored))
+    report = build_report(args, settings, machine, shown, scored)
+    print(f"\n{args.command_line}\n{machine}\n\n{markdown_tables(report['comparison'])}")
+    if path is not None:
+        if not todo:  # else the last configuration scored wrote this very report
+            write_report(path, report)
         print(f"-> {path}")
     return 0
 
@@ -228,6 +330,11 @@ def add_parser(sub) -> None:
     p.add_argument("--batch", type=int, default=10, help="images per generate call")
     p.add_argument("--seed", type=int, default=0, help="scenes, noise and bootstrap resamples")
     p.add_argument("--resamples", type=int, default=BOOTSTRAP_RESAMPLES, help="bootstrap resamples (at least 100)")
-    p.add_argument("--json", help="write scores, intervals and every configuration's raw results to this file")
+    p.add_argument("--json", help="write scores, intervals and every configuration's raw results to this file, "
+                   "rewritten after each configuration; when it exists, a report of the same run settings (model, "
+                   "counts, steps, guidance, seed, batch) is resumed: each configuration it holds with the same "
+                   "options is taken from it, not recomputed (other run settings are refused)")
+    p.add_argument("--no-resume", action="store_true",
+                   help="recompute every configuration, replacing an existing --json report as the run goes")
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=cmd_evaluate)

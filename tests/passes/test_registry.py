@@ -9,7 +9,7 @@ import torch
 from flashu_compile.backend import build_pass_list
 from flashu_compile.calibrate import calibrate
 from flashu_compile.models.showo2 import Showo2
-from flashu_compile.options import PASS_TASKS, PASSES, FlashUOptions
+from flashu_compile.options import PASS_TASKS, PASSES, FlashUOptions, Setting
 from flashu_compile.passes.manager import observe_passes
 from flashu_compile.passes.registry import REGISTRY, PassSpec, metadata_keys, register, unregister
 from flashu_compile.tools.bench import default_configs, split_rows
@@ -36,6 +36,30 @@ def test_a_registered_pass_is_an_option_with_its_order_tasks_and_conflicts(toy):
     with pytest.raises(ValueError, match=r"option 'passes': toy_scale does not compose with head_cache \(the toy "
                                          r"scales a value the head cache memoizes\); enable one of them"):
         FlashUOptions.from_dict({"passes": ["head_cache", "toy_scale"]})
+
+
+def test_a_registered_pass_declares_its_own_options(toy, tokenizer):
+    """toy_factor is declared by the toy pass alone: validated, defaulted, read by the pass, gone with it."""
+    assert FlashUOptions.from_dict({"passes": ["toy_scale"]}).toy_factor == 1.0
+    opts = FlashUOptions.from_dict({"passes": ["toy_scale"], "toy_factor": 2})
+    assert opts.toy_factor == 2.0 and opts.replace(toy_factor=3.0).toy_factor == 3.0
+    with pytest.raises(ValueError, match=r"option 'toy_factor' must be a number, got str 'x'"):
+        FlashUOptions.from_dict({"toy_factor": "x"})
+    with pytest.raises(ValueError, match=r"pass 'clash': setting\(s\) \['skip_ratio'\] are already options"):
+        register(PassSpec("clash", toy.fn, order=99, tasks=("t2i",), settings={"skip_ratio": Setting(0.5, "fraction")}))
+    model = Showo2.random(small_config(), seed=3).attach(tokenizer=tokenizer)
+    inputs = t2i_inputs(model, tokenizer)
+    torch._dynamo.reset()
+    plain = model.denoise(*inputs)
+    doubled = torch.compile(model.denoise, backend="flashu", options={"passes": ["toy_scale"], "lowering": "eager",
+                                                                       "toy_factor": 2.0})(*inputs)
+    assert not torch.allclose(doubled, plain)  # the pass read its option
+    unregister(toy.name)
+    try:
+        with pytest.raises(ValueError, match=r"unknown flashu option\(s\) \['toy_factor'\]"):
+            FlashUOptions.from_dict({"toy_factor": 2.0})
+    finally:
+        register(toy)
 
 
 def test_an_unregistered_pass_is_refused_and_leaves_no_trace(toy):

@@ -1,7 +1,7 @@
 """A toy rewrite declared the way a real pass module is, from this one file.
 
-It scales the last decoder layer's output by a constant (1.0, so the result is unchanged) and
-marks the scaling node with its own metadata key. Importing this file does not register it:
+It scales the last decoder layer's output by its own option ``toy_factor`` (default 1.0, so the
+result is unchanged) and marks the scaling node with its own metadata key. Importing this file does not register it:
 tests do (``register(SPEC)``) and undo it afterwards (``unregister(NAME)``), so other tests see
 the real passes only.
 """
@@ -11,6 +11,7 @@ from __future__ import annotations
 import torch
 import torch.fx
 
+from flashu_compile.options import Setting
 from flashu_compile.passes.manager import PassContext, PassNotApplicable, PassResult, tag
 from flashu_compile.passes.registry import BenchRow, DescribeContext, Described, PassSpec
 
@@ -23,10 +24,10 @@ def toy_scale(gm: torch.fx.GraphModule, ctx: PassContext, options) -> PassResult
         raise PassNotApplicable("no decoder layers in this graph")
     last = ctx.index.layers[-1].output
     with gm.graph.inserting_after(last):
-        scaled = gm.graph.call_function(torch.mul, (last, 1.0))
+        scaled = gm.graph.call_function(torch.mul, (last, options.toy_factor))
     last.replace_all_uses_with(scaled, delete_user_cb=lambda user: user is not scaled)
     scaled.meta["example_value"] = last.meta.get("example_value")
-    scaled.meta[TOY_KEY] = {"layer": ctx.index.layers[-1].path, "factor": 1.0}
+    scaled.meta[TOY_KEY] = {"layer": ctx.index.layers[-1].path, "factor": options.toy_factor}
     tag(scaled, NAME, replaces=last.name)
     ctx.index.replace_input(last, scaled)
     return PassResult(True, {"scaled": ctx.index.layers[-1].path})
@@ -43,4 +44,5 @@ def describe(node: torch.fx.Node, request: DescribeContext) -> Described | None:
 SPEC = PassSpec(NAME, toy_scale, order=45, tasks=("t2i",), describe=describe,
                 writes={TOY_KEY: '{"layer": module path, "factor": float} on the scaling node'},
                 conflicts={"head_cache": "the toy scales a value the head cache memoizes"},
-                bench_row=BenchRow("toy", "toy scaling"))
+                bench_row=BenchRow("toy", "toy scaling"),
+                settings={"toy_factor": Setting(1.0, "float", doc="what the last layer's output is multiplied by")})

@@ -116,7 +116,7 @@ def test_default_and_split_rows():
         config = split[name]
         options = FlashUOptions.from_dict(config.options)
         assert (config.task, config.backend, config.steps, options.passes) == ("t2i", "flashu", 50, passes)
-        assert options.plan == "plan" and options.prune_ratio == 0.2 and options.skip_interval == 10
+        assert options.plan == "plan" and options.skip_ratio == 0.2 and options.skip_interval == 10
         paper_guidance = PRESETS["paper"]["guidance_schedule"]
         assert options.guidance_schedule == (paper_guidance if name == "flashu guidance 50" else None)
 

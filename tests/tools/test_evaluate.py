@@ -9,7 +9,7 @@ import pytest
 from flashu_compile.tools import common
 from flashu_compile.tools import evaluate as evaluate_tool
 from flashu_compile.tools.cli import build_parser, main
-from flashu_compile.tools.evaluate import configurations, parse_config, split_top_level
+from flashu_compile.tools.evaluate import configurations, parse_config, recorded_options, split_top_level
 
 
 @pytest.fixture
@@ -78,6 +78,16 @@ def test_which_configurations_run():
     assert _configs("--config", "a=paper,hybrid_tau=3", "--config", "b=off", "-O", "hybrid_tau=5") == [
         ("a", {"hybrid_tau": 3, "preset": "paper", "lowering": "eager"}),
         ("b", {"hybrid_tau": 5, "preset": "off", "lowering": "eager"})]
+
+
+def test_only_a_configuration_that_prunes_records_its_plan():
+    """How its plan came is part of a configuration's options in the report; one that reads no plan has none, so
+    a resumed run reuses it whichever configurations beside it prune."""
+    for argv, plan in ([], "calibrated"), (["--plan", "plans/p"], "plans/p"):
+        args = build_parser().parse_args(["evaluate", "--config", "off=off", "--config", "paper=paper", *argv])
+        assert recorded_options(args, configurations(args)) == {
+            "off": {"preset": "off", "lowering": "eager"}, "paper": {"preset": "paper", "lowering": "eager",
+                                                                    "plan": plan}}
 
 
 def test_a_small_run_end_to_end(tmp_path, capsys):
@@ -151,6 +161,131 @@ def test_a_report_cut_short_leaves_the_previous_one(error, status, tmp_path, wri
     out = tmp_path / "eval.json"
     out.write_text('{"previous": "report"}')
     write_fails_midway("eval.json", error)
-    assert main(["evaluate", *SMALL, "--config", "off=off", "--json", str(out)]) == status
+    assert main(["evaluate", *SMALL, "--config", "off=off", "--json", str(out), "--no-resume"]) == status
     assert "Traceback" not in capsys.readouterr().err
     assert out.read_text() == '{"previous": "report"}' and [p.name for p in tmp_path.iterdir()] == ["eval.json"]
+
+
+def _scored_by(monkeypatch) -> list[str]:
+    """The names of the configurations the command scores from now on, in order (each still scored)."""
+    calls, score = [], evaluate_tool.evaluate
+
+    def counted(*args, **kwargs):
+        calls.append(kwargs["label"])
+        return score(*args, **kwargs)
+
+    monkeypatch.setattr(evaluate_tool, "evaluate", counted)
+    return calls
+
+
+def _tables(printed: str) -> str:
+    return printed[printed.index("| configuration |"):printed.index("\n-> ")]
+
+
+TWO = ["--config", "off=off", "--config", "same=off"]
+SKIP = ["--config", 'skip=off,passes=["layer_skip"],skip_ratio=0.5']
+
+
+def test_a_second_run_takes_every_configuration_from_the_report(tmp_path, monkeypatch, capsys):
+    out = tmp_path / "eval.json"
+    argv = ["evaluate", *SMALL, *TWO, "--json", str(out)]
+    assert main(argv) == 0
+    first = capsys.readouterr().out
+    report = json.loads(out.read_text())
+    assert list(report["configurations"]) == ["off", "same"] and report["pending"] == []
+    assert report["settings"] == {"model": "default", "tokenizer": None, "vae": None, "prompts": 1,
+                                  "images_per_prompt": 1, "questions": 1, "steps": 3, "guidance": 1.0, "seed": 0,
+                                  "batch": 10}
+
+    def fails(*args, **kwargs):
+        raise AssertionError("a configuration already in the report was computed again")
+
+    monkeypatch.setattr(evaluate_tool, "evaluate", fails)
+    monkeypatch.setattr(common, "load_model", fails)  # nothing to compute, so no model either
+    assert main(argv) == 0
+    again = capsys.readouterr().out
+    assert f"resuming {out}: 2 of 2 configuration(s) scored there with the same options" in again
+    assert again.count(f"taken from {out}: GenEval-like overall") == 2
+    assert _tables(again) == _tables(first)
+    assert json.loads(out.read_text())["results"] == report["results"]
+
+
+def test_a_resumed_run_scores_only_what_the_report_lacks(tmp_path, monkeypatch, capsys):
+    out = tmp_path / "eval.json"
+    assert main(["evaluate", *SMALL, *TWO, "--json", str(out)]) == 0
+    capsys.readouterr()
+    scored = _scored_by(monkeypatch)
+    # A new configuration between the two: the tables follow the command line's order.
+    assert main(["evaluate", *SMALL, "--config", "off=off", *SKIP, "--config", "same=off", "--json", str(out)]) == 0
+    assert scored == ["skip"]
+    printed = capsys.readouterr().out
+    assert "2 of 3 configuration(s) scored there" in printed and "| skip |" in printed
+    report = json.loads(out.read_text())
+    assert list(report["configurations"]) == list(report["comparison"]["scores"]) == ["off", "skip", "same"]
+    # Changed options are scored again; a configuration left off the command line leaves the report.
+    assert main(["evaluate", *SMALL, "--config", "off=off", "--config", 'same=off,passes=["layer_skip"]',
+                 "--json", str(out)]) == 0
+    assert scored == ["skip", "same"]
+    assert "not on this command line, so left out of it: skip" in capsys.readouterr().out
+    assert list(json.loads(out.read_text())["configurations"]) == ["off", "same"]
+
+
+def test_the_report_is_rewritten_after_each_configuration(tmp_path, monkeypatch, capsys):
+    """An interruption loses only the configuration in progress: the next run takes the others from the report."""
+    out = tmp_path / "eval.json"
+    score = evaluate_tool.evaluate
+
+    def interrupted_at_same(*args, **kwargs):
+        if kwargs["label"] == "same":
+            raise KeyboardInterrupt
+        return score(*args, **kwargs)
+
+    monkeypatch.setattr(evaluate_tool, "evaluate", interrupted_at_same)
+    assert main(["evaluate", *SMALL, *TWO, "--json", str(out)]) == 130
+    report = json.loads(out.read_text())
+    assert list(report["configurations"]) == ["off"] and report["pending"] == ["same"]
+    assert list(report["comparison"]["scores"]) == ["off"]
+    monkeypatch.setattr(evaluate_tool, "evaluate", score)
+    scored = _scored_by(monkeypatch)
+    assert main(["evaluate", *SMALL, *TWO, "--json", str(out)]) == 0
+    assert scored == ["same"] and json.loads(out.read_text())["pending"] == []
+
+
+def test_a_report_of_other_settings_is_refused_before_the_model_loads(tmp_path, monkeypatch, capsys):
+    out = tmp_path / "eval.json"
+    assert main(["evaluate", *SMALL, "--config", "off=off", "--json", str(out)]) == 0
+    before = out.read_text()
+    monkeypatch.setattr(common, "load_model", lambda args: pytest.fail("the model loaded"))
+    argv = ["evaluate", *SMALL, "--config", "off=off", "--json", str(out), "--steps", "4"]
+    assert main(argv) == 2
+    assert capsys.readouterr().err == (
+        f"flashu-compile evaluate: error: --json {str(out)!r} holds results of other run settings (steps: 3 there, "
+        "4 here): give another --json path, delete the file or pass --no-resume to replace it\n")
+    assert out.read_text() == before
+
+
+@pytest.mark.parametrize("text, message", [
+    ("{not json", r"is not a report to resume \(Expecting property name"),
+    ('["a list"]', r"is not a report to resume \(it lacks a JSON object\)"),
+    ('{"previous": "report"}', r"is not a report to resume \(it lacks 'settings'\)"),
+    ('{"settings": {}, "configurations": {"off": {}}, "results": {}, "seconds": {}, "techniques": {}, "did": {}}',
+     r"\(it lacks results\['off'\]\)"),
+    ('{"settings": {}, "configurations": {"off": {}}, "results": {"off": {}}, "seconds": {"off": 1}, '
+     '"techniques": {"off": {}}, "did": {"off": []}}', r"\(it lacks results\['off'\]\['geneval'\]\)"),
+])
+def test_a_file_that_is_not_a_report_is_refused_before_the_model_loads(text, message, tmp_path, no_model, capsys):
+    out = tmp_path / "eval.json"
+    out.write_text(text)
+    assert main(["evaluate", *SMALL, "--json", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert re.search(message, err) and err.endswith("delete the file or pass --no-resume to replace it\n"), err
+
+
+def test_no_resume_scores_every_configuration_again(tmp_path, monkeypatch, capsys):
+    out = tmp_path / "eval.json"
+    out.write_text("{not json")  # ignored, then replaced
+    assert main(["evaluate", *SMALL, "--config", "off=off", "--json", str(out), "--no-resume"]) == 0
+    scored = _scored_by(monkeypatch)
+    assert main(["evaluate", *SMALL, *TWO, "--json", str(out), "--no-resume"]) == 0
+    assert scored == ["off", "same"] and "taken from" not in capsys.readouterr().out
+    assert list(json.loads(out.read_text())["configurations"]) == ["off", "same"]

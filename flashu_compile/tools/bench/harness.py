@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
+from ...backend import sampler_rules
 from ...models.showo2 import understanding
 from ...models.showo2.sampling import generate_latents
 from ...runtime.compile_profile import profiling
@@ -155,15 +156,16 @@ class Bench:
                     # CUDA graphs belong to Inductor; the same graphs on another lowering run without them.
                     options = {k: v for k, v in options.items() if k != "cudagraphs"} | {"lowering": lowering}
                 compiled = compile_tasks(model, config.backend, options or None)
-                self.programs[key] = (dict(compiled.entries), compiled.rules)
-        self.entries, self.rules = self.programs[key]
+                self.programs[key] = (dict(compiled.entries), compiled.options)
+        self.entries, self.options = self.programs[key]
 
     @torch.no_grad()
     def request(self, config: Config):
         if config.task == "t2i":
             return generate_latents(self.model, self.model.tokenizer, self.prompts, steps=config.steps,
                                     guidance=self.guidance, noise=self.noise, progress=False,
-                                    denoise=self.entries["denoise"], rules=self.rules)
+                                    denoise=self.entries["denoise"],
+                                    rules=sampler_rules(self.options) if self.options is not None else None)
         return understanding.answer_tokens(self.model, self.model.tokenizer, self.image, self.question,
                                            max_new_tokens=self.max_new_tokens, entries=self.entries)
 
@@ -215,15 +217,12 @@ class Bench:
                 self._use(config, lowering="eager")
             else:  # eager and Inductor run the unrewritten graph
                 self._use(Config("eager", config.task, "eager"))
+            # The tally counts every program, a pass-free one too; the summary says what the passes did.
+            with FlopTally() as tally, summary(flops=False) as done:
+                self.request(config)
+            results[config.name].flops = tally.total
             if config.backend == "flashu":
-                # What the compiler did on this request, FLOPs included (the summary's own tally).
-                with summary() as done:
-                    self.request(config)
-                results[config.name].flops, results[config.name].did = done.flops, str(done)
-            else:
-                with FlopTally() as tally:
-                    self.request(config)
-                results[config.name].flops = tally.total
+                results[config.name].did = str(done)
             bar.update()
         if compile_warm:
             self._compile_warm(results, caches, bar)

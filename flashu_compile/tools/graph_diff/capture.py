@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -97,7 +97,7 @@ def graph_diff(fn: Callable, example_inputs: Sequence, options: dict[str, Any] |
     recompiles = len(captures) - first
 
     graphs = [_graph_report(i, c, step, run_calls, calls, tolerance) for i, c in enumerate(captures[:first])]
-    shown = {f.name: getattr(opts, f.name) for f in fields(opts) if f.name != "plan"}
+    shown = {name: value for name, value in opts.values().items() if name != "plan"}
     shown["plan"] = None if opts.plan is None else (str(opts.plan) if isinstance(opts.plan, (str, Path)) else "given")
     return GraphDiff(shown, step, calls, tolerance, graphs, recompiles, compile_seconds)
 
