@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import itertools
 import weakref
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -23,6 +24,17 @@ from .schedule import REFERENCE, StepRules
 
 _IDS = itertools.count(1)
 _CONTROLLERS: weakref.WeakValueDictionary[int, Controller] = weakref.WeakValueDictionary()
+
+# Every guard op: a Python function a rewritten graph calls to decide, per call, whether and how to run a region
+# (its first arguments name the controller and the region). Graph-diff, the segmented lowering and the guard-free
+# specialization recognise guard calls by membership here, so a pass's own guard registers with :func:`guard_op`.
+GUARDS: set[Callable[..., Any]] = set()
+
+
+def guard_op(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """Declare ``fn`` a guard op (see :data:`GUARDS`); returns it, so it serves as a decorator."""
+    GUARDS.add(fn)
+    return fn
 
 
 @dataclass
@@ -116,6 +128,7 @@ def full_phase(cid: int) -> bool:
     return st is not None and st.full
 
 
+@guard_op
 def layer_guard(cid: int, block, index: int, carry: tuple[int, ...], *inputs: Any) -> Any:
     """A decoder layer: skipped when the step's skip set says so.
 
@@ -151,6 +164,7 @@ def skipped_cache(past: torch.Tensor, stream: torch.Tensor) -> torch.Tensor:
     return torch.cat([past, new], dim=-2)
 
 
+@guard_op
 def memo_guard(cid: int, region, key: str, *inputs: Any) -> Any:
     """A memoized region (the flow-head trunk): computed, stored or reused as the step rules say."""
     ctl = controller(cid)
@@ -203,6 +217,7 @@ def _prefix_inputs(positions: torch.Tensor, mask: torch.Tensor, stream: torch.Te
     return positions, mask, rows
 
 
+@guard_op
 def prefix_guard(cid: int, region, key: str, positions: torch.Tensor, mask: torch.Tensor, stream: torch.Tensor,
                  *inputs: Any) -> Any:
     """The text prefix's keys/values: computed on a request's first call, then reused while the batch is the same.
@@ -230,5 +245,3 @@ def prefix_guard(cid: int, region, key: str, positions: torch.Tensor, mask: torc
     st.history.append((st.step, "prefix store"))
     return out
 
-
-GUARDS = (layer_guard, memo_guard, prefix_guard)
