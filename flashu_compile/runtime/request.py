@@ -248,6 +248,8 @@ def serving(task: str, *, starts: bool | None = None, time: float | None = None,
     if req is None:
         req = _implicit(task, time, conditioning)
     elif not req.auto or req.task != task:
+        if req.task == task and time is not None:
+            req.time = time  # the caller steps it; what the call's t is, guards may still ask (a forecast)
         yield req
         return
     elif conditioning is not None:
