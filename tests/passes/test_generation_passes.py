@@ -72,7 +72,7 @@ def test_no_recompiles_after_first_request(model):
     options = {"passes": ["layer_skip", "head_cache"], "lowering": "eager", "skip_ratio": 0.5,
                "skip_interval": 10, "cache_interval": 5, "guidance_schedule": ((24, 7.5), (11, 10.0))}
     compiled = compile_tasks(model, "flashu", options)
-    run = {"denoise": compiled.entries["denoise"], "options": compiled.options, "progress": False}
+    run = {"denoise": compiled.entries["denoise"], "rules": compiled.rules, "progress": False}
     generate_latents(model, model.tokenizer, PROMPTS, steps=50, noise=latent_noise(model, len(PROMPTS)), **run)
     first = torch._dynamo.utils.counters["stats"]["unique_graphs"]
     for seed in (1, 2, 3):

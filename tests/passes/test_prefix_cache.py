@@ -144,7 +144,7 @@ def test_no_recompiles_after_the_first_request(model):
     torch._dynamo.utils.counters.clear()
     compiled = compile_tasks(model, "flashu", {"passes": ["prefix_cache", "head_cache"], "lowering": "eager",
                                               "guidance_schedule": ((24, 7.5), (11, 10.0))})
-    run = {"denoise": compiled.entries["denoise"], "options": compiled.options, "progress": False}
+    run = {"denoise": compiled.entries["denoise"], "rules": compiled.rules, "progress": False}
     generate_latents(model, model.tokenizer, ["red circle", ""], steps=20, noise=latent_noise(model, 2), **run)
     first = torch._dynamo.utils.counters["stats"]["unique_graphs"]
     for seed, prompts in ((1, ["two blue squares above the green triangle", "red"]), (2, ["", "circle"])):

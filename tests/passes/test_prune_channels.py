@@ -137,7 +137,7 @@ def test_both_plans_and_the_full_network_share_one_weight_set(calibrated, tokeni
     torch._dynamo.reset()
     compiled = compile_tasks(model, "flashu", {"passes": ["prune_channels"], "plan": plan, "lowering": "eager",
                                               "hybrid_tau": 1})
-    run = {"denoise": compiled.entries["denoise"], "options": compiled.options, "progress": False}
+    run = {"denoise": compiled.entries["denoise"], "rules": compiled.rules, "progress": False}
     narrowed = []
 
     class Views(torch.overrides.TorchFunctionMode):
