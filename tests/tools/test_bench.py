@@ -312,3 +312,18 @@ def test_chart_is_written_whole(results, monkeypatch, tmp_path):
     with pytest.raises(OSError):
         write(results, tmp_path, "m", "c")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["bench.json", "bench.md"]
+
+
+def test_rows_named_by_what_they_run():
+    """Any preset at any step count is one --only name: the comparison of fast and paper 35 is one command."""
+    rows = select(default_configs("plan"), ["flashu fast 35", "flashu paper 35", "eager 20", "flashu fast answer"],
+                  "plan")
+    assert [r.name for r in rows] == ["flashu paper 35", "flashu fast 35", "eager 20", "flashu fast answer"]
+    fast = rows[1]
+    assert (fast.task, fast.backend, fast.steps, fast.options) == ("t2i", "flashu", 35, {"preset": "fast",
+                                                                                          "plan": "plan"})
+    assert (rows[2].backend, rows[2].steps, rows[3].task) == ("eager", 20, "mmu")
+    with pytest.raises(ValueError, match=r"unknown bench configuration\(s\) \['flashu quick 35'\].*'flashu PRESET N'"):
+        select(default_configs("plan"), ["flashu quick 35"])
+    with pytest.raises(ValueError, match=r"\['flashu fast 1'\]: grid points must be in \[2, 10000\]"):
+        select(default_configs("plan"), ["flashu fast 1"])

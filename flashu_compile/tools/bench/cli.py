@@ -58,7 +58,7 @@ def run_bench(args, device: torch.device, dtype: torch.dtype) -> list[Result]:
     # --only picks from every row, --split and the CUDA-graph rows included; without --only, --split adds the
     # per-technique rows, and a GPU the CUDA-graph rows.
     configs = select(default_configs(plan, split=args.split or bool(args.only),
-                                     cudagraphs=device.type == "cuda" or bool(args.only)), args.only)
+                                     cudagraphs=device.type == "cuda" or bool(args.only)), args.only, plan)
     # The scenes scorers mean something only for the model trained on the scenes.
     scored = args.model == "default"
     bench = Bench(model, configs, prompts, image, question, max_new_tokens=args.max_new_tokens, seed=args.seed,
@@ -94,7 +94,9 @@ def add_parser(sub) -> None:
                    help="add one row per generation technique (prune, skip, cache, prefix, guidance at 50 steps) "
                         "and the FLOPs each saves")
     p.add_argument("--only", nargs="+", metavar="NAME",
-                   help="run only these configurations (by name, from the default, --split and CUDA-graph rows)")
+                   help="run only these configurations: by name, from the default, --split and CUDA-graph rows, or "
+                        "named by what they run: 'eager N', 'inductor N', 'flashu PRESET N' (N grid points), "
+                        "'flashu PRESET answer'")
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"],
                    help="where the model runs (cuda: timings synchronise the device, peak GPU memory is reported)")
     p.add_argument("--dtype", default="float32", choices=list(DTYPES), help="the model's parameter dtype")

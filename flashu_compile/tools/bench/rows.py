@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 
 from ...options import PRESETS
 from ...passes.registry import REGISTRY, PassSpec
+from ...validate import MAX_STEPS
 
 
 @dataclass
@@ -92,11 +93,34 @@ def default_configs(plan, split: bool = False, cudagraphs: bool = False) -> list
     return configs if cudagraphs else [c for c in configs if c.name not in CUDAGRAPH_ROWS]
 
 
-def select(configs: list[Config], only: list[str] | None) -> list[Config]:
+def named_row(name: str, plan) -> Config | None:
+    """A row named by what it runs: ``"eager N"``, ``"inductor N"`` or ``"flashu PRESET N"`` (text-to-image at N
+    grid points), or ``"flashu PRESET answer"``; None for any other name."""
+    parts = name.split()
+    if len(parts) == 2 and parts[0] in ("eager", "inductor") and parts[1].isdigit():
+        return Config(name, "t2i", parts[0], int(parts[1]))
+    if len(parts) == 3 and parts[0] == "flashu" and parts[1] in PRESETS:
+        options = {"preset": parts[1], "plan": plan}
+        if parts[2] == "answer":
+            return Config(name, "mmu", "flashu", options=options)
+        if parts[2].isdigit():
+            return Config(name, "t2i", "flashu", int(parts[2]), options)
+    return None
+
+
+def select(configs: list[Config], only: list[str] | None, plan=None) -> list[Config]:
+    """``configs``, or the rows ``only`` names: those of ``configs`` in their order, then those :func:`named_row`
+    builds, in the order given."""
     if not only:
         return configs
-    names = [c.name for c in configs]
-    unknown = [n for n in only if n not in names]
+    known = {c.name: c for c in configs}
+    built = {name: named_row(name, plan) for name in dict.fromkeys(only) if name not in known}
+    unknown = [name for name, row in built.items() if row is None]
     if unknown:
-        raise ValueError(f"unknown bench configuration(s) {unknown}; choose from {names}")
-    return [c for c in configs if c.name in only]
+        raise ValueError(f"unknown bench configuration(s) {unknown}; choose from {list(known)}, or name one "
+                         f"'eager N', 'inductor N', 'flashu PRESET N' or 'flashu PRESET answer' (presets: "
+                         f"{list(PRESETS)})")
+    bad = [name for name, row in built.items() if row.task == "t2i" and not 2 <= row.steps <= MAX_STEPS]
+    if bad:
+        raise ValueError(f"bench configuration(s) {bad}: grid points must be in [2, {MAX_STEPS}]")
+    return [c for c in configs if c.name in only] + list(built.values())
