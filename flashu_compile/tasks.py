@@ -49,11 +49,12 @@ class CompiledShowo2:
     @torch.no_grad()
     def generate_images(
         self, prompts: list[str] | str, steps: int = 50, guidance: float | None = None, shift: float = 3.0,
-        seed: int = 0, progress: bool = True,
+        seed: int = 0, progress: bool = True, solver: str = "euler",
     ) -> torch.Tensor:
         """:meth:`Showo2.generate_images` through the compiled denoise, with the options' sampler rules."""
         return self.model.generate_images(prompts, steps=steps, guidance=guidance, shift=shift, seed=seed,
-                                          progress=progress, denoise=self.entries["denoise"], rules=self.rules)
+                                          progress=progress, denoise=self.entries["denoise"], rules=self.rules,
+                                          solver=solver)
 
     @torch.no_grad()
     def answer(self, image: Any, question: str, max_new_tokens: int = 300) -> str:

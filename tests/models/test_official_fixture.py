@@ -8,7 +8,7 @@ import torch
 from safetensors.torch import load_file
 
 from flashu_compile.models.showo2 import Showo2
-from flashu_compile.models.showo2.sampling import euler_cfg, time_grid
+from flashu_compile.models.showo2.sampling import integrate_cfg, time_grid
 from flashu_compile.models.showo2.sequences import Rows, mmu_row, t2i_rows
 from flashu_compile.models.showo2.tokenizer import ASSISTANT_PREFIX, SYSTEM_PROMPT, USER_PREFIX
 from flashu_compile.models.showo2.understanding import answer_tokens, prepare
@@ -96,6 +96,6 @@ def test_euler_steps_match_official_sampler(model, recorded):
     trajectory = exp["euler_trajectory"]  # (grid points, 1, c, h, w): the conditional half
     with torch.no_grad():
         for k in range(1, euler["num_inference_steps"]):
-            x = euler_cfg(model.denoise, rows, exp["euler_noise"], grid[: k + 1], euler["guidance_scale"],
+            x = integrate_cfg(model.denoise, rows, exp["euler_noise"], grid[: k + 1], euler["guidance_scale"],
                           progress=False)
             assert_relative(x, trajectory[k])

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 
-from flashu_compile.models.showo2.sampling import euler_cfg, generate_latents, time_grid
+from flashu_compile.models.showo2.sampling import generate_latents, integrate_cfg, time_grid
 from flashu_compile.models.showo2.sequences import t2i_rows
 
 
@@ -48,7 +48,7 @@ def test_guidance_combines_cond_first_then_uncond(tokenizer):
         return v
 
     noise = torch.zeros(1, 2, 2, 2)
-    out = euler_cfg(fake, rows, noise, torch.tensor([0.0, 0.5, 1.0]), guidance=2.0, progress=False)
+    out = integrate_cfg(fake, rows, noise, torch.tensor([0.0, 0.5, 1.0]), guidance=2.0, progress=False)
     # v = v_u + s (v_c - v_u) = 1 + 2 * 2 = 5, integrated over a total time of 1.
     torch.testing.assert_close(out, torch.full_like(noise, 5.0))
     assert len(calls) == 2
@@ -133,10 +133,10 @@ def test_numpy_scalars_are_accepted_as_numbers(small_model, tokenizer):
     assert torch.equal(ref, out)
 
 
-def test_euler_cfg_rejects_non_finite_scales(tokenizer):
+def test_integrate_cfg_rejects_non_finite_scales(tokenizer):
     rows = t2i_rows(tokenizer, ["red"], 4, 3, guidance=True)
     with pytest.raises(ValueError, match=r"guidance\[1\] must be a finite number, got nan"):
-        euler_cfg(lambda *a: a[1], rows, torch.zeros(1, 2, 2, 2), torch.tensor([0.0, 0.5, 1.0]),
+        integrate_cfg(lambda *a: a[1], rows, torch.zeros(1, 2, 2, 2), torch.tensor([0.0, 0.5, 1.0]),
                   guidance=[1.0, float("nan")], progress=False)
 
 
@@ -147,8 +147,8 @@ def test_a_relative_schedule_honours_guidance_as_s0(small_model, tokenizer, monk
     from flashu_compile.options import FlashUOptions
 
     seen = []
-    monkeypatch.setattr(sampling, "euler_cfg",
-                        lambda denoise, rows, noise, grid, scales, progress, rules: seen.append(scales))
+    monkeypatch.setattr(sampling, "integrate_cfg",
+                        lambda denoise, rows, noise, grid, scales, progress, rules, solver: seen.append(scales))
     paper = FlashUOptions.from_dict({"preset": "paper"})
     with warnings.catch_warnings():
         warnings.simplefilter("error")
@@ -178,3 +178,50 @@ def test_an_absolute_schedule_does_not_silently_override_an_explicit_guidance(sm
         reference = absolute.replace(step_semantics="flashu-reference", guidance_schedule=((1, 7.5),))
         generate_latents(small_model, tokenizer, ["red"], steps=4, guidance=3.0,
                          rules=sampler_rules(reference), progress=False)
+
+
+@pytest.mark.parametrize("solver, order", [("euler", 1), ("heun", 2)])
+def test_the_solvers_converge_at_their_order_on_a_known_flow(tokenizer, solver, order):
+    """dx/dt = -x + sin(4t) (unguided rows, so the velocity is the stand-in's) has a closed-form solution; halving
+    the intervals of the shifted grid divides the error at t = 1 by about 2 ** order."""
+    import math
+
+    from flashu_compile.models.showo2.sampling import SOLVERS
+
+    assert solver in SOLVERS
+    rows = t2i_rows(tokenizer, ["red"], 4, 4, guidance=False)
+    x0 = torch.tensor([[[[1.0]]]], dtype=torch.float64)
+
+    def flow(tokens, x, t, mask, positions):
+        return (-x.double() + torch.sin(4 * t.double()).view(-1, 1, 1, 1))
+
+    def exact(t):  # x' = -x + sin(4t), x(0) = 1
+        particular = (math.sin(4 * t) - 4 * math.cos(4 * t)) / 17
+        return (1 + 4 / 17) * math.exp(-t) + particular
+
+    errors = []
+    for steps in (17, 33, 65):
+        x = integrate_cfg(flow, rows, x0, time_grid(steps).double(), 0.0, progress=False, solver=solver)
+        errors.append(abs(float(x) - exact(1.0)))
+    ratios = [errors[0] / errors[1], errors[1] / errors[2]]
+    assert all(2 ** order * 0.8 < r < 2 ** order * 1.25 for r in ratios), (errors, ratios)
+
+
+def test_heun_makes_two_model_calls_per_interval_inside_its_request(small_model, tokenizer):
+    calls = []
+
+    class Rules:
+        def scales(self, calls, guidance, explicit=True):
+            return [guidance] * calls
+
+        def request(self, task, n):
+            calls.append(n)
+            from flashu_compile.runtime.request import request
+
+            return request(task, n)
+
+    generate_latents(small_model, tokenizer, ["red"], steps=4, guidance=0.0, progress=False, rules=Rules(),
+                     solver="heun")
+    assert calls == [6]
+    with pytest.raises(ValueError, match=r"solver must be one of \['euler', 'heun'\], got 'rk4'"):
+        generate_latents(small_model, tokenizer, ["red"], steps=4, solver="rk4")

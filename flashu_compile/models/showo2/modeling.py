@@ -375,6 +375,7 @@ class Showo2(nn.Module):
     def generate_images(
         self, prompts: list[str] | str, steps: int = 50, guidance: float | None = None, shift: float = 3.0,
         seed: int = 0, progress: bool = True, denoise: DenoiseFn | None = None, rules: SamplerRules | None = None,
+        solver: str = "euler",
     ) -> torch.Tensor:
         """Images (B, 3, H, W) in [0, 1]; without a decoder, a preview of the latents.
 
@@ -382,7 +383,8 @@ class Showo2(nn.Module):
         backend's sampler rules then apply), unless ``denoise`` replaces it (e.g. ``torch.compile(model.denoise,
         backend="flashu", options=...)``, with ``rules=flashu_compile.sampler_rules(options)``). ``guidance`` is
         the request's scale s0, 7.5 by default, which a relative schedule scales per call (see
-        :func:`sampling.generate_latents`).
+        :func:`sampling.generate_latents`). ``solver``: "euler" (the official sampler) or "heun" (second
+        order, two model calls per step; see :func:`sampling.integrate_cfg`).
 
         A prompt longer than the text budget (``config.max_text_len`` tokens) is cut, with a warning; a model whose
         text-to-image row (budget, image tokens, special tokens) exceeds ``config.llm.max_position_embeddings`` is
@@ -399,7 +401,8 @@ class Showo2(nn.Module):
             if rules is None:
                 rules = getattr(self._compiled_call_impl, "sampler_rules", None)
         latents = generate_latents(self, self._require("tokenizer"), prompts, steps=steps, guidance=guidance,
-                                   shift=shift, seed=seed, denoise=denoise, progress=progress, rules=rules)
+                                   shift=shift, seed=seed, denoise=denoise, progress=progress, rules=rules,
+                                   solver=solver)
         return self.codec.decode(latents) if self.codec is not None else preview(latents)
 
     def encode_image(self, image: Any) -> torch.Tensor:

@@ -1,4 +1,4 @@
-"""Text-to-image sampling: Euler integration of the flow ODE with classifier-free guidance.
+"""Text-to-image sampling: Euler (or Heun) integration of the flow ODE with classifier-free guidance.
 
 t = 0 is noise and t = 1 is data, the model predicts v = x1 - x0. The grid has ``steps`` points
 t_i = s / (s + k - k s), s = linspace(0, 1, steps), shift k; that is ``steps - 1`` model calls,
@@ -50,7 +50,10 @@ def time_grid(steps: int, shift: float = 3.0) -> torch.Tensor:
     return shift_time(torch.linspace(0, 1, steps), shift)
 
 
-def euler_cfg(
+SOLVERS = ("euler", "heun")
+
+
+def integrate_cfg(
     denoise: DenoiseFn,
     rows: Rows,
     noise: torch.Tensor,
@@ -58,42 +61,55 @@ def euler_cfg(
     guidance: float | list[float],
     progress: bool = True,
     rules: SamplerRules | None = None,
+    solver: str = "euler",
 ) -> torch.Tensor:
-    """Integrate from ``noise`` over ``grid``; rows hold cond rows first, then uncond rows if guided.
+    """Integrate the flow ODE from ``noise`` over ``grid``; rows hold cond rows first, then uncond rows if guided.
 
-    ``guidance`` is one scale or one per model call. A call with scale 0 runs the cond rows
-    only (the official sampler's unguided branch), so the batch halves on those steps. With
-    ``rules``, the calls run inside its request, so compiled programs know which call of how
-    many they serve. The latent stays fp32 between steps whatever the model dtype, like the
-    official sampler.
+    ``solver``: "euler" (one model call per grid interval, the official sampler) or "heun" (Heun's
+    second-order method: a second call at the interval's end on the Euler prediction, and the mean of
+    the two velocities; two calls per interval). ``guidance`` is one scale or one per grid interval
+    (both of Heun's calls use it). A call with scale 0 runs the cond rows only (the official
+    sampler's unguided branch), so the batch halves on those intervals. With ``rules``, the calls run
+    inside its request, so compiled programs know which call of how many they serve. The latent stays
+    fp32 between steps whatever the model dtype, like the official sampler.
     """
+    if solver not in SOLVERS:
+        raise ValueError(f"solver must be one of {list(SOLVERS)}, got {solver!r}")
     x = noise.float()
-    calls = len(grid) - 1
+    intervals = len(grid) - 1
     if isinstance(guidance, numbers.Real):
-        scales = [check_float("guidance", guidance, 0.0, MAX_GUIDANCE)] * calls
+        scales = [check_float("guidance", guidance, 0.0, MAX_GUIDANCE)] * intervals
     else:
         scales = [check_float(f"guidance[{i}]", s, 0.0, MAX_GUIDANCE) for i, s in enumerate(guidance)]
-    if len(scales) != calls:
-        raise ValueError(f"{len(scales)} guidance scales for {calls} model calls")
+    if len(scales) != intervals:
+        raise ValueError(f"{len(scales)} guidance scales for {intervals} grid intervals")
     b = x.shape[0]
     guided = rows.text_tokens.shape[0] == 2 * b
     if not guided and rows.text_tokens.shape[0] != b:
         raise ValueError(f"{rows.text_tokens.shape[0]} rows for {b} latents")
     if not guided and any(s > 0 for s in scales):
         raise ValueError("guidance > 0 needs rows with unconditional rows (t2i_rows(..., guidance=True))")
-    with rules.request("t2i", calls) if rules is not None else contextlib.nullcontext() as req:
-        for i in tqdm(range(calls), desc="denoising", disable=not progress, leave=False):
-            if req is not None:
-                req.advance()
-            t, scale = grid[i], scales[i]
-            n = 2 * b if scale > 0 else b
-            model_x = torch.cat([x, x]) if n > b else x
-            v = denoise(rows.text_tokens[:n], model_x, t.expand(n), rows.attention_mask[:n],
-                        rows.modality_positions[:n]).float()
-            if n > b:
-                v_cond, v_uncond = v.chunk(2)
-                v = v_uncond + scale * (v_cond - v_uncond)
-            x = x + (grid[i + 1] - t) * v
+    per_interval = 2 if solver == "heun" else 1
+
+    def velocity(x: torch.Tensor, t: torch.Tensor, scale: float, req) -> torch.Tensor:
+        if req is not None:
+            req.advance()
+        n = 2 * b if scale > 0 else b
+        model_x = torch.cat([x, x]) if n > b else x
+        v = denoise(rows.text_tokens[:n], model_x, t.expand(n), rows.attention_mask[:n],
+                    rows.modality_positions[:n]).float()
+        if n > b:
+            v_cond, v_uncond = v.chunk(2)
+            v = v_uncond + scale * (v_cond - v_uncond)
+        return v
+
+    with rules.request("t2i", per_interval * intervals) if rules is not None else contextlib.nullcontext() as req:
+        for i in tqdm(range(intervals), desc="denoising", disable=not progress, leave=False):
+            h = grid[i + 1] - grid[i]
+            v = velocity(x, grid[i], scales[i], req)
+            if solver == "heun":
+                v = (v + velocity(x + h * v, grid[i + 1], scales[i], req)) / 2
+            x = x + h * v
     return x
 
 
@@ -111,8 +127,10 @@ def generate_latents(
     denoise: DenoiseFn | None = None,
     progress: bool = True,
     rules: SamplerRules | None = None,
+    solver: str = "euler",
 ) -> torch.Tensor:
-    """Latents (B, c, H, W) for ``prompts`` at the model's default resolution.
+    """Latents (B, c, H, W) for ``prompts`` at the model's default resolution, by ``solver`` (see
+    :func:`integrate_cfg`: "heun" makes two model calls per grid interval).
 
     ``denoise`` replaces ``model.denoise`` (a compiled one). ``guidance`` is the request's scale s0
     (default :data:`DEFAULT_GUIDANCE`). ``rules`` (those of the compiler ``denoise`` came from; None:
@@ -131,6 +149,8 @@ def generate_latents(
     steps = check_int("steps", steps, 2, MAX_STEPS)
     shift = check_float("shift", shift, 0.0, MAX_SHIFT, low_open=True)
     seed = check_int("seed", seed, 0, MAX_SEED)
+    if solver not in SOLVERS:
+        raise ValueError(f"solver must be one of {list(SOLVERS)}, got {solver!r}")
     cfg = model.config
     if max_text_len is not None:
         max_text_len = check_int("max_text_len", max_text_len, 1)
@@ -146,5 +166,5 @@ def generate_latents(
     # Noise is drawn on the CPU so a seed gives the same image on every device.
     device = model.device
     denoise = denoise or model.denoise
-    return euler_cfg(denoise, rows.to(device), noise.to(device), time_grid(steps, shift).to(device), scales,
-                     progress, rules)
+    return integrate_cfg(denoise, rows.to(device), noise.to(device), time_grid(steps, shift).to(device), scales,
+                         progress, rules, solver)
