@@ -23,9 +23,12 @@ def load_model(args: argparse.Namespace) -> Showo2:
     """The model ``--model`` names (see :func:`model_args`), with ``--tokenizer`` and ``--vae``; a model that cannot
     generate and answer (no tokenizer or codec) is refused."""
     from ..models.showo2 import Showo2  # not at import time: the command line starts without transformers
+    from ..models.showo2.embedded import EMBEDDED
 
     if args.model == "default":
         return Showo2.default()
+    if args.model in EMBEDDED:
+        return Showo2.embedded(args.model)
     if Path(args.model).is_dir():
         model = Showo2.from_pretrained(args.model, tokenizer_path=args.tokenizer, vae_path=args.vae)
     else:
@@ -93,7 +96,8 @@ def flashu_options(options: dict[str, Any]) -> FlashUOptions:
 def model_args(p: argparse.ArgumentParser) -> None:
     """The options every command that loads a model takes (see :func:`load_model`)."""
     p.add_argument("--model", default="default",
-                   help="'default' (the embedded scenes model), a preset name (tiny; bench: Show-o2 1.5B's depth and "
+                   help="'default' (the embedded scenes model), an embedded model ('scenes', 'scenes-deep': 10 LLM "
+                        "layers, where every technique acts), a preset name (tiny; bench: Show-o2 1.5B's depth and "
                         "729 image tokens at 1/16 width, random weights) or a checkpoint folder")
     p.add_argument("--tokenizer", help="local Qwen2.5 tokenizer folder (real checkpoints)")
     p.add_argument("--vae", help="local diffusers Wan2.1 VAE folder (real checkpoints)")
@@ -153,3 +157,8 @@ def save_compile_caches(flag: str, path: Path | None) -> None:
         return
     write_atomic(path, lambda tmp: tmp.write_bytes(saved[0]))
     print(f"compile caches -> {path}")
+
+
+def scenes_model(name: str) -> bool:
+    """Whether ``--model name`` is one of the embedded models trained on the scenes (their scorers apply)."""
+    return name == "default" or name.startswith("scenes")

@@ -173,7 +173,7 @@ def run_settings(args: argparse.Namespace) -> dict[str, Any]:
     """Everything but a configuration's options that decides its scores: the model, the captions, questions and
     noise, and the sampler's steps and guidance (its default resolved)."""
     # The embedded scenes model draws best at guidance 1; a real checkpoint at the official 7.5.
-    guidance = args.guidance if args.guidance is not None else 1.0 if args.model == "default" else 7.5
+    guidance = args.guidance if args.guidance is not None else 1.0 if common.scenes_model(args.model) else 7.5
     return {"model": args.model, "tokenizer": args.tokenizer, "vae": args.vae, "prompts": args.prompts,
             "images_per_prompt": args.images_per_prompt, "questions": args.questions, "steps": args.steps,
             "guidance": guidance, "seed": args.seed, "batch": args.batch}

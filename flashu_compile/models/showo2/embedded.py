@@ -1,6 +1,7 @@
-"""The embedded default model's folder: a small Show-o2 trained on the synthetic scenes, shipped in the package.
+"""The embedded models' folders: small Show-o2s trained on the synthetic scenes, shipped in the package.
 
-``Showo2.default()`` loads it; this module knows the folder and checks it, not the model class.
+``Showo2.default()`` loads the default one, ``Showo2.embedded(name)`` any of them; this module knows the
+folders and checks them, not the model class.
 """
 
 from __future__ import annotations
@@ -11,6 +12,9 @@ from ...files import sha256_file
 from .checkpoint import CheckpointError
 
 WEIGHTS_DIR = Path(__file__).resolve().parents[2] / "weights" / "showo2-scenes"
+# Embedded model name -> its folder. "scenes" (4 LLM layers) is the default: every test and the demo run it in
+# seconds; "scenes-deep" (10 LLM layers) is deep enough that every technique of the paper preset acts.
+EMBEDDED = {"scenes": WEIGHTS_DIR, "scenes-deep": WEIGHTS_DIR.parent / "showo2-scenes-deep"}
 CHECKSUMS = "SHA256SUMS"
 
 

@@ -22,7 +22,7 @@ from ...validate import warn_user
 from . import understanding
 from .checkpoint import load_showo2, save_showo2
 from .configuration import Showo2Config, preset
-from .embedded import WEIGHTS_DIR, verify_checksums
+from .embedded import EMBEDDED, WEIGHTS_DIR, verify_checksums
 from .images import to_pixels
 from .modules import (
     FinalLayer,
@@ -127,8 +127,17 @@ class Showo2(nn.Module):
             warn_user(f"no trained embedded weights at {WEIGHTS_DIR}; using the randomly initialised 'tiny' preset "
                       "(outputs are not meaningful images or answers)")
             return cls.from_preset("tiny")
-        verify_checksums(WEIGHTS_DIR)
-        return cls.from_pretrained(WEIGHTS_DIR)
+        return cls.embedded("scenes")
+
+    @classmethod
+    def embedded(cls, name: str) -> Showo2:
+        """An embedded model by name (``embedded.EMBEDDED``: "scenes", the default, or "scenes-deep"),
+        checksum-verified."""
+        if name not in EMBEDDED:
+            raise ValueError(f"embedded model must be one of {list(EMBEDDED)}, got {name!r}")
+        folder = EMBEDDED[name]
+        verify_checksums(folder)
+        return cls.from_pretrained(folder)
 
     def attach(self, tokenizer=None, codec=None) -> Showo2:
         """Set the tokenizer and latent codec the high-level methods use; returns self."""

@@ -42,6 +42,7 @@ def check_args(args) -> tuple[torch.device, torch.dtype]:
 def run_bench(args, device: torch.device, dtype: torch.dtype) -> list[Result]:
     """Load the model, calibrate (or load) its plan and measure the configurations ``args`` select."""
     from ...scenes.dataset import make_split, to_tensor
+    from ..common import scenes_model
 
     # Up to sixteen configurations compile the same entry points with different backends and options.
     torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
@@ -60,7 +61,7 @@ def run_bench(args, device: torch.device, dtype: torch.dtype) -> list[Result]:
     configs = select(default_configs(plan, split=args.split or bool(args.only),
                                      cudagraphs=device.type == "cuda" or bool(args.only)), args.only, plan)
     # The scenes scorers mean something only for the model trained on the scenes.
-    scored = args.model == "default"
+    scored = scenes_model(args.model)
     bench = Bench(model, configs, prompts, image, question, max_new_tokens=args.max_new_tokens, seed=args.seed,
                   scenes=scenes[:-1] if scored else None, expected_answer=expected if scored else None,
                   guidance=args.guidance, profile_compile=args.profile_compile)
