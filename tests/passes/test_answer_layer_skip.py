@@ -52,8 +52,9 @@ def test_answer_equals_the_reference(tokenizer, num_layers, skip_ratio, seed, wi
     assert 0 not in skipped and len(skipped) == int(num_layers * skip_ratio)
 
 
-def test_skipped_layers_write_no_kv_entries(tokenizer):
-    """A 4-layer answer skipping half its layers: their caches keep the prompt's length."""
+def test_skipped_layers_write_only_zero_placeholder_kv_entries(tokenizer):
+    """A 4-layer answer skipping half its layers: every cache grows a token per step, a skipped layer's by zeros
+    (never read: the skip set holds for the whole answer), so all caches keep one length."""
     model = Showo2.random(small_config(num_layers=4), seed=0).attach(tokenizer=tokenizer)
     image = _image(model, 0)
     _, _, _, skipped = reference_answer(model, tokenizer, image, QUESTION, 6, skip_ratio=0.5)
@@ -69,8 +70,10 @@ def test_skipped_layers_write_no_kv_entries(tokenizer):
             for _ in range(3):
                 req.advance()
                 logits = compiled.entries["decode"](model, logits.argmax(-1), cache)
-    assert [lay.keys.shape[2] for lay in cache.layers] == \
-        [rows.seq_len + (0 if i in skipped else 3) for i in range(4)]
+    assert [lay.keys.shape[2] for lay in cache.layers] == [rows.seq_len + 3] * 4
+    for i, lay in enumerate(cache.layers):
+        tail = (lay.keys[:, :, rows.seq_len:], lay.values[:, :, rows.seq_len:])
+        assert all(bool((part == 0).all()) == (i in skipped) for part in tail), i
     # Outside an answer's request the guards run every layer: the plain prefill.
     with torch.no_grad():
         got = compiled.entries["prefill"](model, embeds, rows.attention_mask, DynamicCache(config=model.config.llm))
