@@ -24,7 +24,7 @@ from functools import wraps
 from typing import Any, TypeVar
 
 import torch
-from torch._dynamo.utils import compilation_time_metrics
+from torch._dynamo.utils import compilation_time_metrics, counters
 
 # dynamo's timer of a whole frame compile, and of the backend call inside it
 _DYNAMO_COMPILE = "_compile.compile_inner"
@@ -54,6 +54,9 @@ class CompileProfile:
 
     phases: dict[str, Phase] = field(default_factory=dict)
     total_s: float = 0.0
+    # Compile caches over the span: Inductor's FX graph cache and AOTAutograd's, hits/misses/bypasses (a warm
+    # start should miss nothing; a miss is a graph compiled from scratch).
+    caches: dict[str, int] = field(default_factory=dict)
     in_dynamo_s: float = 0.0  # inclusive time of outermost phases that ran inside a dynamo compile
     _stack: list[_Open] = field(default_factory=list)
 
@@ -67,11 +70,22 @@ class CompileProfile:
         return [(name, p.seconds, p.count) for name, p in self.phases.items()]
 
     def to_dict(self) -> dict[str, Any]:
-        return {"total_s": self.total_s, "phases": [{"phase": name, "seconds": s, "count": n} for name, s, n in
-                                                    self.rows()]}
+        return {"total_s": self.total_s, "caches": dict(self.caches),
+                "phases": [{"phase": name, "seconds": s, "count": n} for name, s, n in self.rows()]}
 
 
 _ACTIVE: ContextVar[CompileProfile | None] = ContextVar("flashu_compile_profile", default=None)
+
+# (dynamo counter group, counter) -> how a profile names it
+_CACHE_COUNTERS = {("inductor", "fxgraph_cache_hit"): "fx graph cache hits",
+                   ("inductor", "fxgraph_cache_miss"): "fx graph cache misses",
+                   ("inductor", "fxgraph_cache_bypass"): "fx graph cache bypasses",
+                   ("aot_autograd", "autograd_cache_hit"): "aot autograd cache hits",
+                   ("aot_autograd", "autograd_cache_miss"): "aot autograd cache misses"}
+
+
+def _cache_counts() -> dict[str, int]:
+    return {label: counters[group][key] for (group, key), label in _CACHE_COUNTERS.items()}
 
 
 def _timer_total(name: str, since: int) -> float:
@@ -86,12 +100,15 @@ def profiling() -> Iterator[CompileProfile]:
     # (a reset that empties them inside the block restarts from 0).
     marks = {name: len(compilation_time_metrics.get(name, [])) for name in (_DYNAMO_COMPILE, _DYNAMO_BACKEND)}
     token = _ACTIVE.set(profile)
+    before = _cache_counts()
     start = time.perf_counter()
     try:
         yield profile
     finally:
         profile.total_s = time.perf_counter() - start
         _ACTIVE.reset(token)
+        # A counter reset inside the block (counters.clear()) restarts it from 0, as the timers do.
+        profile.caches = {label: n - before[label] if n >= before[label] else n for label, n in _cache_counts().items()}
         timers = {name: _timer_total(name, mark if len(compilation_time_metrics.get(name, [])) >= mark else 0)
                   for name, mark in marks.items()}
         backend = timers[_DYNAMO_BACKEND]

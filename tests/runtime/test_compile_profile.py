@@ -71,3 +71,16 @@ def test_a_compile_is_profiled_phase_by_phase(tokenizer, one_thread):
     data = profile.to_dict()
     assert data["total_s"] == profile.total_s and {"phase": "outlining", "seconds": phases["outlining"].seconds,
                                                    "count": layers} in data["phases"]
+    # The eager lowering compiles no kernel: every compile cache counter is there, at zero.
+    assert data["caches"] == dict.fromkeys(["fx graph cache hits", "fx graph cache misses", "fx graph cache bypasses",
+                                            "aot autograd cache hits", "aot autograd cache misses"], 0)
+
+
+def test_cache_counts_are_those_of_the_span():
+    from torch._dynamo.utils import counters
+
+    counters["inductor"]["fxgraph_cache_hit"] += 5
+    with profiling() as profile:
+        counters["inductor"]["fxgraph_cache_hit"] += 2
+        counters["inductor"]["fxgraph_cache_miss"] += 1
+    assert profile.caches["fx graph cache hits"] == 2 and profile.caches["fx graph cache misses"] == 1

@@ -94,6 +94,11 @@ def compile_phases(r: Result) -> list[str]:
                  for rows in spans.values()]
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
     lines.append("| total | " + " | ".join(f"{r.compile_profile[key]['total_s']:.2f} | " for key in spans) + " |")
+    caches = {key: r.compile_profile[key].get("caches", {}) for key in spans}
+    labels = list(dict.fromkeys(label for counts in caches.values() for label in counts))
+    if labels:
+        lines += ["", "Compile caches (" + "; ".join(
+            f"{key}: " + ", ".join(f"{label} {caches[key].get(label, 0)}" for label in labels) for key in spans) + ")"]
     return lines
 
 
