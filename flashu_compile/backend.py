@@ -25,7 +25,6 @@ from .graph.specialize import layer_guards
 from .graph.timestep import conditioning_inputs, timestep_input
 from .options import FlashUOptions
 from .passes.manager import Pass, PassContext, PassManager
-from .passes.prune_channels import verify_plan
 from .passes.registry import REGISTRY
 from .runtime.compile_profile import phase, profiled
 from .runtime.flops import call_counted, counted
@@ -209,8 +208,12 @@ def _compile(gm: torch.fx.GraphModule, example_inputs: list, options: Any) -> Ca
                 logger.info("pass %s left out: %s", spec.name, why)
             else:
                 manager.not_applicable(spec.name, why)
-    plan = verify_plan(_load_plan(opts.plan), index, _parameters(gm, example_inputs))
-    gm = manager.run(gm, PassContext(index, task, controller, plan), opts)
+    ctx = PassContext(index, task, controller, _load_plan(opts.plan))
+    weights = _parameters(gm, example_inputs)
+    for name, _ in passes:
+        if REGISTRY[name].prepare is not None:
+            REGISTRY[name].prepare(ctx, weights)
+    gm = manager.run(gm, ctx, opts)
     # Kept before lowering, which may rewrite the graph it is given.
     rewritten = copy_graph(gm) if _specializable(gm, controller, opts) else None
     with phase("lowering graph"):

@@ -13,7 +13,7 @@ the prefix and itself, never what follows it, and v_pred is read from the span a
   ``[prefix K/V of the row, padded to a static window P = S - span with masked-out keys ; the
   span's own K/V]``; the tail (eoi, eos, padding) is never computed;
 - the prefix K/V come from a prefix-only run of the same layers over positions ``[0, P)``, outlined
-  behind ``runtime.guards.prefix_guard``: computed on a request's first call, reused while the
+  behind :func:`prefix_guard`: computed on a request's first call, reused while the
   batch and phase stay the same and the prefix it was computed from (each row's embeddings before
   its span, span positions, mask) is the call's, dropped with the request.
 
@@ -28,13 +28,14 @@ from __future__ import annotations
 
 import math
 import operator
+from typing import Any
 
 import torch
 import torch.fx
 import torch.nn.functional as F
 
 from ..graph.outline import outline
-from ..runtime.guards import controller, prefix_guard
+from ..runtime.guards import controller, guard_op
 from .manager import PassContext, PassNotApplicable, PassResult, tag
 from .registry import (
     GUARD_REGION,
@@ -241,6 +242,67 @@ class _Rewrite:
             copies.append(copy)
         resize([env[n] for n in self.sized], self.seq, self.window, NAME)
         return copies
+
+
+
+def _check_span_layout(positions: torch.Tensor, mask: torch.Tensor) -> None:
+    """Raise unless each row's span is contiguous and the mask keeps prefix, span and tail apart as causal
+    omni-attention does: the prefix sees neither span nor tail, the span does not see the tail."""
+    span = positions.shape[1]
+    start = positions[:, :1]
+    if not torch.equal(positions, start + torch.arange(span, device=positions.device)):
+        raise RuntimeError(f"prefix_cache needs each row's image span at consecutive positions, got starts "
+                           f"{start.flatten().tolist()} with gaps")
+    pos = torch.arange(mask.shape[-1], device=mask.device)
+    prefix, tail = pos < start, pos >= start + span  # (B, S)
+    in_span = ~prefix & ~tail
+    # Hidden: a False boolean entry, or an additive one so negative that softmax gives it exactly 0.
+    hidden = ~mask if mask.dtype == torch.bool else mask <= -1e9
+    query, key = (slice(None), None, slice(None), None), (slice(None), None, None, slice(None))
+    must_hide = (prefix[query] & ~prefix[key]) | (in_span[query] & tail[key])
+    if bool((must_hide & ~hidden).any()):
+        raise RuntimeError("prefix_cache needs a mask under which positions before the image span see neither the "
+                           "span nor what follows it, and the span does not see what follows it (causal "
+                           "omni-attention); this mask lets them")
+
+
+def _prefix_inputs(positions: torch.Tensor, mask: torch.Tensor, stream: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """What the prefix's keys/values are computed from: each row's embeddings before its span (later window
+    positions, the span and tail, are masked out of the window and zeroed here), the span positions and the mask."""
+    window = mask.shape[-1] - positions.shape[1]
+    before = torch.arange(window, device=stream.device) < positions[:, :1]  # (B, P)
+    rows = torch.where(before[..., None], stream[:, :window], torch.zeros((), dtype=stream.dtype,
+                                                                          device=stream.device))
+    return positions, mask, rows
+
+
+@guard_op
+def prefix_guard(cid: int, region, key: str, positions: torch.Tensor, mask: torch.Tensor, stream: torch.Tensor,
+                 *inputs: Any) -> Any:
+    """The text prefix's keys/values: computed on a request's first call, then reused while the batch is the same.
+
+    The memo is per request and per input shapes (guidance switching off halves the batch: both
+    batches keep their own), and is dropped when the phase changes, like the head cache. Outside
+    a request nothing is kept. A reuse is exact or does not happen: the memo keeps what its
+    keys/values were computed from (each row's prefix embeddings, span positions, mask) and is
+    recomputed whenever the call's differ, so no request can be served another prompt's prefix.
+    Before computing, the layout the rewrite relies on is checked.
+    """
+    st = controller(cid).state()
+    if st is None:  # outside a request nothing is kept, so nothing needs comparing
+        _check_span_layout(positions, mask)
+        return region(*inputs)
+    shapes = tuple(tuple(v.shape) for v in inputs if isinstance(v, torch.Tensor))
+    source = _prefix_inputs(positions, mask, stream)
+    kept = st.memo.get((key, shapes))
+    if kept is not None and all(torch.equal(a, b) for a, b in zip(kept[0], source, strict=True)):
+        st.history.append((st.step, "prefix reuse"))
+        return kept[1]
+    _check_span_layout(positions, mask)
+    out = region(*inputs)
+    st.memo[key, shapes] = (tuple(t.clone() for t in source), out)
+    st.history.append((st.step, "prefix store"))
+    return out
 
 
 def prefix_cache(gm: torch.fx.GraphModule, ctx: PassContext, options) -> PassResult:

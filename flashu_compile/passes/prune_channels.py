@@ -161,5 +161,6 @@ def prune_channels(gm, ctx: PassContext, options) -> PassResult:
 
 SPEC = register(PassSpec(
     NAME, prune_channels, order=10, tasks=("t2i", "mmu"), hybrid=True, needs_plan=True,
+    prepare=lambda ctx, weights: verify_plan(ctx.plan, ctx.index, weights),
     writes={SHAPE_KEY: "on a narrow view of an FFN weight: the tuple shape the matmul reads"},
     bench_row=BenchRow("prune", NAME)))

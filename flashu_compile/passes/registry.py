@@ -27,7 +27,7 @@ import torch.fx
 
 from ..options import PASSES, PassInfo, Setting
 from ..runtime.guards import Controller
-from .manager import PROVENANCE_KEY, Pass
+from .manager import PROVENANCE_KEY, Pass, PassContext
 
 
 @dataclass(frozen=True)
@@ -78,6 +78,9 @@ class PassSpec:
     skips_layers: bool = False  # the backend measures layer importance for it (where int(L x skip_ratio) > 0)
     # Its own options (option name -> Setting), validated with the rest and read as ``options.<name>``.
     settings: Mapping[str, Setting] = field(default_factory=dict)
+    # Checks what it will read before any pass runs (the graph's weights, by name, against the plan, say): its
+    # ValueError is the user's (a bad plan is an error, not a skipped pass) and the graph is still untouched.
+    prepare: Callable[[PassContext, list[tuple[str, torch.Tensor]]], None] | None = None
 
 
 # Pass name -> spec, in canonical order.
