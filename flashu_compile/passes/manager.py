@@ -73,6 +73,38 @@ def observe_passes(observer: PassObserver) -> Iterator[None]:
         _OBSERVER.reset(token)
 
 
+@contextlib.contextmanager
+def pass_outcomes() -> Iterator[dict[str, dict[str, Any]]]:
+    """Inside the block, what every pass run did; the yielded dict, filled as passes run, holds per pass that ran
+    on some graph on how many graphs it acted and why it did not on the others (``{"acted": n, "did_not":
+    {reason: graphs}}``), so a measured configuration can never silently hold less than its name says."""
+    outcomes: dict[str, dict[str, Any]] = {}
+
+    def seen(name: str, when: str, gm: Any, context: Any, record: PassRecord | None) -> None:
+        if when != "after" or record is None:
+            return
+        entry = outcomes.setdefault(record.name, {"acted": 0, "did_not": {}})
+        if record.changed:
+            entry["acted"] += 1
+        else:
+            why = record.skipped_reason or "changed nothing"
+            entry["did_not"][why] = entry["did_not"].get(why, 0) + 1
+
+    with observe_passes(seen):
+        yield outcomes
+
+
+def outcomes_text(outcomes: dict[str, dict[str, Any]]) -> str:
+    """:func:`pass_outcomes` in one line."""
+    if not outcomes:
+        return "none ran"
+    parts = []
+    for name, entry in outcomes.items():
+        missed = "; ".join(f"not on {n}: {why}" for why, n in entry["did_not"].items())
+        parts.append(f"{name} acted on {entry['acted']} graph(s){' (' + missed + ')' if missed else ''}")
+    return ", ".join(parts)
+
+
 class PassManager:
     """Ordered passes; a pass that does not apply, or fails, is skipped with a warning (strict: an error).
 

@@ -27,7 +27,6 @@ from __future__ import annotations
 import argparse
 import json
 import time
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -35,7 +34,7 @@ import torch
 
 from ..files import write_atomic
 from ..options import FlashUOptions
-from ..passes.manager import PassRecord, observe_passes
+from ..passes.manager import outcomes_text, pass_outcomes
 from ..runtime.summary import summary
 from ..scenes.dataset import make_split
 from ..scenes.evaluate import BOOTSTRAP_RESAMPLES, compare, evaluate, markdown_tables
@@ -131,38 +130,6 @@ def check_args(args: argparse.Namespace) -> list[tuple[str, dict[str, Any]]]:
     return configurations(args)
 
 
-def _collector(records: list[PassRecord]) -> Callable:
-    """A pass observer appending each pass's record to ``records``."""
-    def seen(name: str, when: str, gm: Any, context: Any, record: PassRecord | None) -> None:
-        if when == "after" and record is not None:
-            records.append(record)
-    return seen
-
-
-def techniques(records: list[PassRecord]) -> dict[str, dict[str, Any]]:
-    """Per pass that ran on some graph: on how many graphs it acted, and why it did not on the others (reason ->
-    graphs), so a configuration can never silently measure less than its name says."""
-    out: dict[str, dict[str, Any]] = {}
-    for record in records:
-        entry = out.setdefault(record.name, {"acted": 0, "did_not": {}})
-        if record.changed:
-            entry["acted"] += 1
-        else:
-            why = record.skipped_reason or "changed nothing"
-            entry["did_not"][why] = entry["did_not"].get(why, 0) + 1
-    return out
-
-
-def techniques_text(outcomes: dict[str, dict[str, Any]]) -> str:
-    if not outcomes:
-        return "none ran"
-    parts = []
-    for name, entry in outcomes.items():
-        missed = "; ".join(f"not on {n}: {why}" for why, n in entry["did_not"].items())
-        parts.append(f"{name} acted on {entry['acted']} graph(s){' (' + missed + ')' if missed else ''}")
-    return ", ".join(parts)
-
-
 # A configuration's entries in a report, each a mapping from configuration name.
 SCORED = ("results", "seconds", "techniques", "did")
 # What a resumed configuration's result must hold: what this command prints and compare() reads.
@@ -245,15 +212,14 @@ def score(model: Any, name: str, options: dict[str, Any], args: argparse.Namespa
           settings: dict[str, Any]) -> dict[str, Any]:
     """``model`` compiled with ``options`` and scored: the configuration's entry for each of :data:`SCORED`."""
     torch._dynamo.reset()
-    records: list[PassRecord] = []
-    with observe_passes(_collector(records)), summary(flops=False) as done:
+    with pass_outcomes() as outcomes, summary(flops=False) as done:
         compiled = compile_tasks(model, "flashu", options)
         t0 = time.perf_counter()
         result = evaluate(compiled, args.prompts, args.questions, args.steps, settings["guidance"], seed=args.seed,
                           batch=args.batch, images_per_prompt=args.images_per_prompt, label=name,
                           progress=not args.no_progress)
         seconds = time.perf_counter() - t0
-    return {"results": result, "seconds": seconds, "techniques": techniques(records), "did": done.totals()}
+    return {"results": result, "seconds": seconds, "techniques": outcomes, "did": done.totals()}
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
@@ -292,7 +258,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         source = f"taken from {path}: " if name not in todo else ""
         result = scored["results"][name]
         print(f"  {source}GenEval-like overall {result['geneval']['overall']:.3f}, VQA {result['vqa_accuracy']:.3f} "
-              f"({scored['seconds'][name]:.0f} s)\n  techniques: {techniques_text(scored['techniques'][name])}")
+              f"({scored['seconds'][name]:.0f} s)\n  techniques: {outcomes_text(scored['techniques'][name])}")
         print("  what the compiler did:" + "".join(f"\n    {line}" for line in scored["did"][name] or ["nothing"]))
         if path is not None and name in todo:
             write_report(path, build_report(args, settings, machine, shown, scored))

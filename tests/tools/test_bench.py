@@ -61,6 +61,11 @@ def test_every_configuration_is_measured(results):
         assert len(r.prefill_s) == 2 and all(0 < p < t for p, t in zip(r.prefill_s, r.runs_s, strict=True))
     assert by_name["eager 6"].prefill_s == []
     assert by_name["eager answer"].tokens == by_name["plain answer"].tokens <= 4 and by_name["eager 6"].tokens is None
+    # What acted on each flashu row is reported with it: the pass and the request's skipped layers.
+    assert by_name["skip 6"].techniques["layer_skip"]["acted"] >= 1 and by_name["eager 6"].techniques == {}
+    assert "call(s) skip" in by_name["skip 6"].did and by_name["eager 6"].did is None
+    table = markdown(results, "m", "c")
+    assert "skip 6: layer_skip acted on" in table and "plain answer: none ran" in table
 
 
 def test_guidance_schedule_without_passes_runs_through_the_sampler(results):

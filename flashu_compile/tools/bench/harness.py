@@ -21,6 +21,7 @@ from tqdm import tqdm
 from ...backend import sampler_rules
 from ...models.showo2 import understanding
 from ...models.showo2.sampling import generate_latents
+from ...passes.manager import pass_outcomes
 from ...runtime.compile_profile import profiling
 from ...runtime.flops import FlopTally, counted
 from ...runtime.summary import summary
@@ -187,7 +188,8 @@ class Bench:
         for i, config in enumerate(self.configs):  # cold: first request, compile included, empty caches
             r = results[config.name]
             before = _graphs()
-            with PeakRss() as rss, peak_gpu_mb(device, r), inductor_caches(caches[i]), self._profile(r, "cold"):
+            with PeakRss() as rss, peak_gpu_mb(device, r), inductor_caches(caches[i]), self._profile(r, "cold"), \
+                    pass_outcomes() as r.techniques:
                 synchronize(device)
                 t0 = time.perf_counter()
                 self._use(config)

@@ -8,6 +8,7 @@ from dataclasses import asdict
 from pathlib import Path
 
 from ...files import write_atomic
+from ...passes.manager import outcomes_text
 from .rows import Result
 from .stats import _baselines, off_vs_inductor, speedups, technique_savings
 
@@ -73,8 +74,9 @@ def markdown(results: list[Result], machine: str, command: str) -> str:
     did = [r for r in results if r.did]
     if did:
         # Which techniques acted on each row, so a row cannot silently measure less than its name says.
-        lines += ["", "What the compiler did on each flashu row's FLOP-counted request (`flashu_compile.summary()`):",
-                  "", "```", *(f"{r.name}:\n{r.did}" for r in did), "```"]
+        lines += ["", "What the compiler did on each flashu row: the passes while it compiled, then its FLOP-counted "
+                  "request (`flashu_compile.summary()`):",
+                  "", "```", *(f"{r.name}: {outcomes_text(r.techniques)}\n{r.did}" for r in did), "```"]
     for r in results:
         if r.compile_profile:
             lines += ["", *compile_phases(r)]

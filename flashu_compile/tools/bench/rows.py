@@ -38,6 +38,8 @@ class Result:
     # --profile-compile: "cold" and "warm" -> CompileProfile.to_dict() of that first request
     compile_profile: dict = field(default_factory=dict)
     did: str | None = None  # flashu: what the compiler did on the FLOP-counted request (flashu_compile.summary())
+    # the passes that ran while its first request compiled: on how many graphs each acted, why not on the others
+    techniques: dict = field(default_factory=dict)
 
     @property
     def median_s(self) -> float:
