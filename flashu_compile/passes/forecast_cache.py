@@ -27,7 +27,7 @@ from ..graph.outline import outline
 from ..options import Setting
 from ..runtime.guards import controller, guard_op
 from ..runtime.request import current_request
-from .head_cache import exclusive_ancestors
+from .head_cache import exclusive_ancestors, trunk_actions
 from .manager import PassContext, PassNotApplicable, PassResult
 from .registry import (
     GUARD_REGION,
@@ -35,7 +35,6 @@ from .registry import (
     DescribeContext,
     Described,
     PassSpec,
-    full_calls,
     full_text,
     register,
     shape_text,
@@ -100,16 +99,8 @@ def describe(node: torch.fx.Node, request: DescribeContext) -> Described | None:
         return None
     cid, order = node.args[0], node.args[3]
     rules = controller(cid).rules
-    full = full_calls(controller(cid), request.calls)
-    have, was_full, stores, forecasts = False, False, [], []
-    for s in range(1, request.calls + 1):
-        if (s in full) != was_full:
-            have, was_full = False, s in full
-        if s in full:
-            continue
-        action = rules.head_action(s, have)
-        (stores if action == "store" else forecasts if action == "reuse" else []).append(s)
-        have = have or action == "store"
+    by = trunk_actions(cid, request.calls)
+    stores, forecasts, full = by["store"], by["reuse"], by["full"]
     return Described(
         reads=(f"the {request.task} request's flow time t and the trunk outputs of its last {order + 1} refreshes "
                f"(controller {cid}); the shapes of the region's inputs (a batch change starts them anew)"),

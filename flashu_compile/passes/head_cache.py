@@ -52,20 +52,28 @@ def head_cache(gm, ctx: PassContext, options) -> PassResult:
     return PassResult(True, {"memoized_nodes": len(region), "refresh_every": options.cache_interval})
 
 
+def trunk_actions(cid: int, calls: int) -> dict[str, list[int]]:
+    """What controller ``cid``'s rules do with a memoized trunk on each call of a ``calls``-call request, by
+    action ("store", "reuse", "compute", "full"): the rules the guards apply, for words about them."""
+    rules = controller(cid).rules
+    full = full_calls(controller(cid), calls)
+    actions, have, was_full = {}, False, False
+    for s in range(1, calls + 1):
+        # The memo is dropped when the phase changes.
+        if (s in full) != was_full:
+            have, was_full = False, s in full
+        actions[s] = "full" if s in full else rules.head_action(s, have)
+        have = have or actions[s] == "store"
+    return {a: [s for s, b in actions.items() if b == a] for a in ("store", "reuse", "compute", "full")}
+
+
 def describe(node: torch.fx.Node, request: DescribeContext) -> Described | None:
     if node.target is not memo_guard:
         return None
     cid, key = node.args[0], node.args[2]
     rules = controller(cid).rules
-    full = full_calls(controller(cid), request.calls)
-    actions, have, was_full = {}, False, False
-    for s in range(1, request.calls + 1):
-        # The same rules the controller applies; the memo is dropped when the phase changes.
-        if (s in full) != was_full:
-            have, was_full = False, s in full
-        actions[s] = "full" if s in full else rules.head_action(s, have)
-        have = have or actions[s] == "store"
-    by = {a: [s for s, b in actions.items() if b == a] for a in ("store", "reuse", "compute")}
+    by = trunk_actions(cid, request.calls)
+    full = by["full"]
     return Described(
         reads=(f"the {request.task} request's memo {key!r} of controller {cid} and the shapes of the region's "
                f"inputs (a batch change, e.g. guidance switching off, invalidates it)"),
