@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import contextlib
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextvars import ContextVar
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -169,18 +169,21 @@ def _snapshot(conditioning: Conditioning) -> Conditioning:
     return tuple(c.detach().clone() for c in conditioning)
 
 
-def _implicit(task: str, time: float | None, conditioning: Conditioning | None) -> Request:
+Relation = Callable[[Request], Literal["same", "rows"] | None]
+
+
+def _implicit(task: str, time: float | None, conditioning: Conditioning | None, relation: Relation) -> Request:
     """The implicit request of ``task`` in this thread that a call with this conditioning continues, or a new one."""
     requests = _IMPLICIT.requests.setdefault(task, [])
     if conditioning is not None:
         for i, req in enumerate(requests):
-            if _rows_relation(req.conditioning, conditioning) == "same":
+            if relation(req) == "same":
                 requests.insert(0, requests.pop(i))
                 return req
         # The latest request's rows with their batch changed at a later t: the same request with guidance
         # switched off (or on again).
         if (requests and time is not None and requests[0].time is not None and time > requests[0].time
-                and _rows_relation(requests[0].conditioning, conditioning) == "rows"):
+                and relation(requests[0]) == "rows"):
             return requests[0]
     elif requests:
         # A graph whose inputs show no conditioning: its calls are told apart by t alone.
@@ -191,7 +194,8 @@ def _implicit(task: str, time: float | None, conditioning: Conditioning | None) 
     return req
 
 
-def _boundary(req: Request, starts: bool | None, time: float | None, conditioning: Conditioning | None) -> Boundary:
+def _boundary(req: Request, starts: bool | None, time: float | None, conditioning: Conditioning | None,
+              relation: Relation) -> Boundary:
     if time is None:
         return "start" if starts else "step"
     # Flow time grows from 0 to 1 over a request: a call at an earlier t begins the next one.
@@ -199,10 +203,10 @@ def _boundary(req: Request, starts: bool | None, time: float | None, conditionin
     if conditioning is None:
         # Nothing else to tell by: the same t is another call of the same step.
         return "start" if last is None or time < last else ("same" if time == last else "step")
-    relation = _rows_relation(req.conditioning, conditioning)
+    related = relation(req)
     if last is None or time < last:
         boundary: Boundary = "start"
-    elif relation is None:
+    elif related is None:
         raise RuntimeError(
             f"flashu: a denoising call at t={time:g} was given other prompts (text rows, attention mask or span "
             f"positions) than the earlier calls of its flashu_compile.request({req.task!r}) at t={last:g}: two "
@@ -210,7 +214,7 @@ def _boundary(req: Request, starts: bool | None, time: float | None, conditionin
             "and finish it before the next one starts, or run the loops without a request context (each "
             "prompt then gets a request of its own)")
     elif time == last:
-        if relation != "same":
+        if related != "same":
             raise RuntimeError(f"flashu: two denoising calls at the same t={time:g} in one flashu_compile.request "
                                "were given different rows; send a step's rows in one call")
         # The same prompt again at the same t: most likely a new request (another seed). The caches are exact to
@@ -223,7 +227,7 @@ def _boundary(req: Request, starts: bool | None, time: float | None, conditionin
         boundary = "start"
     else:
         boundary = "step"
-    if boundary == "start" or (relation == "rows" and conditioning[0].shape[0] > req.conditioning[0].shape[0]):
+    if boundary == "start" or (related == "rows" and conditioning[0].shape[0] > req.conditioning[0].shape[0]):
         req.conditioning = _snapshot(conditioning)  # kept whole: both batch sizes are matched against it
     return boundary
 
@@ -244,9 +248,17 @@ def serving(task: str, *, starts: bool | None = None, time: float | None = None,
     in this thread that holds its conditioning (or a new one). A request of another task is left
     alone: the program then runs its full network, as it does outside any request.
     """
+    compared: dict[int, Literal["same", "rows"] | None] = {}
+
+    def relation(held: Request) -> Literal["same", "rows"] | None:
+        # Each request's conditioning is compared with the call's once per call (a hot path: every model call).
+        if id(held) not in compared:
+            compared[id(held)] = _rows_relation(held.conditioning, conditioning)
+        return compared[id(held)]
+
     req = current_request()
     if req is None:
-        req = _implicit(task, time, conditioning)
+        req = _implicit(task, time, conditioning, relation)
     elif not req.auto or req.task != task:
         if req.task == task and time is not None:
             req.time = time  # the caller steps it; what the call's t is, guards may still ask (a forecast)
@@ -255,9 +267,9 @@ def serving(task: str, *, starts: bool | None = None, time: float | None = None,
     elif conditioning is not None:
         # Loops each inside their own request context but interleaved (generators) leave the innermost context
         # current for all of them: a call belongs to the open request that holds its conditioning.
-        req = next((r for r in reversed(_CURRENT.get()) if r.auto and r.task == task
-                    and _rows_relation(r.conditioning, conditioning) is not None), req)
-    boundary = _boundary(req, starts, time, conditioning)
+        req = next((r for r in reversed(_CURRENT.get()) if r.auto and r.task == task and relation(r) is not None),
+                   req)
+    boundary = _boundary(req, starts, time, conditioning, relation)
     if boundary == "start" and req.step:
         req.restart()
     if boundary != "same" or not req.step:
