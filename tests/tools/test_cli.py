@@ -176,6 +176,10 @@ def test_a_file_that_is_not_cache_artifacts_is_refused_before_the_model_loads(co
 
 
 def test_the_eager_demo_says_it_has_no_compile_caches_to_write(tmp_path, capsys):
+    from torch.compiler._cache import CacheArtifactManager
+
+    # As in a new process: what earlier tests compiled in this one would otherwise be saved too.
+    CacheArtifactManager.clear()
     caches = tmp_path / "caches.bin"
     assert main(["demo", "--steps", "3", "--lowering", "eager", "--out", str(tmp_path / "out"), "--no-progress",
                  "--max-new-tokens", "1", "--cache-artifacts", str(caches)]) == 0
