@@ -131,8 +131,7 @@ class Showo2(nn.Module):
 
     @classmethod
     def embedded(cls, name: str) -> Showo2:
-        """An embedded model by name (``embedded.EMBEDDED``: "scenes", the default, or "scenes-deep"),
-        checksum-verified."""
+        """An embedded model by name (``embedded.EMBEDDED``: "scenes", the default), checksum-verified."""
         if name not in EMBEDDED:
             raise ValueError(f"embedded model must be one of {list(EMBEDDED)}, got {name!r}")
         folder = EMBEDDED[name]
