@@ -160,4 +160,6 @@ def save_compile_caches(flag: str, path: Path | None) -> None:
 
 def scenes_model(name: str) -> bool:
     """Whether ``--model name`` is one of the embedded models trained on the scenes (their scorers apply)."""
-    return name == "default" or name.startswith("scenes")
+    from ..models.showo2.embedded import EMBEDDED
+
+    return name == "default" or name in EMBEDDED
