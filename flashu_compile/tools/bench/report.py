@@ -76,11 +76,17 @@ def markdown(results: list[Result], machine: str, command: str) -> str:
         # Which techniques acted on each row, so a row cannot silently measure less than its name says.
         lines += ["", "What the compiler did on each flashu row: the passes while it compiled, then its FLOP-counted "
                   "request (`flashu_compile.summary()`):",
-                  "", "```", *(f"{r.name}: {outcomes_text(r.techniques)}\n{r.did}" for r in did), "```"]
+                  "", "```", *(f"{r.name}: {_passes_text(r)}\n{r.did}" for r in did), "```"]
     for r in results:
         if r.compile_profile:
             lines += ["", *compile_phases(r)]
     return "\n".join(lines)
+
+
+def _passes_text(r: Result) -> str:
+    if not r.techniques and not r.graphs:
+        return "compiled no graph: served by the programs an earlier row compiled with the same options"
+    return outcomes_text(r.techniques)
 
 
 def compile_phases(r: Result) -> list[str]:
