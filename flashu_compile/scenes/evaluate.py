@@ -53,9 +53,9 @@ def vqa_items(scenes, n: int) -> list[tuple[Scene, str, str]]:
 @torch.no_grad()
 def evaluate(model: Showo2 | Any, n_prompts: int = 100, n_questions: int = 200, steps: int = 50,
              guidance: float = 5.0, seed: int = 0, batch: int = 10, images_per_prompt: int = 4, label: str = "",
-             progress: bool = True) -> dict:
+             progress: bool = True, solver: str = "euler") -> dict:
     """Only ``model.generate_images`` ((B, 3, H, W) in [0, 1]) and ``model.answer`` are used: a model, or one
-    compiled with ``flashu_compile.compile_tasks``.
+    compiled with ``flashu_compile.compile_tasks``; ``solver`` is the sampler's ("euler" or "heun").
 
     Image ``j`` of the run comes from the noise of seed ``seed + batch * (j // batch)`` at row
     ``j % batch``: the same for every model given the same arguments, so configurations compared
@@ -73,7 +73,7 @@ def evaluate(model: Showo2 | Any, n_prompts: int = 100, n_questions: int = 200, 
     for i in tqdm(range(0, len(prompts), batch), desc=f"{prefix}generating", disable=not progress):
         chunk = prompts[i:i + batch]
         images.append(model.generate_images([s.caption for s in chunk], steps=steps, guidance=guidance,
-                                            seed=seed + i, progress=False))
+                                            seed=seed + i, progress=False, solver=solver))
     images = torch.cat(images)
     gen = geneval_score(images, prompts)
     passed = [score_image(image, scene)["correct"] for image, scene in zip(images, prompts, strict=True)]

@@ -33,6 +33,7 @@ from typing import Any
 import torch
 
 from ..files import write_atomic
+from ..models.showo2.sampling import SOLVERS
 from ..options import FlashUOptions
 from ..passes.manager import outcomes_text, pass_outcomes
 from ..runtime.summary import summary
@@ -104,11 +105,26 @@ def configurations(args: argparse.Namespace) -> list[tuple[str, dict[str, Any]]]
     for name, options in named:
         options = {**options, "lowering": args.lowering}
         try:
-            common.flashu_options(options)
+            sampler, flashu = split_sampler(options)
+            if "steps" in sampler:
+                check_int("steps", sampler["steps"], 2, MAX_STEPS)
+            if "solver" in sampler and sampler["solver"] not in SOLVERS:
+                raise ValueError(f"solver must be one of {list(SOLVERS)}, got {sampler['solver']!r}")
+            common.flashu_options(flashu)
         except ValueError as err:
             raise ValueError(f"configuration {name!r}: {err}") from None
         configs.append((name, options))
     return configs
+
+
+# A configuration's sampler settings beside its flashu options: its grid points (default --steps) and solver.
+SAMPLER_KEYS = ("steps", "solver")
+
+
+def split_sampler(options: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """A configuration's ``(sampler settings, flashu options)``."""
+    return ({k: v for k, v in options.items() if k in SAMPLER_KEYS},
+            {k: v for k, v in options.items() if k not in SAMPLER_KEYS})
 
 
 def check_args(args: argparse.Namespace) -> list[tuple[str, dict[str, Any]]]:
@@ -150,8 +166,8 @@ def recorded_options(args: argparse.Namespace, configs: list[tuple[str, dict[str
     """Each configuration's options as the report records them: one that prunes gets ``plan``, ``--plan``'s path
     or ``"calibrated"``, so a resumed run reuses a result only if its plan came the same way."""
     plan = args.plan or "calibrated"
-    return {name: {**options, "plan": plan} if FlashUOptions.from_dict(options).needs_plan else options
-            for name, options in configs}
+    return {name: {**options, "plan": plan} if FlashUOptions.from_dict(split_sampler(options)[1]).needs_plan
+            else options for name, options in configs}
 
 
 def _lacks(report: Any) -> str | None:
@@ -213,11 +229,13 @@ def score(model: Any, name: str, options: dict[str, Any], args: argparse.Namespa
     """``model`` compiled with ``options`` and scored: the configuration's entry for each of :data:`SCORED`."""
     torch._dynamo.reset()
     with pass_outcomes() as outcomes, summary(flops=False) as done:
-        compiled = compile_tasks(model, "flashu", options)
+        sampler, flashu = split_sampler(options)
+        compiled = compile_tasks(model, "flashu", flashu)
         t0 = time.perf_counter()
-        result = evaluate(compiled, args.prompts, args.questions, args.steps, settings["guidance"], seed=args.seed,
-                          batch=args.batch, images_per_prompt=args.images_per_prompt, label=name,
-                          progress=not args.no_progress)
+        result = evaluate(compiled, args.prompts, args.questions, sampler.get("steps", args.steps),
+                          settings["guidance"], seed=args.seed, batch=args.batch,
+                          images_per_prompt=args.images_per_prompt, label=name, progress=not args.no_progress,
+                          solver=sampler.get("solver", "euler"))
         seconds = time.perf_counter() - t0
     return {"results": result, "seconds": seconds, "techniques": outcomes, "did": done.totals()}
 
@@ -277,7 +295,9 @@ def add_parser(sub) -> None:
                        "bootstrap intervals", description=__doc__.split("\n\n")[0])
     model_args(p)
     p.add_argument("--config", action="append", default=[], metavar="NAME=PRESET[,KEY=VALUE...]",
-                   help="a configuration to evaluate (repeatable; the first is the baseline of the differences)")
+                   help="a configuration to evaluate (repeatable; the first is the baseline of the differences); "
+                        "besides flashu options, KEY may be steps (its grid points, default --steps) or solver "
+                        "(euler or heun), e.g. fast25=fast,steps=25")
     p.add_argument("--preset", help="without --config: evaluate off and this preset (default: paper)")
     p.add_argument("--option", "-O", action="append", default=[], metavar="KEY=VALUE",
                    help="a flashu option, value as JSON (e.g. -O hybrid_tau=5), repeatable: for --preset's "

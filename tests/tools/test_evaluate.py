@@ -44,6 +44,8 @@ def no_model(monkeypatch):
     (["--config", "a=off,skip_ratio=0.1,skip_ratio=0.2"], "--config a: option 'skip_ratio' is given twice"),
     (["--config", "a=off,passes=[\"layer_skip\",\"prefix_cache\"]"], "prefix_cache does not compose with layer_skip"),
     (["--config", "a=off", "--config", "b=off,skip_ratio=2"], r"configuration 'b': option 'skip_ratio' must be in"),
+    (["--config", "a=off,steps=1"], r"configuration 'a': steps must be an int in \[2, 10000\], got 1"),
+    (["--config", "a=off,solver=\"rk4\""], r"configuration 'a': solver must be one of \['euler', 'heun'\]"),
 ])
 def test_bad_arguments_are_errors_before_the_model_loads(argv, message, no_model, capsys):
     assert main(["evaluate", *argv]) == 2
@@ -289,3 +291,25 @@ def test_no_resume_scores_every_configuration_again(tmp_path, monkeypatch, capsy
     assert main(["evaluate", *SMALL, *TWO, "--json", str(out), "--no-resume"]) == 0
     assert scored == ["off", "same"] and "taken from" not in capsys.readouterr().out
     assert list(json.loads(out.read_text())["configurations"]) == ["off", "same"]
+
+
+def test_a_configuration_may_sample_with_its_own_steps_and_solver(tmp_path, monkeypatch, capsys):
+    """steps and solver beside the flashu options reach the sampler (paired comparisons across step counts),
+    and are recorded with the configuration, so a resumed run tells them apart."""
+    from flashu_compile.tools import evaluate as tool
+
+    seen = []
+    score = tool.evaluate
+
+    def spy(model, *args, **kwargs):
+        seen.append((args[2], kwargs["solver"]))
+        return score(model, *args, **kwargs)
+
+    monkeypatch.setattr(tool, "evaluate", spy)
+    out = tmp_path / "eval.json"
+    assert main(["evaluate", "--prompts", "1", "--images-per-prompt", "1", "--questions", "1", "--steps", "3",
+                 "--config", "off=off", "--config", 'heun2=off,steps=2,solver="heun"', "--json", str(out),
+                 "--no-progress", "--resamples", "100"]) == 0
+    assert seen == [(3, "euler"), (2, "heun")]
+    assert json.loads(out.read_text())["configurations"]["heun2"] == {"preset": "off", "steps": 2, "solver": "heun",
+                                                                       "lowering": "eager"}
