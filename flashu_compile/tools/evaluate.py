@@ -263,7 +263,8 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     size = (f"{sum(p.numel() for p in model.parameters()) / 1e6:.2f} M parameters" if model is not None
             else "not loaded: every configuration is taken from the report")
     print(f"model: {args.model} ({size}); {len(shown)} configuration(s), {args.prompts} captions x "
-          f"{args.images_per_prompt} images, {args.questions} questions, {args.steps} steps, guidance "
+          f"{args.images_per_prompt} images, {args.questions} questions, {args.steps} steps (or a configuration's "
+          f"own), guidance "
           f"{settings['guidance']:g}, seed {args.seed}")
     plan = load_plan(args, model) if any("plan" in shown[name] for name in todo) else None
     machine = machine_line()
