@@ -33,7 +33,7 @@ from typing import Any
 import torch
 
 from ..files import write_atomic
-from ..models.showo2.sampling import SOLVERS
+from ..models.showo2.sampling import check_solver
 from ..options import FlashUOptions
 from ..passes.manager import outcomes_text, pass_outcomes
 from ..runtime.summary import summary
@@ -108,8 +108,8 @@ def configurations(args: argparse.Namespace) -> list[tuple[str, dict[str, Any]]]
             sampler, flashu = split_sampler(options)
             if "steps" in sampler:
                 check_int("steps", sampler["steps"], 2, MAX_STEPS)
-            if "solver" in sampler and sampler["solver"] not in SOLVERS:
-                raise ValueError(f"solver must be one of {list(SOLVERS)}, got {sampler['solver']!r}")
+            if "solver" in sampler:
+                check_solver(sampler["solver"])
             common.flashu_options(flashu)
         except ValueError as err:
             raise ValueError(f"configuration {name!r}: {err}") from None

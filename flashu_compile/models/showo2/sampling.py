@@ -53,6 +53,13 @@ def time_grid(steps: int, shift: float = 3.0) -> torch.Tensor:
 SOLVERS = ("euler", "heun")
 
 
+def check_solver(solver: str) -> str:
+    """``solver`` if it is one of :data:`SOLVERS`, else a ValueError naming them."""
+    if not isinstance(solver, str) or solver not in SOLVERS:
+        raise ValueError(f"solver must be one of {list(SOLVERS)}, got {solver!r}")
+    return solver
+
+
 def integrate_cfg(
     denoise: DenoiseFn,
     rows: Rows,
@@ -73,8 +80,7 @@ def integrate_cfg(
     inside its request, so compiled programs know which call of how many they serve. The latent stays
     fp32 between steps whatever the model dtype, like the official sampler.
     """
-    if solver not in SOLVERS:
-        raise ValueError(f"solver must be one of {list(SOLVERS)}, got {solver!r}")
+    check_solver(solver)
     x = noise.float()
     intervals = len(grid) - 1
     if isinstance(guidance, numbers.Real):
@@ -149,8 +155,7 @@ def generate_latents(
     steps = check_int("steps", steps, 2, MAX_STEPS)
     shift = check_float("shift", shift, 0.0, MAX_SHIFT, low_open=True)
     seed = check_int("seed", seed, 0, MAX_SEED)
-    if solver not in SOLVERS:
-        raise ValueError(f"solver must be one of {list(SOLVERS)}, got {solver!r}")
+    check_solver(solver)
     cfg = model.config
     if max_text_len is not None:
         max_text_len = check_int("max_text_len", max_text_len, 1)
