@@ -27,7 +27,7 @@ class Oracle:
         self.scenes = make_split("test", n, seed=0)
         self.knows = set(knows)
 
-    def generate_images(self, prompts, steps, guidance, seed, progress):
+    def generate_images(self, prompts, steps, guidance, seed, progress, solver="euler"):
         by_caption = {s.caption: s for s in self.scenes}
         return torch.stack([(to_tensor(by_caption[p].render()) + 1) / 2 for p in prompts])
 
@@ -86,8 +86,8 @@ def test_the_oracle_reads_exact_pixels():
 class EvenSeedsOnly(Oracle):
     """Draws a caption's scene for even seeds and an empty image for odd ones."""
 
-    def generate_images(self, prompts, steps, guidance, seed, progress):
-        images = super().generate_images(prompts, steps, guidance, seed, progress)
+    def generate_images(self, prompts, steps, guidance, seed, progress, solver="euler"):
+        images = super().generate_images(prompts, steps, guidance, seed, progress, solver)
         return images if seed % 2 == 0 else torch.zeros_like(images)
 
 
