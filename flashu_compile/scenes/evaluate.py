@@ -53,9 +53,11 @@ def vqa_items(scenes, n: int) -> list[tuple[Scene, str, str]]:
 @torch.no_grad()
 def evaluate(model: Showo2 | Any, n_prompts: int = 100, n_questions: int = 200, steps: int = 50,
              guidance: float = 5.0, seed: int = 0, batch: int = 10, images_per_prompt: int = 4, label: str = "",
-             progress: bool = True, solver: str = "euler") -> dict:
+             progress: bool = True, solver: str = "euler", split: str = "test") -> dict:
     """Only ``model.generate_images`` ((B, 3, H, W) in [0, 1]) and ``model.answer`` are used: a model, or one
-    compiled with ``flashu_compile.compile_tasks``; ``solver`` is the sampler's ("euler" or "heun").
+    compiled with ``flashu_compile.compile_tasks``; ``solver`` is the sampler's ("euler" or "heun"). Captions
+    and questions come from ``split``: "test" to report, "validation" to choose settings without reading the
+    test split.
 
     Image ``j`` of the run comes from the noise of seed ``seed + batch * (j // batch)`` at row
     ``j % batch``: the same for every model given the same arguments, so configurations compared
@@ -65,7 +67,7 @@ def evaluate(model: Showo2 | Any, n_prompts: int = 100, n_questions: int = 200, 
     """
     if images_per_prompt < 1:
         raise ValueError(f"images_per_prompt must be at least 1, got {images_per_prompt}")
-    scenes = make_split("test", max(n_prompts, n_questions), seed=seed)
+    scenes = make_split(split, max(n_prompts, n_questions), seed=seed)
     # Each caption's images sit side by side; every chunk has its own seed, so no two images share noise.
     prompts = [s for s in scenes[:n_prompts] for _ in range(images_per_prompt)]
     prefix = f"{label}: " if label else ""

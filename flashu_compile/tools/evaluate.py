@@ -142,7 +142,7 @@ def check_args(args: argparse.Namespace) -> list[tuple[str, dict[str, Any]]]:
     if args.json:
         check_output("--json", args.json, folder=False)
     common.check_plan("--plan", args.plan)
-    make_split("test", max(args.prompts, args.questions), seed=args.seed)  # the split holds enough scenes
+    make_split(args.split, max(args.prompts, args.questions), seed=args.seed)  # the split holds enough scenes
     return configurations(args)
 
 
@@ -159,7 +159,7 @@ def run_settings(args: argparse.Namespace) -> dict[str, Any]:
     guidance = args.guidance if args.guidance is not None else 1.0 if common.scenes_model(args.model) else 7.5
     return {"model": args.model, "tokenizer": args.tokenizer, "vae": args.vae, "prompts": args.prompts,
             "images_per_prompt": args.images_per_prompt, "questions": args.questions, "steps": args.steps,
-            "guidance": guidance, "seed": args.seed, "batch": args.batch}
+            "guidance": guidance, "seed": args.seed, "batch": args.batch, "split": args.split}
 
 
 def recorded_options(args: argparse.Namespace, configs: list[tuple[str, dict[str, Any]]]) -> dict[str, dict[str, Any]]:
@@ -235,7 +235,7 @@ def score(model: Any, name: str, options: dict[str, Any], args: argparse.Namespa
         result = evaluate(compiled, args.prompts, args.questions, sampler.get("steps", args.steps),
                           settings["guidance"], seed=args.seed, batch=args.batch,
                           images_per_prompt=args.images_per_prompt, label=name, progress=not args.no_progress,
-                          solver=sampler.get("solver", "euler"))
+                          solver=sampler.get("solver", "euler"), split=args.split)
         seconds = time.perf_counter() - t0
     return {"results": result, "seconds": seconds, "techniques": outcomes, "did": done.totals()}
 
@@ -262,10 +262,9 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     model = common.load_model(args) if todo else None
     size = (f"{sum(p.numel() for p in model.parameters()) / 1e6:.2f} M parameters" if model is not None
             else "not loaded: every configuration is taken from the report")
-    print(f"model: {args.model} ({size}); {len(shown)} configuration(s), {args.prompts} captions x "
+    print(f"model: {args.model} ({size}); {len(shown)} configuration(s), {args.prompts} {args.split} captions x "
           f"{args.images_per_prompt} images, {args.questions} questions, {args.steps} steps (or a configuration's "
-          f"own), guidance "
-          f"{settings['guidance']:g}, seed {args.seed}")
+          f"own), guidance {settings['guidance']:g}, seed {args.seed}")
     plan = load_plan(args, model) if any("plan" in shown[name] for name in todo) else None
     machine = machine_line()
     for i, (name, options) in enumerate(shown.items(), start=1):
@@ -311,6 +310,9 @@ def add_parser(sub) -> None:
     p.add_argument("--guidance", type=float,
                    help="the request's guidance s0 (default: 1 for the embedded model, its best; else 7.5); "
                         "relative guidance schedules scale it")
+    p.add_argument("--split", choices=("test", "validation"), default="test",
+                   help="where captions and questions come from: test (reported scores) or validation (choosing "
+                        "settings without reading the test split)")
     p.add_argument("--prompts", type=int, default=150, help="held-out captions for the GenEval-like score")
     p.add_argument("--images-per-prompt", type=int, default=4, help="images scored per caption (GenEval: 4)")
     p.add_argument("--questions", type=int, default=300, help="VQA questions")
@@ -319,7 +321,7 @@ def add_parser(sub) -> None:
     p.add_argument("--resamples", type=int, default=BOOTSTRAP_RESAMPLES, help="bootstrap resamples (at least 100)")
     p.add_argument("--json", help="write scores, intervals and every configuration's raw results to this file, "
                    "rewritten after each configuration; when it exists, a report of the same run settings (model, "
-                   "counts, steps, guidance, seed, batch) is resumed: each configuration it holds with the same "
+                   "counts, steps, guidance, seed, batch, split) is resumed: each configuration it holds with the same "
                    "options is taken from it, not recomputed (other run settings are refused)")
     p.add_argument("--no-resume", action="store_true",
                    help="recompute every configuration, replacing an existing --json report as the run goes")

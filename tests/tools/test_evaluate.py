@@ -197,7 +197,7 @@ def test_a_second_run_takes_every_configuration_from_the_report(tmp_path, monkey
     assert list(report["configurations"]) == ["off", "same"] and report["pending"] == []
     assert report["settings"] == {"model": "default", "tokenizer": None, "vae": None, "prompts": 1,
                                   "images_per_prompt": 1, "questions": 1, "steps": 3, "guidance": 1.0, "seed": 0,
-                                  "batch": 10}
+                                  "batch": 10, "split": "test"}
 
     def fails(*args, **kwargs):
         raise AssertionError("a configuration already in the report was computed again")
@@ -313,3 +313,23 @@ def test_a_configuration_may_sample_with_its_own_steps_and_solver(tmp_path, monk
     assert seen == [(3, "euler"), (2, "heun")]
     assert json.loads(out.read_text())["configurations"]["heun2"] == {"preset": "off", "steps": 2, "solver": "heun",
                                                                        "lowering": "eager"}
+
+
+def test_the_validation_split_is_scored_recorded_and_not_resumed_as_test(tmp_path, monkeypatch, capsys):
+    """--split validation reaches the scorer and the report's run settings, so a test-split report is never
+    resumed as a validation run."""
+    from flashu_compile.tools import evaluate as tool
+
+    seen, score = [], tool.evaluate
+
+    def spy(model, *args, **kwargs):
+        seen.append(kwargs["split"])
+        return score(model, *args, **kwargs)
+
+    monkeypatch.setattr(tool, "evaluate", spy)
+    out = tmp_path / "eval.json"
+    assert main(["evaluate", *SMALL, "--config", "off=off", "--json", str(out), "--split", "validation"]) == 0
+    assert seen == ["validation"] and json.loads(out.read_text())["settings"]["split"] == "validation"
+    assert "1 validation captions" in capsys.readouterr().out
+    assert main(["evaluate", *SMALL, "--config", "off=off", "--json", str(out)]) == 2
+    assert "(split: 'validation' there, 'test' here)" in capsys.readouterr().err
