@@ -198,6 +198,8 @@ def previous_report(path: Path, settings: dict[str, Any]) -> dict[str, Any]:
         raise ValueError(f"--json {str(path)!r} is not a report to resume ({err}): {instead}") from None
     if (lacking := _lacks(report)) is not None:
         raise ValueError(f"--json {str(path)!r} is not a report to resume (it lacks {lacking}): {instead}")
+    # Reports written before the validation split existed scored the test split.
+    report["settings"].setdefault("split", "test")
     for key in dict.fromkeys([*settings, *report["settings"]]):
         there, here = report["settings"].get(key, "not recorded"), settings.get(key, "not recorded")
         if there != here:

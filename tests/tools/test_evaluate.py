@@ -333,3 +333,11 @@ def test_the_validation_split_is_scored_recorded_and_not_resumed_as_test(tmp_pat
     assert "1 validation captions" in capsys.readouterr().out
     assert main(["evaluate", *SMALL, "--config", "off=off", "--json", str(out)]) == 2
     assert "(split: 'validation' there, 'test' here)" in capsys.readouterr().err
+    # A report from before the split setting existed scored the test split, and resumes as such.
+    report = json.loads(out.read_text())
+    del report["settings"]["split"]
+    out.write_text(json.dumps(report))
+    scored = _scored_by(monkeypatch)
+    assert main(["evaluate", *SMALL, "--config", "off=off", "--json", str(out)]) == 0
+    assert scored == [] and "taken from" in capsys.readouterr().out
+    assert main(["evaluate", *SMALL, "--config", "off=off", "--json", str(out), "--split", "validation"]) == 2
