@@ -1,8 +1,8 @@
 """The speed-quality chart of docs/fidelity.md, drawn from the runs' own JSON files (needs matplotlib).
 
 Left: GenEval-like overall (95% interval) against the bench's warm median per text-to-image
-request. Right: VQA accuracy (95% interval) against the prefill FLOPs of one question, for the
-token_drop ablation and the presets. Usage (the files the report names):
+request. Right (when --understanding is given): VQA accuracy (95% interval) against the prefill FLOPs of one
+question, for the token_drop ablation and the presets. Usage (the files the report names):
 
     python docs/fidelity_chart.py --generation gen-50.json --bench bench.json \
         --speed off="eager 50" --speed paper="flashu paper 50" ... \
@@ -37,7 +37,8 @@ def main() -> None:
     parser.add_argument("--generation", type=Path, required=True, help="evaluate --json of the generation run")
     parser.add_argument("--bench", type=Path, required=True, help="bench.json of the speed run")
     parser.add_argument("--speed", action="append", default=[], help="CONFIG=BENCH ROW (repeatable)")
-    parser.add_argument("--understanding", type=Path, nargs="+", required=True, help="evaluate --json of VQA runs")
+    parser.add_argument("--understanding", type=Path, nargs="+", default=[],
+                        help="evaluate --json of VQA runs (none: the text-to-image panel alone)")
     parser.add_argument("--flops", action="append", default=[], help="CONFIG=prefill MFLOP (repeatable)")
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args()
@@ -46,13 +47,17 @@ def main() -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, (gen_ax, vqa_ax) = plt.subplots(1, 2, figsize=(11, 4.2))
+    if args.understanding:
+        fig, (gen_ax, vqa_ax) = plt.subplots(1, 2, figsize=(11, 4.2))
+    else:
+        fig, gen_ax = plt.subplots(figsize=(5.8, 4.2))
     generation = json.loads(args.generation.read_text())["comparison"]["scores"]
     medians = {r["name"]: r["median_s"] for r in json.loads(args.bench.read_text())["results"]}
     for name, row in pairs(args.speed).items():
         y, low, high = interval(generation, name, "geneval/overall")
         gen_ax.errorbar(medians[row], y, yerr=[[low], [high]], fmt="o", capsize=4)
         gen_ax.annotate(f"{name} ({row})", (medians[row], y), textcoords="offset points", xytext=(6, 4), fontsize=8)
+    gen_ax.margins(x=0.3)  # room for the labels right of the points
     gen_ax.set(xlabel="warm median per request (s, bench)", ylabel="GenEval-like overall (95% interval)",
                title="text to image")
 
@@ -66,8 +71,9 @@ def main() -> None:
             vqa_ax.errorbar(flops[name], y, yerr=[[low], [high]], fmt="o", capsize=3,
                             color="black" if not name.startswith("td-") else None)
             vqa_ax.annotate(name, (flops[name], y), textcoords="offset points", xytext=(5, 3), fontsize=7)
-    vqa_ax.set(xlabel="prefill MFLOP per question (graph-diff)", ylabel="VQA accuracy (95% interval)",
-               title="understanding: token_drop rho-K and presets")
+    if args.understanding:
+        vqa_ax.set(xlabel="prefill MFLOP per question (graph-diff)", ylabel="VQA accuracy (95% interval)",
+                   title="understanding: token_drop rho-K and presets")
     fig.tight_layout()
     fig.savefig(args.out, dpi=110)
     print(f"-> {args.out}")
