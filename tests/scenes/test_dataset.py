@@ -66,7 +66,7 @@ def test_same_seed_same_scenes_images_and_questions():
 
 def test_different_seeds_give_different_scenes():
     a, b = keys(make_split("train", 60, seed=1)), keys(make_split("train", 60, seed=2))
-    # Only 89 single-object scenes are training scenes, so two draws of 60 share a few of them.
+    # Only 77 single-object scenes are training scenes, so two draws of 60 share a few of them.
     assert len(set(a) & set(b)) < 12
 
 
