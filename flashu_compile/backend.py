@@ -102,7 +102,9 @@ class PhasedProgram:
         else:
             measured = phase != "full" and st.recalc_due
             skipped = st.skip if phase != "full" and not measured else frozenset()
-            watch.close(self.controller.task, st.step, phase, skipped, measured)
+            req = current_request()
+            unplaced = self.full is not None and req is not None and req.calls is None
+            watch.close(self.controller.task, st.step, phase, skipped, measured, unplaced)
         return out
 
 

@@ -48,8 +48,17 @@ class RequestSummary:
         phases = ", ".join(f"{n} {p}" for p, n in sorted(self.phases.items()))
         skipped = "; ".join(f"{n} call(s) skip {list(s)}" for s, n in sorted(self.skipped.items()) if s) or "none"
         cache = ", ".join(f"{a} x{n}" for a, n in sorted(self.cache.items())) or "-"
-        return (f"{self.task:<4} {len(self.calls):>5} calls ({phases}) | layers skipped: {skipped} | "
+        line = (f"{self.task:<4} {len(self.calls):>5} calls ({phases}) | layers skipped: {skipped} | "
                 f"cache: {cache} | " + (f"{self.flops / 1e6:,.1f} MFLOP" if self.counted else "FLOPs not counted"))
+        if self.unplaced_final:
+            line += (f" | no final full-network phase: the request's length was not given "
+                     f"(flashu_compile.request({self.task!r}, calls=N)), so it ran faster and less exact than asked")
+        return line
+
+    @property
+    def unplaced_final(self) -> bool:
+        """Whether its final full-network phase was left out because nothing said how many calls it makes."""
+        return any(c.unplaced_final for c in self.calls)
 
     @property
     def counted(self) -> bool:

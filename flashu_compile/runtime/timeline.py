@@ -36,6 +36,9 @@ class CallRecord:
     measured: bool  # whether this call measured layer importance (it ran every layer)
     actions: tuple[str, ...]  # what its memoized regions did: "store", "reuse", "compute", "prefix store", ...
     flops: int | None  # None when no FlopTally was active
+    # A call of a graph with a final full-network phase in a request whose length nobody gave: that phase
+    # could not be placed, so the request runs without it (faster and less exact than its options ask).
+    unplaced_final: bool = False
 
     def __post_init__(self) -> None:
         if self.phase not in PHASES:
@@ -72,10 +75,12 @@ class CallWatch:
         self._tally, self._flops = tally, tally.total if tally is not None else 0
         self._history, self._seen = history, len(history) if history is not None else 0
 
-    def close(self, task: str, step: int, phase: str, skipped: frozenset[int], measured: bool) -> None:
+    def close(self, task: str, step: int, phase: str, skipped: frozenset[int], measured: bool,
+              unplaced_final: bool = False) -> None:
         records = _ACTIVE.get()
         if records is None:
             return
         actions = tuple(a for _, a in self._history[self._seen:]) if self._history is not None else ()
         flops = self._tally.total - self._flops if self._tally is not None else None
-        records.append(CallRecord(task, step, phase, tuple(sorted(skipped)), measured, actions, flops))
+        records.append(CallRecord(task, step, phase, tuple(sorted(skipped)), measured, actions, flops,
+                                  unplaced_final))

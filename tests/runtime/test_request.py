@@ -137,9 +137,18 @@ def test_an_unknown_request_length_is_said_once(model):
     denoise = torch.compile(model.denoise, backend="flashu", options={"passes": ["head_cache"], "lowering": "eager",
                                                                      "hybrid_tau": 2})
     with pytest.warns(UserWarning, match=r"flashu_compile.request\('t2i', calls=N\)") as caught:
-        user_loop(denoise, model, 6, [GUIDANCE] * 5, latent_noise(model, 1))
+        with flashu_compile.summary(flops=False) as unplaced:
+            user_loop(denoise, model, 6, [GUIDANCE] * 5, latent_noise(model, 1))
         user_loop(denoise, model, 6, [GUIDANCE] * 5, latent_noise(model, 1))
     assert sum("hybrid_tau=2" in str(w.message) for w in caught) == 1
+    # The summary of such a loop says it, on every request (a benchmark of it measures less than its options ask).
+    (req,) = unplaced.requests
+    assert req.unplaced_final and req.phases == {"rewritten": 5} and "no final full-network phase" in str(unplaced)
+    with flashu_compile.summary(flops=False) as placed, flashu_compile.request("t2i", calls=5):
+        user_loop(denoise, model, 6, [GUIDANCE] * 5, latent_noise(model, 1))
+    (req,) = placed.requests
+    assert not req.unplaced_final and req.phases == {"rewritten": 3, "full": 2}
+    assert "no final full-network phase" not in str(placed)
 
 
 def test_flow_time_tells_steps_and_requests_apart():
