@@ -20,6 +20,7 @@ from .backends.segmented import LazyLowered
 from .backends.specialized import Specializations
 from .graph import build_index
 from .graph.compat import ShortenTraceback
+from .graph.outline import outline_blocks
 from .graph.rewrite import StrictModeError, copy_graph, is_symbolic
 from .graph.specialize import layer_guards
 from .graph.timestep import conditioning_inputs, timestep_input
@@ -194,6 +195,10 @@ def _compile(gm: torch.fx.GraphModule, example_inputs: list, options: Any) -> Ca
     controller = Controller(task, StepRules.from_options(opts), num_layers=len(index.layers) if skipping else 0,
                             skip_ratio=opts.skip_ratio, phased=phased)
     full = copy_graph(gm) if phased else None
+    if full is not None and opts.lowering == "inductor":
+        # The final phase's graph is the whole network again: compiled block by block, its repeated layers
+        # compile once (regional compilation) instead of adding a whole-network compile to the first request.
+        outline_blocks(full, example_inputs, controller.id)
     # Found before the passes, which may outline the time embedding's first ops into a region.
     timestep = timestep_input(gm, example_inputs) if task == "t2i" else None
     conditioning = conditioning_inputs(gm, example_inputs, timestep) if timestep is not None else ()

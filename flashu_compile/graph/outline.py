@@ -14,8 +14,10 @@ from collections.abc import Callable, Iterable
 import torch.fx
 
 from ..runtime.compile_profile import profiled
+from ..runtime.guards import region
 from .compat import fuse_as_graphmodule, topo_sort
 from .rewrite import PassNotApplicable, tag
+from .structure import build_index
 
 
 def region_cycle(region: Iterable[torch.fx.Node]) -> tuple[torch.fx.Node, torch.fx.Node] | None:
@@ -111,3 +113,25 @@ def outline(
     gm.graph.lint()
     gm.recompile()
     return replacements
+
+
+def outline_blocks(gm: torch.fx.GraphModule, example_inputs: list, cid: int) -> int:
+    """Outline every decoder layer and flow-head block of ``gm`` (in place) as a :func:`~runtime.guards.region`
+    of its own; returns how many were outlined.
+
+    Why: a lowering then compiles each block as one piece, and blocks that differ only in their weights (which
+    are inputs) compile once and hit the compile caches after, where a whole graph compiles every layer again.
+    A block that cannot be outlined (not convex) stays in place; a graph the structure index does not
+    understand is left whole.
+    """
+    index = build_index(gm, example_inputs)
+    if not index.applicable:
+        return 0
+    done = 0
+    for block in (*index.layers, *index.head_blocks):
+        try:
+            outline(gm, block.nodes, f"flashu_region_{block.kind}_{block.index}", region, (cid,), "regional")
+        except PassNotApplicable:
+            continue
+        done += 1
+    return done

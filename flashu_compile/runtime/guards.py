@@ -129,6 +129,14 @@ def full_phase(cid: int) -> bool:
 
 
 @guard_op
+def region(cid: int, block, *inputs: Any) -> Any:
+    """A block compiled as a piece of its own and always run (regional compilation): structurally identical
+    blocks (decoder layers that differ only in their weights, which are inputs) then compile once and hit the
+    compile caches after. ``cid`` is unused; every guard op takes it first."""
+    return block(*inputs)
+
+
+@guard_op
 def layer_guard(cid: int, block, index: int, carry: tuple[int, ...], *inputs: Any) -> Any:
     """A decoder layer: skipped when the step's skip set says so.
 

@@ -10,7 +10,7 @@ import sys
 import textwrap
 
 SCRIPT = textwrap.dedent("""
-    import json, warnings
+    import json, sys, warnings
     import torch
     from torch._dynamo.utils import counters
     from flashu_compile.models.showo2 import Showo2
@@ -19,32 +19,49 @@ SCRIPT = textwrap.dedent("""
     from tests.conftest import WORDS, small_config
 
     warnings.simplefilter("ignore")
+    options = json.loads(sys.argv[1])
     model = Showo2.random(small_config(num_layers=4), seed=3).attach(tokenizer=SceneTokenizer(words=WORDS))
-    # layer_skip outlines the four decoder layers: four pieces of one structure, differing only in weights.
-    compiled = compile_tasks(model, "flashu", {"passes": ["layer_skip"], "skip_ratio": 0.5, "hybrid_tau": 0})
-    latents = compiled.generate_images(["a red circle"], steps=4, guidance=1.0, progress=False)
-    print(json.dumps({"inductor": dict(counters["inductor"]), "aot": dict(counters["aot_autograd"]),
-                      "sum": float(latents.double().sum())}))
+    compiled = compile_tasks(model, "flashu", options)
+    latents = compiled.generate_images(["a red circle"], steps=5, guidance=1.0, progress=False)
+    stats = {"inductor": dict(counters["inductor"]), "aot": dict(counters["aot_autograd"]),
+             "sum": float(latents.double().sum())}
+    torch._dynamo.reset()
+    reference = compile_tasks(model, "flashu", {**options, "lowering": "eager"})
+    want = reference.generate_images(["a red circle"], steps=5, guidance=1.0, progress=False)
+    stats["error"] = float((latents - want).norm() / want.norm())
+    print(json.dumps(stats))
 """)
+# layer_skip outlines the four decoder layers: four pieces of one structure, differing only in weights.
+LAYER_SKIP = {"passes": ["layer_skip"], "skip_ratio": 0.5, "hybrid_tau": 0}
 
 
-def _start(cache: str) -> dict:
+def _start(cache: str, options: dict) -> dict:
     root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    result = subprocess.run([sys.executable, "-c", SCRIPT], capture_output=True, text=True, timeout=900, cwd=root,
-                            env={**os.environ, "TORCHINDUCTOR_CACHE_DIR": cache})
+    result = subprocess.run([sys.executable, "-c", SCRIPT, json.dumps(options)], capture_output=True, text=True,
+                            timeout=900, cwd=root, env={**os.environ, "TORCHINDUCTOR_CACHE_DIR": cache})
     assert result.returncode == 0, result.stderr[-3000:]
     return json.loads(result.stdout.strip().splitlines()[-1])
 
 
 def test_identical_layers_compile_once_and_a_restart_compiles_nothing(tmp_path):
     # Before the pieces had a shape environment, every one of them bypassed the FX graph cache ("No shape env").
-    cold = _start(str(tmp_path))
-    warm = _start(str(tmp_path))
+    cold = _start(str(tmp_path), LAYER_SKIP)
+    warm = _start(str(tmp_path), LAYER_SKIP)
     assert cold["inductor"].get("fxgraph_cache_bypass", 0) == 0, cold
     assert cold["inductor"].get("fxgraph_cache_hit", 0) >= 3, cold  # four layer pieces, one entry
     assert warm["inductor"].get("fxgraph_cache_miss", 0) == 0, warm
     assert warm["aot"].get("autograd_cache_hit", 0) == warm["aot"]["total"], warm
-    assert warm["sum"] == cold["sum"]
+    assert warm["sum"] == cold["sum"] and cold["error"] < 1e-4, cold
+
+
+def test_the_final_phase_graph_compiles_block_by_block(tmp_path):
+    """head_cache alone outlines no decoder layer, but its final full-network phase is the whole network again:
+    compiled block by block (regional compilation), its four layers and two head blocks compile once per
+    structure, where the whole graph compiled every layer again (no cache hit at all), and the request equals
+    the eager lowering of the same options."""
+    cold = _start(str(tmp_path), {"passes": ["head_cache"], "cache_interval": 2, "hybrid_tau": 2})
+    assert cold["inductor"].get("fxgraph_cache_hit", 0) >= 4, cold  # layers 1-3 and head block 1
+    assert cold["error"] < 1e-4, cold
 
 
 MEGA = textwrap.dedent("""
