@@ -332,3 +332,35 @@ def test_rows_named_by_what_they_run():
         select(default_configs("plan"), ["flashu quick 35"])
     with pytest.raises(ValueError, match=r"\['flashu fast 1'\]: grid points must be in \[2, 10000\]"):
         select(default_configs("plan"), ["flashu fast 1"])
+
+
+def test_each_cold_row_traces_as_a_fresh_process_would():
+    """A row's cold compile must not inherit the sizes an earlier row's compile of the same function saw change
+    (the answer's decode step is one function for every backend): it traced symbolic where a fresh process, and
+    the row's own warm start, trace static, so the warm start missed the caches the cold one filled."""
+    from flashu_compile.tools.bench.harness import _forget_seen_sizes
+
+    def step(x):
+        return x * 2
+
+    def traced_inputs(fn, x):
+        seen = []
+
+        def backend(gm, example_inputs):
+            seen.append([n.meta["example_value"] for n in gm.graph.nodes if n.op == "placeholder"])
+            return gm.forward
+
+        torch.compile(fn, backend=backend)(x)
+        return seen
+
+    torch._dynamo.reset()
+    earlier = torch.compile(step, backend="eager")
+    earlier(torch.ones(3))
+    earlier(torch.ones(4))  # dynamo now marks the size dynamic for this code object
+    inherited = traced_inputs(step, torch.ones(5))
+    assert any(isinstance(s, torch.SymInt) for v in inherited[0] for s in getattr(v, "shape", ())), inherited
+    earlier(torch.ones(6))
+    _forget_seen_sizes()
+    fresh = traced_inputs(step, torch.ones(7))
+    assert all(isinstance(s, int) for v in fresh[0] for s in getattr(v, "shape", ())), fresh
+    torch._dynamo.reset()

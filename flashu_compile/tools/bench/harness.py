@@ -83,6 +83,21 @@ class PeakRss:
         self.peak = max(self.peak, _rss_mb())
 
 
+def _forget_seen_sizes() -> None:
+    """Let dynamo forget which input sizes it has seen change, as a fresh process starts, and keep the compiled code.
+
+    Rows compile the same functions (the answer's prefill and decode step are one code object for every
+    backend), and dynamo keeps per code object the sizes it saw: an earlier row whose KV caches had other
+    lengths (no token drop) made a later row's first trace symbolic in them, a graph that row's warm start,
+    after a full reset, traced static and so never found in the caches it had filled.
+    """
+    try:
+        from torch._dynamo.pgo import reset_code_state
+    except ImportError:  # a release without per-code size state has nothing to forget
+        return
+    reset_code_state()
+
+
 def _graphs() -> int:
     return int(torch._dynamo.utils.counters["stats"]["unique_graphs"])
 
@@ -187,6 +202,7 @@ class Bench:
         bar = tqdm(total=len(self.configs) * (runs + 2 + compile_warm), desc="bench", disable=not progress)
         for i, config in enumerate(self.configs):  # cold: first request, compile included, empty caches
             r = results[config.name]
+            _forget_seen_sizes()
             before = _graphs()
             with PeakRss() as rss, peak_gpu_mb(device, r), inductor_caches(caches[i]), self._profile(r, "cold"), \
                     pass_outcomes() as r.techniques:
