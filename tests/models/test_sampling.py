@@ -57,6 +57,31 @@ def test_guidance_combines_cond_first_then_uncond(tokenizer):
     assert torch.equal(t, torch.tensor([0.0, 0.0])) and torch.equal(calls[1][2], torch.tensor([0.5, 0.5]))
 
 
+def test_scale_one_runs_the_cond_rows_alone(tokenizer):
+    """v_uncond + 1 (v_cond - v_uncond) is v_cond: at scale 1 (the embedded model's best) the batch halves, the
+    result is the cond velocity, and rows without unconditional ones are enough."""
+    guided = t2i_rows(tokenizer, ["red"], 4, 3, guidance=True)
+    batches = []
+
+    def fake(tokens, x, t, mask, positions):
+        batches.append(x.shape[0])
+        v = torch.full_like(x, 1.0)
+        v[0] = 3.0  # cond row; an uncond row, if any, gives 1
+        return v
+
+    noise = torch.zeros(1, 2, 2, 2)
+    grid = torch.tensor([0.0, 0.5, 1.0])
+    out = integrate_cfg(fake, guided, noise, grid, guidance=[1.0, 2.0], progress=False)
+    # first interval v_cond = 3 (no uncond row run), second 1 + 2 (3 - 1) = 5; each over half the time.
+    torch.testing.assert_close(out, torch.full_like(noise, 4.0))
+    assert batches == [1, 2]
+    plain = t2i_rows(tokenizer, ["red"], 4, 3, guidance=False)
+    assert torch.equal(integrate_cfg(fake, plain, noise, grid, guidance=1.0, progress=False),
+                       torch.full_like(noise, 3.0))
+    with pytest.raises(ValueError, match="guidance other than 0 and 1 needs rows with unconditional rows"):
+        integrate_cfg(fake, plain, noise, grid, guidance=1.5, progress=False)
+
+
 def test_generation_is_deterministic_per_seed(small_model, tokenizer):
     a = generate_latents(small_model, tokenizer, ["red circle"], steps=3, guidance=5.0, seed=1, progress=False)
     b = generate_latents(small_model, tokenizer, ["red circle"], steps=3, guidance=5.0, seed=1, progress=False)

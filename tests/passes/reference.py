@@ -104,7 +104,7 @@ def reference_generate(model, prompts, steps, guidance, noise, *, layer_skip=Fal
     calls = steps - 1
     scales = reference_scales(schedule, calls, guidance, semantics)
     rows = t2i_rows(model.tokenizer, prompts, cfg.num_image_tokens, cfg.max_text_len,
-                    guidance=any(s > 0 for s in scales))
+                    guidance=any(s not in (0, 1) for s in scales))
     grid = time_grid(steps)
     phased = (layer_skip or head_cache or pruned is not None) if phased is None else phased
     L = len(model.showo.model.layers)
@@ -120,7 +120,7 @@ def reference_generate(model, prompts, steps, guidance, noise, *, layer_skip=Fal
             due, importance = True, {}
         elif due:
             importance = {}
-        n = 2 * b if scales[k - 1] > 0 else b
+        n = 2 * b if scales[k - 1] not in (0, 1) else b
         key = n
         have = cache is not None and cache[0] == key
         if full or not head_cache:
@@ -295,7 +295,7 @@ def reference_prefix_generate(model, prompts, steps, guidance, noise, schedule=N
     calls = steps - 1
     scales = reference_scales(schedule, calls, guidance, "project")
     rows = t2i_rows(model.tokenizer, prompts, cfg.num_image_tokens, cfg.max_text_len,
-                    guidance=any(s > 0 for s in scales))
+                    guidance=any(s not in (0, 1) for s in scales))
     grid = time_grid(steps)
     span = cfg.num_image_tokens + 1
     prefixes = {}
@@ -317,7 +317,7 @@ def reference_prefix_generate(model, prompts, steps, guidance, noise, schedule=N
     b = x.shape[0]
     for k in range(1, calls + 1):
         t = grid[k - 1]
-        n = 2 * b if scales[k - 1] > 0 else b
+        n = 2 * b if scales[k - 1] not in (0, 1) else b
         latents = torch.cat([x, x]) if n > b else x
         time_embeds, time_tokens = model.time_embeddings(t.expand(n))
         image = model.image_features(latents)

@@ -40,14 +40,14 @@ def reference_forecast_generate(model, steps, noise, order, interval, tau, scale
     cfg = model.config
     calls = steps - 1
     rows = t2i_rows(model.tokenizer, PROMPTS, cfg.num_image_tokens, cfg.max_text_len,
-                    guidance=any(s > 0 for s in scales))
+                    guidance=any(s not in (0, 1) for s in scales))
     grid = time_grid(steps)
     x, b = noise.float(), noise.shape[0]
     kept, kept_batch, was_full = [], None, False
     for k in range(1, calls + 1):
         t = grid[k - 1]
         full = tau > 0 and k > calls - tau
-        n = 2 * b if scales[k - 1] > 0 else b
+        n = 2 * b if scales[k - 1] not in (0, 1) else b
         if full != was_full or kept_batch != n:
             kept, kept_batch, was_full = [], n, full
         refresh = full or (k - 1) % interval == 0 or not kept

@@ -53,6 +53,12 @@ def time_grid(steps: int, shift: float = 3.0) -> torch.Tensor:
 SOLVERS = ("euler", "heun")
 
 
+def needs_uncond(scale: float) -> bool:
+    """Whether a guidance scale needs the unconditional rows: v_uncond + s (v_cond - v_uncond) is v_cond itself at
+    s = 1, as at s = 0 (the unguided branch), so those calls run the cond rows alone and the batch halves."""
+    return scale != 0 and scale != 1
+
+
 def check_solver(solver: str) -> str:
     """``solver`` if it is one of :data:`SOLVERS`, else a ValueError naming them."""
     if not isinstance(solver, str) or solver not in SOLVERS:
@@ -76,7 +82,8 @@ def integrate_cfg(
     second-order method: a second call at the interval's end on the Euler prediction, and the mean of
     the two velocities; two calls per interval). ``guidance`` is one scale or one per grid interval
     (both of Heun's calls use it). A call with scale 0 runs the cond rows only (the official
-    sampler's unguided branch), so the batch halves on those intervals. With ``rules``, the calls run
+    sampler's unguided branch), and so does one with scale 1, whose combination is the cond velocity
+    itself: the batch halves on those intervals. With ``rules``, the calls run
     inside its request, so compiled programs know which call of how many they serve. The latent stays
     fp32 between steps whatever the model dtype, like the official sampler.
     """
@@ -93,14 +100,15 @@ def integrate_cfg(
     guided = rows.text_tokens.shape[0] == 2 * b
     if not guided and rows.text_tokens.shape[0] != b:
         raise ValueError(f"{rows.text_tokens.shape[0]} rows for {b} latents")
-    if not guided and any(s > 0 for s in scales):
-        raise ValueError("guidance > 0 needs rows with unconditional rows (t2i_rows(..., guidance=True))")
+    if not guided and any(needs_uncond(s) for s in scales):
+        raise ValueError("guidance other than 0 and 1 needs rows with unconditional rows "
+                         "(t2i_rows(..., guidance=True))")
     per_interval = 2 if solver == "heun" else 1
 
     def velocity(x: torch.Tensor, t: torch.Tensor, scale: float, req) -> torch.Tensor:
         if req is not None:
             req.advance()
-        n = 2 * b if scale > 0 else b
+        n = 2 * b if needs_uncond(scale) else b
         model_x = torch.cat([x, x]) if n > b else x
         v = denoise(rows.text_tokens[:n], model_x, t.expand(n), rows.attention_mask[:n],
                     rows.modality_positions[:n]).float()
@@ -167,7 +175,7 @@ def generate_latents(
         raise ValueError(f"noise must be {(len(prompts), c, h, w)}, got {tuple(noise.shape)}")
     scales = rules.scales(steps - 1, guidance, explicit) if rules is not None else [guidance] * (steps - 1)
     rows = t2i_rows(tokenizer, prompts, cfg.num_image_tokens, max_text_len or cfg.max_text_len,
-                    guidance=any(s > 0 for s in scales), dtype=model.dtype)
+                    guidance=any(needs_uncond(s) for s in scales), dtype=model.dtype)
     # Noise is drawn on the CPU so a seed gives the same image on every device.
     device = model.device
     denoise = denoise or model.denoise

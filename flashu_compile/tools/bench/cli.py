@@ -90,7 +90,8 @@ def add_parser(sub) -> None:
     p.add_argument("--max-new-tokens", type=int, default=32)
     p.add_argument("--guidance", type=float, default=7.5,
                    help="guidance s0 of the text-to-image rows, which a preset's schedule scales (default: the "
-                        "official 7.5; the embedded model draws best at 1, which still runs both rows of CFG)")
+                        "official 7.5; the embedded model draws best at 1, where the sampler runs the conditional rows "
+                        "alone)")
     p.add_argument("--split", action="store_true",
                    help="add one row per generation technique (prune, skip, cache, prefix, guidance at 50 steps) "
                         "and the FLOPs each saves")
