@@ -10,15 +10,22 @@ closed (segments between guards, outlined regions, the full-network graph of a s
 a context of their own with static sizes, so they hit those caches as a plain dynamo graph does:
 in a restarted process, and across structurally identical pieces (decoder layers that differ only
 in their weights, which are inputs) within one.
+
+Within one process a piece is compiled once per structure: a piece whose graph, input metadata and
+settings equal an earlier one's reuses that compiled function (see ``_structure_key``), so 28
+identical decoder layers cost one compile (or one cache load on a warm start), not 28.
 """
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 import torch
+import torch._inductor.config
+from torch._dynamo.utils import counters
 from torch.utils import _pytree as pytree
 
 from ..graph.compat import FakeTensorMode, ShapeEnv, TracingContext, detect_fake_mode, tracing
@@ -62,7 +69,18 @@ def lower_inductor(gm: torch.fx.GraphModule, example_inputs: list, settings: Ind
                   "(CUDA graphs need a GPU); Inductor compiles it without them")
         settings = None
     patches = settings.config_patches() if settings is not None else {}
-    if detect_fake_mode(pytree.tree_leaves(example_inputs)) is not None:
+    given_fakes = detect_fake_mode(pytree.tree_leaves(example_inputs))
+    shape_env = getattr(given_fakes, "shape_env", None)
+    # CUDA graphs record per function and treat weights as fixed addresses: such pieces are never shared.
+    key = None if patches else _structure_key(gm, example_inputs)
+    if key is not None and (shared := _compiled_pieces.get(key)) is not None:
+        env, fn = shared
+        # A piece compiled for symbolic sizes left its assumptions as guards in that trace's shape
+        # environment; it serves only pieces of the same trace, whose guards already hold them.
+        if (env() if env is not None else None) is shape_env:
+            counters["flashu"]["pieces_shared"] += 1
+            return fn
+    if given_fakes is not None:
         compiled = compile_fx(gm, example_inputs, config_patches=patches)  # dynamo's own context, or its fakes
     else:
         fake_mode = FakeTensorMode(shape_env=ShapeEnv())
@@ -71,7 +89,56 @@ def lower_inductor(gm: torch.fx.GraphModule, example_inputs: list, settings: Ind
                                      example_inputs)
         with tracing(TracingContext(fake_mode)):
             compiled = compile_fx(gm, fakes, config_patches=patches)
+    if key is not None:
+        _compiled_pieces[key] = (weakref.ref(shape_env) if shape_env is not None else None, compiled)
     return copied_outputs(compiled) if patches else compiled
+
+
+# Compiled pieces of this process by ``_structure_key``: (the shape environment a symbolic piece's guards live in,
+# or None for a static piece; the compiled function).
+_compiled_pieces: dict[str, tuple[weakref.ref | None, Callable]] = {}
+
+
+class _Ref:
+    """A node argument in a structure key: the producing node's position in the graph."""
+
+    def __init__(self, position: int) -> None:
+        self.position = position
+
+    def __repr__(self) -> str:
+        return f"%{self.position}"
+
+
+def _structure_key(gm: torch.fx.GraphModule, example_inputs: list) -> str | None:
+    """What Inductor's output for ``gm`` on ``example_inputs`` depends on, with node names left out; None for a
+    graph that holds constants or submodules of its own (``get_attr``, ``call_module``), whose values would
+    be compiled in.
+
+    Equal keys mean the same operations on inputs of the same sizes, strides, dtypes, devices and aliasing
+    (which inputs share storage), under the same Inductor config and grad mode: one compiled function
+    serves both graphs, whatever the inputs hold. Decoder layers outlined from one model differ only in
+    their node names and weights, which are inputs.
+    """
+    position: dict[torch.fx.Node, int] = {}
+    parts = []
+    for node in gm.graph.nodes:
+        if node.op in ("get_attr", "call_module"):
+            return None
+        position[node] = len(position)
+        if node.op != "placeholder":
+            args = torch.fx.node.map_arg((node.args, node.kwargs), lambda n: _Ref(position[n]))
+            parts.append(f"{node.op} {node.target!r} {args!r}")
+    leaves, spec = pytree.tree_flatten(example_inputs)
+    storages: dict[int, int] = {}
+    for i, x in enumerate(leaves):
+        if isinstance(x, torch.Tensor):
+            shared = storages.setdefault(x.untyped_storage()._cdata, i)
+            parts.append(f"tensor {tuple(x.shape)} {x.stride()} {x.storage_offset()} {x.dtype} {x.device} "
+                         f"{x.requires_grad} storage of input {shared}")
+        else:
+            parts.append(f"{type(x).__name__} {x}")
+    parts += [str(spec), torch._inductor.config.get_hash().hex(), f"grad {torch.is_grad_enabled()}"]
+    return "\n".join(parts)
 
 
 def copied_outputs(fn: Callable) -> Callable:

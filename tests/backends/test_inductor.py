@@ -1,0 +1,86 @@
+"""Within a process, Inductor compiles each piece structure once (``inductor._structure_key``).
+
+Inductor itself is replaced by a recorder here: what is under test is which pieces reach it.
+"""
+
+import pytest
+import torch
+import torch.fx
+
+from flashu_compile.backends import inductor
+from flashu_compile.graph.compat import FakeTensorMode, ShapeEnv
+
+
+@pytest.fixture
+def compiles(monkeypatch):
+    """Every graph handed to Inductor; the "compiled" function is the graph itself."""
+    seen = []
+
+    def compile_fx(gm, example_inputs, config_patches=None):
+        seen.append(gm)
+        return gm
+
+    monkeypatch.setattr("torch._inductor.compile_fx.compile_fx", compile_fx)
+    monkeypatch.setattr(inductor, "_compiled_pieces", {})
+    return seen
+
+
+class Layer(torch.nn.Module):
+    def forward(self, x, weight):
+        return torch.relu(x @ weight) + x
+
+
+def _layer(name: str) -> torch.fx.GraphModule:
+    gm = torch.fx.symbolic_trace(Layer())
+    for node in gm.graph.nodes:  # outlined layers differ in their node names
+        node.name = f"{name}_{node.name}"
+    gm.recompile()
+    return gm
+
+
+def test_layers_differing_in_names_and_weights_share_one_compile(compiles):
+    x = torch.randn(2, 4)
+    weights = [torch.randn(4, 4) for _ in range(3)]
+    fns = [inductor.lower_inductor(_layer(f"layer{i}"), [x, w]) for i, w in enumerate(weights)]
+    assert len(compiles) == 1
+    for fn, w in zip(fns, weights, strict=True):
+        torch.testing.assert_close(fn(x, w), torch.relu(x @ w) + x)
+
+
+@pytest.mark.parametrize("other", ["shape", "dtype", "stride", "aliasing", "op"])
+def test_a_piece_differing_in_what_inductor_reads_compiles_again(compiles, other):
+    x, w = torch.randn(4, 4), torch.randn(4, 4)
+    inductor.lower_inductor(_layer("a"), [x, w])
+    gm = _layer("b")
+    inputs = {"shape": [torch.randn(3, 4), w], "dtype": [x.double(), w.double()], "stride": [x, w.t()],
+              "aliasing": [x, x[0:4]], "op": [x, w]}[other]
+    if other == "op":
+        next(n for n in gm.graph.nodes if n.target is torch.relu).target = torch.tanh
+        gm.recompile()
+    inductor.lower_inductor(gm, inputs)
+    assert len(compiles) == 2
+
+
+def test_a_piece_with_constants_of_its_own_is_never_shared(compiles):
+    x = torch.randn(2, 4)
+    for scale in (1.0, 2.0):
+        gm = torch.fx.symbolic_trace(torch.nn.Linear(4, 4))  # its weight is a get_attr, compiled in
+        inductor.lower_inductor(gm, [x * scale])
+    assert len(compiles) == 2
+
+
+def test_symbolic_pieces_are_shared_only_within_one_trace(compiles):
+    """A piece compiled for symbolic sizes leaves guards in its trace's shape environment."""
+    def fakes(mode):
+        from torch.fx.experimental.symbolic_shapes import DimDynamic, StatelessSymbolicContext
+
+        context = StatelessSymbolicContext(dynamic_sizes=[DimDynamic.DYNAMIC, DimDynamic.STATIC])
+        return [mode.from_tensor(torch.randn(3, 4), symbolic_context=context), mode.from_tensor(torch.randn(4, 4))]
+
+    one, other = FakeTensorMode(shape_env=ShapeEnv()), FakeTensorMode(shape_env=ShapeEnv())
+    first = fakes(one)
+    inductor.lower_inductor(_layer("a"), first)
+    inductor.lower_inductor(_layer("b"), first)
+    assert len(compiles) == 1
+    inductor.lower_inductor(_layer("c"), fakes(other))
+    assert len(compiles) == 2
