@@ -12,8 +12,9 @@ in a restarted process, and across structurally identical pieces (decoder layers
 in their weights, which are inputs) within one.
 
 Within one process a piece is compiled once per structure: a piece whose graph, input metadata and
-settings equal an earlier one's reuses that compiled function (see ``_structure_key``), so 28
-identical decoder layers cost one compile (or one cache load on a warm start), not 28.
+settings equal those of a piece some live program still uses reuses that compiled function (see
+``_structure_key``), so 28 identical decoder layers cost one compile (or one cache load on a warm
+start), not 28. ``forget_compiled_pieces`` makes the next compiles start as a new process would.
 """
 
 from __future__ import annotations
@@ -74,12 +75,12 @@ def lower_inductor(gm: torch.fx.GraphModule, example_inputs: list, settings: Ind
     # CUDA graphs record per function and treat weights as fixed addresses: such pieces are never shared.
     key = None if patches else _structure_key(gm, example_inputs)
     if key is not None and (shared := _compiled_pieces.get(key)) is not None:
-        env, fn = shared
+        trace = _trace_of[shared]
         # A piece compiled for symbolic sizes left its assumptions as guards in that trace's shape
         # environment; it serves only pieces of the same trace, whose guards already hold them.
-        if (env() if env is not None else None) is shape_env:
+        if (trace() if trace is not None else None) is shape_env:
             counters["flashu"]["pieces_shared"] += 1
-            return fn
+            return shared
     if given_fakes is not None:
         compiled = compile_fx(gm, example_inputs, config_patches=patches)  # dynamo's own context, or its fakes
     else:
@@ -90,13 +91,21 @@ def lower_inductor(gm: torch.fx.GraphModule, example_inputs: list, settings: Ind
         with tracing(TracingContext(fake_mode)):
             compiled = compile_fx(gm, fakes, config_patches=patches)
     if key is not None:
-        _compiled_pieces[key] = (weakref.ref(shape_env) if shape_env is not None else None, compiled)
+        _compiled_pieces[key] = compiled
+        _trace_of[compiled] = weakref.ref(shape_env) if shape_env is not None else None
     return copied_outputs(compiled) if patches else compiled
 
 
-# Compiled pieces of this process by ``_structure_key``: (the shape environment a symbolic piece's guards live in,
-# or None for a static piece; the compiled function).
-_compiled_pieces: dict[str, tuple[weakref.ref | None, Callable]] = {}
+# The compiled pieces live programs use, by ``_structure_key`` (held weakly: a piece no program uses any more is
+# not kept), and the shape environment each symbolic one's guards live in (None for a static piece).
+_compiled_pieces: weakref.WeakValueDictionary[str, Callable] = weakref.WeakValueDictionary()
+_trace_of: weakref.WeakKeyDictionary[Callable, weakref.ref | None] = weakref.WeakKeyDictionary()
+
+
+def forget_compiled_pieces() -> None:
+    """Compile every later piece as a new process would (from the caches on disk, or from scratch), even where a
+    live program already holds one of the same structure: what a benchmark of a first start measures."""
+    _compiled_pieces.clear()
 
 
 class _Ref:

@@ -3,6 +3,9 @@
 Inductor itself is replaced by a recorder here: what is under test is which pieces reach it.
 """
 
+import gc
+import weakref
+
 import pytest
 import torch
 import torch.fx
@@ -13,15 +16,16 @@ from flashu_compile.graph.compat import FakeTensorMode, ShapeEnv
 
 @pytest.fixture
 def compiles(monkeypatch):
-    """Every graph handed to Inductor; the "compiled" function is the graph itself."""
+    """A mark per graph handed to Inductor (not the graph: that would keep it alive); the "compiled" function is
+    the graph itself."""
     seen = []
 
     def compile_fx(gm, example_inputs, config_patches=None):
-        seen.append(gm)
+        seen.append(type(gm).__name__)
         return gm
 
     monkeypatch.setattr("torch._inductor.compile_fx.compile_fx", compile_fx)
-    monkeypatch.setattr(inductor, "_compiled_pieces", {})
+    monkeypatch.setattr(inductor, "_compiled_pieces", weakref.WeakValueDictionary())
     return seen
 
 
@@ -84,3 +88,15 @@ def test_symbolic_pieces_are_shared_only_within_one_trace(compiles):
     assert len(compiles) == 1
     inductor.lower_inductor(_layer("c"), fakes(other))
     assert len(compiles) == 2
+
+
+def test_pieces_are_shared_among_live_programs_until_forgotten(compiles):
+    x, w = torch.randn(2, 4), torch.randn(4, 4)
+    fn = inductor.lower_inductor(_layer("a"), [x, w])
+    inductor.forget_compiled_pieces()  # as a new process starts
+    inductor.lower_inductor(_layer("b"), [x, w])
+    assert len(compiles) == 2
+    del fn
+    gc.collect()  # the other one is gone too: nothing holds a piece no program uses
+    inductor.lower_inductor(_layer("c"), [x, w])
+    assert len(compiles) == 3

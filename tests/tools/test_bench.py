@@ -338,7 +338,7 @@ def test_each_cold_row_traces_as_a_fresh_process_would():
     """A row's cold compile must not inherit the sizes an earlier row's compile of the same function saw change
     (the answer's decode step is one function for every backend): it traced symbolic where a fresh process, and
     the row's own warm start, trace static, so the warm start missed the caches the cold one filled."""
-    from flashu_compile.tools.bench.harness import _forget_seen_sizes
+    from flashu_compile.tools.bench.harness import _start_as_a_new_process
 
     def step(x):
         return x * 2
@@ -360,7 +360,7 @@ def test_each_cold_row_traces_as_a_fresh_process_would():
     inherited = traced_inputs(step, torch.ones(5))
     assert any(isinstance(s, torch.SymInt) for v in inherited[0] for s in getattr(v, "shape", ())), inherited
     earlier(torch.ones(6))
-    _forget_seen_sizes()
+    _start_as_a_new_process()
     fresh = traced_inputs(step, torch.ones(7))
     assert all(isinstance(s, int) for v in fresh[0] for s in getattr(v, "shape", ())), fresh
     torch._dynamo.reset()

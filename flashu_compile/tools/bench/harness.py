@@ -19,6 +19,7 @@ import torch
 from tqdm import tqdm
 
 from ...backend import sampler_rules
+from ...backends.inductor import forget_compiled_pieces
 from ...models.showo2 import understanding
 from ...models.showo2.sampling import generate_latents
 from ...passes.manager import pass_outcomes
@@ -83,14 +84,17 @@ class PeakRss:
         self.peak = max(self.peak, _rss_mb())
 
 
-def _forget_seen_sizes() -> None:
-    """Let dynamo forget which input sizes it has seen change, as a fresh process starts, and keep the compiled code.
+def _start_as_a_new_process() -> None:
+    """Forget, as a fresh process starts, what one row's compile left in memory for the next; keep the compiled code.
 
     Rows compile the same functions (the answer's prefill and decode step are one code object for every
     backend), and dynamo keeps per code object the sizes it saw: an earlier row whose KV caches had other
     lengths (no token drop) made a later row's first trace symbolic in them, a graph that row's warm start,
-    after a full reset, traced static and so never found in the caches it had filled.
+    after a full reset, traced static and so never found in the caches it had filled. And the Inductor
+    lowering shares a compiled piece with every later piece of its structure while a program holds it: a
+    row would reuse pieces an earlier row compiled, as a new process cannot.
     """
+    forget_compiled_pieces()
     try:
         from torch._dynamo.pgo import reset_code_state
     except ImportError:  # a release without per-code size state has nothing to forget
@@ -202,7 +206,7 @@ class Bench:
         bar = tqdm(total=len(self.configs) * (runs + 2 + compile_warm), desc="bench", disable=not progress)
         for i, config in enumerate(self.configs):  # cold: first request, compile included, empty caches
             r = results[config.name]
-            _forget_seen_sizes()
+            _start_as_a_new_process()
             before = _graphs()
             with PeakRss() as rss, peak_gpu_mb(device, r), inductor_caches(caches[i]), self._profile(r, "cold"), \
                     pass_outcomes() as r.techniques:
@@ -268,6 +272,7 @@ class Bench:
             r = results[config.name]
             if r.graphs:
                 torch._dynamo.reset()
+                _start_as_a_new_process()
                 self.programs.pop(config.name)
                 with inductor_caches(caches[i]), self._profile(r, "warm"):
                     t0 = time.perf_counter()
