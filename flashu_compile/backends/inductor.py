@@ -30,6 +30,7 @@ from torch._dynamo.utils import counters
 from torch.utils import _pytree as pytree
 
 from ..graph.compat import FakeTensorMode, ShapeEnv, TracingContext, detect_fake_mode, tracing
+from ..graph.rewrite import copy_graph
 from ..validate import warn_user
 
 
@@ -62,6 +63,9 @@ def lower_inductor(gm: torch.fx.GraphModule, example_inputs: list, settings: Ind
     and values). A copy is the caller's own; nothing of the graph's memory stays referenced, so the
     next call replays instead of recording anew. A graph without CUDA inputs compiles as without
     the option, with a warning: CUDA graphs exist only on a GPU.
+
+    Inductor compiles a copy of ``gm``: it may rewrite a graph's output in place, and ``gm`` stays the
+    caller's (fake propagation, an eager fallback run it).
     """
     from torch._inductor.compile_fx import compile_fx
 
@@ -82,14 +86,14 @@ def lower_inductor(gm: torch.fx.GraphModule, example_inputs: list, settings: Ind
             counters["flashu"]["pieces_shared"] += 1
             return shared
     if given_fakes is not None:
-        compiled = compile_fx(gm, example_inputs, config_patches=patches)  # dynamo's own context, or its fakes
+        compiled = compile_fx(copy_graph(gm), example_inputs, config_patches=patches)  # dynamo's context, or fakes
     else:
         fake_mode = FakeTensorMode(shape_env=ShapeEnv())
         # Every tensor, tuples' included, at its static size: no symbol may enter a piece compiled for one shape.
         fakes = pytree.tree_map_only(torch.Tensor, lambda x: fake_mode.from_tensor(x, static_shapes=True),
                                      example_inputs)
         with tracing(TracingContext(fake_mode)):
-            compiled = compile_fx(gm, fakes, config_patches=patches)
+            compiled = compile_fx(copy_graph(gm), fakes, config_patches=patches)
     if key is not None:
         _compiled_pieces[key] = compiled
         _trace_of[compiled] = weakref.ref(shape_env) if shape_env is not None else None

@@ -108,14 +108,14 @@ class LazyLowered:
             _compile_or_run_eagerly(self, lambda: self.compile(fakes), "a graph", "it runs")
 
     def compile(self, example_inputs: list) -> None:
-        # A copy: Inductor may rewrite a graph's output in place, and the graph must stay reusable
-        # (fake propagation, or an eager fallback).
-        gm = copy_graph(self.gm)
+        gm = self.gm  # the lowerings that may rewrite a graph in place compile a copy of it
         # A nested program binds symbols piece by piece itself; its placeholders must match the guard's call.
         self.recover = [] if self.lowering == "eager" or has_guards(gm) else unbound_symbols(example_inputs)
         leaves = pytree.tree_leaves(example_inputs)
         extra = [leaves[i].shape[d] - offset for i, d, offset in self.recover]
         if extra:
+            # On a copy: ``self.gm`` must stay the graph its callers run (fake propagation, an eager fallback).
+            gm = copy_graph(self.gm)
             last = [n for n in gm.graph.nodes if n.op == "placeholder"][-1]
             for k, value in enumerate(extra):
                 with gm.graph.inserting_after(last):

@@ -55,6 +55,7 @@ def outline(
     carry: dict[torch.fx.Node, torch.fx.Node | None] | None = None,
 ) -> dict[torch.fx.Node, torch.fx.Node]:
     """Replace ``nodes`` by a guard call; returns each former output of the region -> the node now standing for it.
+    The caller recompiles ``gm`` when it is done rewriting.
 
     Raises PassNotApplicable, before changing anything, when the region is not convex (a value computed
     from it flows back into it outside it).
@@ -110,8 +111,9 @@ def outline(
         output.replace_all_uses_with(node)
     for node in reversed(region):
         gm.graph.erase_node(node)
-    gm.graph.lint()
-    gm.recompile()
+    # ``gm``'s code is left stale: recompiling it recompiles every submodule outlined so far, so a pass
+    # outlining 28 layers would pay quadratic time; whoever outlines (the pass manager after each pass,
+    # outline_blocks) lints and recompiles once.
     return replacements
 
 
@@ -134,4 +136,7 @@ def outline_blocks(gm: torch.fx.GraphModule, example_inputs: list, cid: int) -> 
         except PassNotApplicable:
             continue
         done += 1
+    if done:
+        gm.graph.lint()
+        gm.recompile()
     return done

@@ -54,7 +54,7 @@ def test_layers_differing_in_names_and_weights_share_one_compile(compiles):
 @pytest.mark.parametrize("other", ["shape", "dtype", "stride", "aliasing", "op"])
 def test_a_piece_differing_in_what_inductor_reads_compiles_again(compiles, other):
     x, w = torch.randn(4, 4), torch.randn(4, 4)
-    inductor.lower_inductor(_layer("a"), [x, w])
+    first = inductor.lower_inductor(_layer("a"), [x, w])  # held: only pieces a live program uses are shared
     gm = _layer("b")
     inputs = {"shape": [torch.randn(3, 4), w], "dtype": [x.double(), w.double()], "stride": [x, w.t()],
               "aliasing": [x, x[0:4]], "op": [x, w]}[other]
@@ -62,15 +62,17 @@ def test_a_piece_differing_in_what_inductor_reads_compiles_again(compiles, other
         next(n for n in gm.graph.nodes if n.target is torch.relu).target = torch.tanh
         gm.recompile()
     inductor.lower_inductor(gm, inputs)
-    assert len(compiles) == 2
+    assert len(compiles) == 2 and first is not None
+    inductor.lower_inductor(_layer("c"), [x, w])
+    assert len(compiles) == 2  # the first one's structure again
 
 
 def test_a_piece_with_constants_of_its_own_is_never_shared(compiles):
     x = torch.randn(2, 4)
-    for scale in (1.0, 2.0):
-        gm = torch.fx.symbolic_trace(torch.nn.Linear(4, 4))  # its weight is a get_attr, compiled in
-        inductor.lower_inductor(gm, [x * scale])
-    assert len(compiles) == 2
+    linear = torch.nn.Linear(4, 4)
+    # its weight is a get_attr, compiled in
+    fns = [inductor.lower_inductor(torch.fx.symbolic_trace(linear), [x]) for _ in range(2)]
+    assert len(compiles) == 2 and len(fns) == 2
 
 
 def test_symbolic_pieces_are_shared_only_within_one_trace(compiles):
@@ -83,10 +85,9 @@ def test_symbolic_pieces_are_shared_only_within_one_trace(compiles):
 
     one, other = FakeTensorMode(shape_env=ShapeEnv()), FakeTensorMode(shape_env=ShapeEnv())
     first = fakes(one)
-    inductor.lower_inductor(_layer("a"), first)
-    inductor.lower_inductor(_layer("b"), first)
+    fns = [inductor.lower_inductor(_layer("a"), first), inductor.lower_inductor(_layer("b"), first)]
     assert len(compiles) == 1
-    inductor.lower_inductor(_layer("c"), fakes(other))
+    fns.append(inductor.lower_inductor(_layer("c"), fakes(other)))
     assert len(compiles) == 2
 
 
