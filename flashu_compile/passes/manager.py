@@ -138,7 +138,11 @@ class PassManager:
         self.records.append(PassRecord(name, False, seconds, {}, why))
 
     def run(self, gm: torch.fx.GraphModule, context: Any, options: Any) -> torch.fx.GraphModule:
+        """Run the passes in order on ``gm`` (in place) and return it, its code regenerated once at the end: a
+        recompile regenerates every outlined submodule too, so one per pass would cost more than most passes.
+        A dump or an observer sees the code of the graph as it is."""
         observer = _OBSERVER.get()
+        stale = False
         for step, (name, fn) in enumerate(self.passes):
             self._dump(gm, step, name, "before")
             if observer is not None:
@@ -167,13 +171,18 @@ class PassManager:
                 continue
             if result.changed:
                 gm.graph.lint()
+                stale = True
+            if stale and (observer is not None or self.dump_dir is not None):
                 gm.recompile()
+                stale = False
             self.records.append(PassRecord(name, result.changed, time.perf_counter() - start, result.stats))
             logger.debug("pass %s %s in %.3f s: %s", name, "rewrote the graph" if result.changed else "changed nothing",
                           self.records[-1].seconds, result.stats)
             self._dump(gm, step, name, "after")
             if observer is not None:
                 observer(name, "after", gm, context, self.records[-1])
+        if stale:
+            gm.recompile()
         return gm
 
 
