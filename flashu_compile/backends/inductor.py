@@ -112,6 +112,9 @@ def forget_compiled_pieces() -> None:
     _compiled_pieces.clear()
 
 
+_ALIGNMENT = 16  # bytes; Inductor's alignment of input data pointers (torch._inductor.utils.GPU_ALIGN_BYTES)
+
+
 class _Ref:
     """A node argument in a structure key: the producing node's position in the graph."""
 
@@ -127,8 +130,8 @@ def _structure_key(gm: torch.fx.GraphModule, example_inputs: list) -> str | None
     graph that holds constants or submodules of its own (``get_attr``, ``call_module``), whose values would
     be compiled in.
 
-    Equal keys mean the same operations on inputs of the same sizes, strides, dtypes, devices and aliasing
-    (which inputs share storage), under the same Inductor config and grad mode: one compiled function
+    Equal keys mean the same operations on inputs of the same sizes, strides, alignment, dtypes, devices and
+    aliasing (which inputs share storage), under the same Inductor config and grad mode: one compiled function
     serves both graphs, whatever the inputs hold. Decoder layers outlined from one model differ only in
     their node names and weights, which are inputs.
     """
@@ -146,7 +149,12 @@ def _structure_key(gm: torch.fx.GraphModule, example_inputs: list) -> str | None
     for i, x in enumerate(leaves):
         if isinstance(x, torch.Tensor):
             shared = storages.setdefault(x.untyped_storage()._cdata, i)
-            parts.append(f"tensor {tuple(x.shape)} {x.stride()} {x.storage_offset()} {x.dtype} {x.device} "
+            # Not the storage offset itself: compiled code reads an input from its data pointer, offset included,
+            # so the pruned FFNs of many layers (views at different offsets of their weights) share a piece.
+            # Whether the input is aligned is part of the key: Inductor assumes inputs aligned at compile
+            # time stay aligned (and copies one that is not).
+            aligned = x.storage_offset() * x.element_size() % _ALIGNMENT == 0
+            parts.append(f"tensor {tuple(x.shape)} {x.stride()} aligned {aligned} {x.dtype} {x.device} "
                          f"{x.requires_grad} storage of input {shared}")
         else:
             parts.append(f"{type(x).__name__} {x}")

@@ -51,13 +51,13 @@ def test_layers_differing_in_names_and_weights_share_one_compile(compiles):
         torch.testing.assert_close(fn(x, w), torch.relu(x @ w) + x)
 
 
-@pytest.mark.parametrize("other", ["shape", "dtype", "stride", "aliasing", "op"])
+@pytest.mark.parametrize("other", ["shape", "dtype", "stride", "alignment", "aliasing", "op"])
 def test_a_piece_differing_in_what_inductor_reads_compiles_again(compiles, other):
     x, w = torch.randn(4, 4), torch.randn(4, 4)
     first = inductor.lower_inductor(_layer("a"), [x, w])  # held: only pieces a live program uses are shared
     gm = _layer("b")
     inputs = {"shape": [torch.randn(3, 4), w], "dtype": [x.double(), w.double()], "stride": [x, w.t()],
-              "aliasing": [x, x[0:4]], "op": [x, w]}[other]
+              "alignment": [torch.randn(17)[1:].view(4, 4), w], "aliasing": [x, x[0:4]], "op": [x, w]}[other]
     if other == "op":
         next(n for n in gm.graph.nodes if n.target is torch.relu).target = torch.tanh
         gm.recompile()
@@ -65,6 +65,17 @@ def test_a_piece_differing_in_what_inductor_reads_compiles_again(compiles, other
     assert len(compiles) == 2 and first is not None
     inductor.lower_inductor(_layer("c"), [x, w])
     assert len(compiles) == 2  # the first one's structure again
+
+
+def test_views_at_other_aligned_offsets_share_a_piece(compiles):
+    """Compiled code reads an input from its data pointer, offset included: a pruned FFN reads a range of its
+    weight that starts elsewhere in every layer."""
+    x, weights = torch.randn(4, 4), torch.randn(3, 8, 4)
+    fns = [inductor.lower_inductor(_layer(f"layer{i}"), [x, w.narrow(0, 4 * i % 8, 4)]) for i, w in enumerate(weights)]
+    assert len(compiles) == 1
+    for i, (fn, w) in enumerate(zip(fns, weights, strict=True)):
+        view = w.narrow(0, 4 * i % 8, 4)
+        torch.testing.assert_close(fn(x, view), torch.relu(x @ view) + x)
 
 
 def test_a_piece_with_constants_of_its_own_is_never_shared(compiles):
