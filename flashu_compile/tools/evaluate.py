@@ -42,7 +42,7 @@ from ..scenes.evaluate import BOOTSTRAP_RESAMPLES, compare, evaluate, markdown_t
 from ..tasks import compile_tasks
 from ..validate import MAX_GUIDANCE, MAX_SEED, MAX_STEPS, check_float, check_int
 from . import common
-from .common import check_output, model_args, parse_option
+from .common import MEASURED_MODEL, check_output, model_args, parse_option
 
 
 def split_top_level(text: str) -> list[str]:
@@ -295,7 +295,7 @@ def add_parser(sub) -> None:
     """Register the ``evaluate`` subcommand on the ``flashu-compile`` subparsers ``sub``."""
     p = sub.add_parser("evaluate", help="GenEval-like and VQA scores of flashu configurations, with paired "
                        "bootstrap intervals", description=__doc__.split("\n\n")[0])
-    model_args(p)
+    model_args(p, default=MEASURED_MODEL)
     p.add_argument("--config", action="append", default=[], metavar="NAME=PRESET[,KEY=VALUE...]",
                    help="a configuration to evaluate (repeatable; the first is the baseline of the differences); "
                         "besides flashu options, KEY may be steps (its grid points, default --steps) or solver "

@@ -3,6 +3,7 @@
 import json
 import re
 import sys
+import warnings
 
 import pytest
 
@@ -95,13 +96,14 @@ def test_only_a_configuration_that_prunes_records_its_plan():
 def test_a_small_run_end_to_end(tmp_path, capsys):
     """Configurations see the same captions, questions and noise: one identical to the baseline differs by 0."""
     out = tmp_path / "eval.json"
-    argv = ["evaluate", "--prompts", "3", "--images-per-prompt", "1", "--questions", "3", "--steps", "3",
-            "--config", "off=off", "--config", "same=off", "--config", 'skip=off,passes=["layer_skip"],skip_ratio=0.5',
+    argv = ["evaluate", "--model", "default", "--prompts", "3", "--images-per-prompt", "1", "--questions", "3",
+            "--steps", "3", "--config", "off=off", "--config", "same=off",
+            "--config", 'skip=off,passes=["layer_skip"],skip_ratio=0.5',
             "--json", str(out), "--no-progress", "--resamples", "200"]
     assert main(argv) == 0
     printed = capsys.readouterr().out
     assert "| configuration | geneval/overall |" in printed and "Differences from off (paired):" in printed
-    assert "flashu-compile evaluate --prompts 3" in printed  # the command, for a report to quote
+    assert "flashu-compile evaluate --model default --prompts 3" in printed  # the command, for a report to quote
     report = json.loads(out.read_text())
     comparison = report["comparison"]
     assert list(comparison["scores"]) == ["off", "same", "skip"] and comparison["baseline"] == "off"
@@ -117,6 +119,26 @@ def test_a_small_run_end_to_end(tmp_path, capsys):
     assert "techniques: layer_skip acted on" in printed and "techniques: none ran" in printed
 
 
+def test_by_default_every_paper_technique_acts_on_both_tasks(capsys):
+    """evaluate measures the 10-layer embedded model unless told otherwise: there every technique of the paper
+    preset acts, so a row named paper measures all of them (layers skipped and the head cache reused while
+    generating, layers skipped and visual tokens dropped while answering)."""
+    assert build_parser().parse_args(["evaluate"]).model == "scenes-10"
+    argv = ["evaluate", "--prompts", "1", "--images-per-prompt", "1", "--questions", "1", "--steps", "20",
+            "--config", "paper=paper", "--no-progress", "--resamples", "100"]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a pass that falls back warns
+        assert main(argv) == 0
+    printed = capsys.readouterr().out
+    assert "model: scenes-10 " in printed
+    for technique in ("prune_channels", "layer_skip", "head_cache", "token_drop"):
+        assert re.search(rf"{technique} acted on [1-9]\d* graph", printed), printed
+    assert "not on" not in printed
+    t2i, mmu = re.search(r"t2i .*\n.*mmu .*", printed)[0].splitlines()
+    assert re.search(r"layers skipped: \d+ call\(s\) skip \[\d+, \d+\]", t2i) and "reuse x" in t2i, t2i
+    assert re.search(r"layers skipped: \d+ call\(s\) skip \[\d+, \d+\]", mmu), mmu
+
+
 def test_a_technique_that_does_not_act_is_reported_with_why(capsys):
     argv = ["evaluate", *SMALL, "--config", 'skip=off,passes=["layer_skip"]']  # 0.2 x 4 layers skips none
     assert main(argv) == 0
@@ -124,8 +146,9 @@ def test_a_technique_that_does_not_act_is_reported_with_why(capsys):
     assert "layer_skip acted on 0 graph(s) (not on " in printed and "skips no layer" in printed
 
 
-SMALL = ["--prompts", "1", "--images-per-prompt", "1", "--questions", "1", "--steps", "3", "--no-progress",
-         "--resamples", "100"]
+# On the 4-layer model, which answers in seconds (evaluate's own default is the 10-layer one).
+SMALL = ["--model", "default", "--prompts", "1", "--images-per-prompt", "1", "--questions", "1", "--steps", "3",
+         "--no-progress", "--resamples", "100"]
 
 
 def test_strict_mode_names_the_pass_that_does_not_apply(tmp_path, capsys):
@@ -307,7 +330,8 @@ def test_a_configuration_may_sample_with_its_own_steps_and_solver(tmp_path, monk
 
     monkeypatch.setattr(tool, "evaluate", spy)
     out = tmp_path / "eval.json"
-    assert main(["evaluate", "--prompts", "1", "--images-per-prompt", "1", "--questions", "1", "--steps", "3",
+    assert main(["evaluate", "--model", "default", "--prompts", "1", "--images-per-prompt", "1", "--questions", "1",
+                 "--steps", "3",
                  "--config", "off=off", "--config", 'heun2=off,steps=2,solver="heun"', "--json", str(out),
                  "--no-progress", "--resamples", "100"]) == 0
     assert seen == [(3, "euler"), (2, "heun")]

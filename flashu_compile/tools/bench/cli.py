@@ -79,11 +79,11 @@ def cmd_bench(args) -> int:
 
 def add_parser(sub) -> None:
     """Register the ``bench`` subcommand on the ``flashu-compile`` subparsers ``sub``."""
-    from ..common import model_args
+    from ..common import MEASURED_MODEL, model_args
 
     p = sub.add_parser("bench", help="speed, FLOPs, memory and fidelity of eager, Inductor and flashu side by side",
                        description=DESCRIPTION)
-    model_args(p)
+    model_args(p, default=MEASURED_MODEL)
     p.add_argument("--plan", help="a saved calibration plan (default: calibrate the model first)")
     p.add_argument("--runs", type=int, default=5, help="warm runs per configuration (at least 1)")
     p.add_argument("--prompts", type=int, default=4, help="prompts per text-to-image request (test scenes)")
