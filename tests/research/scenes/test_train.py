@@ -1,4 +1,5 @@
 import argparse
+import json
 import shutil
 
 import numpy as np
@@ -10,12 +11,16 @@ from flashu_compile.models.showo2.checkpoint import CheckpointError
 from flashu_compile.models.showo2.embedded import verify_checksums
 from flashu_compile.models.showo2.sampling import shift_time
 from flashu_compile.scenes.dataset import KINDS, Obj, Scene
+from research.scenes import train as train_module
 from research.scenes.train import (
     ANSWERS_FROM,
+    RECIPES,
     grid_position_table,
     kind_mix,
+    main,
     parse_kind_weights,
     relation_captions,
+    run_recipe,
     train,
 )
 
@@ -170,3 +175,54 @@ def test_relation_captions_keep_images_and_leave_other_kinds_alone():
     assert [s.caption for s in restated] == ["a blue square left of a red circle", "a red circle",
                                              "a blue square above a red circle"]
     assert all(np.array_equal(a.render(), b.render()) for a, b in zip(scenes, restated, strict=True))
+
+
+def test_the_scenes_10_recipe_is_the_shipped_model_s_run():
+    """The recipe's options are those its weights' training log records (the last stage's; the first stage's
+    model size is the shipped config's)."""
+    from pathlib import Path
+
+    from flashu_compile.models.showo2.embedded import EMBEDDED
+
+    log = json.loads((Path(EMBEDDED["scenes-10"]) / "training.json").read_text())
+    first, last = RECIPES["scenes-10"]
+    assert first["num_layers"] == log["config"]["llm"]["num_hidden_layers"] == 10
+    assert (log["steps"], log["batch"], log["answer_batch"], log["answer_weight"], log["lr"], log["answers_from"],
+            log["reading_order_until"]) == (last["steps"], last["batch"], last["answer_batch"], last["answer_weight"],
+                                            last["lr"], last["answers_from"], last["reading_order_until"])
+    weights = last["answer_kind_weights"]
+    assert log["answer_kinds"] == {kind: weights[kind] for kind in KINDS}
+
+
+def test_a_recipe_trains_its_stages_in_order_and_continues_where_it_stopped(tmp_path, monkeypatch):
+    stages = ({"steps": 2, "num_layers": 2, "batch": 2, "answer_batch": 2},
+              {"steps": 3, "batch": 2, "answer_batch": 2, "lr": 1e-4, "answers_from": 0.0})
+    monkeypatch.setitem(RECIPES, "toy", stages)
+    out = tmp_path / "toy"
+    log = run_recipe("toy", out)
+    first = json.loads((tmp_path / "toy-stage1" / "training.json").read_text())
+    assert first["steps"] == 2 and first["config"]["llm"]["num_hidden_layers"] == 2 and first["init_from"] is None
+    assert log["steps"] == 3 and log["lr"] == 1e-4 and log["init_from"] == str(tmp_path / "toy-stage1")
+    assert Showo2.from_pretrained(str(out)).config.llm.num_hidden_layers == 2  # the second stage continued the first's model
+    # Run again: both stages' weights are there, nothing trains; with the last stage lost, only it trains.
+    calls = []
+    monkeypatch.setattr(train_module, "train", lambda **kw: calls.append(kw) or {"steps": kw["steps"]})
+    run_recipe("toy", out)
+    assert calls == []
+    (out / "training.json").unlink()
+    run_recipe("toy", out)
+    assert [c["steps"] for c in calls] == [3] and calls[0]["init_from"] == tmp_path / "toy-stage1"
+    # A stage whose options changed since its weights were saved trains again.
+    calls.clear()
+    monkeypatch.setitem(RECIPES, "toy", ({**stages[0], "steps": 4}, stages[1]))
+    run_recipe("toy", out)
+    assert [c["steps"] for c in calls] == [4, 3]
+
+
+def test_a_recipe_takes_no_other_training_option(capsys):
+    with pytest.raises(SystemExit):
+        main(["--recipe", "scenes-10", "--steps", "5", "--lr", "0.1"])
+    assert "--recipe scenes-10 sets every training option itself; drop --steps, --lr" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["--recipe", "nonesuch"])
+    assert "invalid choice: 'nonesuch'" in capsys.readouterr().err
