@@ -203,7 +203,8 @@ def test_a_recipe_trains_its_stages_in_order_and_continues_where_it_stopped(tmp_
     first = json.loads((tmp_path / "toy-stage1" / "training.json").read_text())
     assert first["steps"] == 2 and first["config"]["llm"]["num_hidden_layers"] == 2 and first["init_from"] is None
     assert log["steps"] == 3 and log["lr"] == 1e-4 and log["init_from"] == str(tmp_path / "toy-stage1")
-    assert Showo2.from_pretrained(str(out)).config.llm.num_hidden_layers == 2  # the second stage continued the first's model
+    # The second stage continued the first's 2-layer model.
+    assert Showo2.from_pretrained(str(out)).config.llm.num_hidden_layers == 2
     # Run again: both stages' weights are there, nothing trains; with the last stage lost, only it trains.
     calls = []
     monkeypatch.setattr(train_module, "train", lambda **kw: calls.append(kw) or {"steps": kw["steps"]})
