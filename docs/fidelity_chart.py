@@ -6,7 +6,10 @@ question, for the token_drop ablation and the presets. Usage (the files the repo
 
     python docs/fidelity_chart.py --generation gen-50.json --bench bench.json \
         --speed off="eager 50" --speed paper="flashu paper 50" ... \
-        --understanding vqa-300.json --flops off=134.20 --flops td-0.25-0=116.50 ... --out docs/fidelity-chart.png
+        --understanding vqa-300.json --flops off=335.48 --flops drop_r0.25_l1=288.29 ... --out docs/fidelity-chart.png
+
+In the right panel, configurations whose names contain "drop" (the token_drop ablation) are coloured, the
+others black.
 """
 
 from __future__ import annotations
@@ -53,10 +56,12 @@ def main() -> None:
         fig, gen_ax = plt.subplots(figsize=(5.8, 4.2))
     generation = json.loads(args.generation.read_text())["comparison"]["scores"]
     medians = {r["name"]: r["median_s"] for r in json.loads(args.bench.read_text())["results"]}
-    for name, row in pairs(args.speed).items():
+    for i, (name, row) in enumerate(pairs(args.speed).items()):
         y, low, high = interval(generation, name, "geneval/overall")
         gen_ax.errorbar(medians[row], y, yerr=[[low], [high]], fmt="o", capsize=4)
-        gen_ax.annotate(f"{name} ({row})", (medians[row], y), textcoords="offset points", xytext=(6, 4), fontsize=8)
+        # Points at nearly the same speed and score would print their names over each other: stagger them.
+        gen_ax.annotate(name, (medians[row], y), textcoords="offset points", xytext=(6, 10 * (i % 3) - 10),
+                        fontsize=8)
     gen_ax.margins(x=0.3)  # room for the labels right of the points
     gen_ax.set(xlabel="warm median per request (s, bench)", ylabel="GenEval-like overall (95% interval)",
                title="text to image")
@@ -69,7 +74,7 @@ def main() -> None:
                 continue  # every run has its own off row; the first one's is drawn
             y, low, high = interval(scores, name, "vqa/overall")
             vqa_ax.errorbar(flops[name], y, yerr=[[low], [high]], fmt="o", capsize=3,
-                            color="black" if not name.startswith("td-") else None)
+                            color=None if "drop" in name else "black")
             vqa_ax.annotate(name, (flops[name], y), textcoords="offset points", xytext=(5, 3), fontsize=7)
     if args.understanding:
         vqa_ax.set(xlabel="prefill MFLOP per question (graph-diff)", ylabel="VQA accuracy (95% interval)",

@@ -20,6 +20,11 @@
   1 for a model that learned where the relation word puts objects, 0 for one that ignores it.
   Sampling cannot place objects by the relation if this is 0; if it is high and ``relation_swap``
   low, the sampler loses what the model knows.
+- ``object_tiles_by_value_norm``: which image tokens V-norm token dropping removes. Each test
+  scene's image tokens are ranked by the norm of their value vectors at an LLM layer (as the
+  ``token_drop`` pass scores them); the probe gives the share of tiles holding part of an object
+  among the highest-norm and the lowest-norm fraction, beside the share among all tiles. Where the
+  highest-norm tokens are the objects, dropping them (the paper's order) loses the answers.
 """
 
 from __future__ import annotations
@@ -69,6 +74,43 @@ def vqa_layout_sensitivity(model, n_questions: int = 200, tile: int = 4, seed: i
             hits[name][question_type(question)].append(ok)
     return {name: {"all": float(np.mean([x for v in by.values() for x in v])),
                    **{k: float(np.mean(by[k])) for k in QUESTION_TYPES if by[k]}} for name, by in hits.items()}
+
+
+@torch.no_grad()
+def object_tiles_by_value_norm(model, n_scenes: int = 40, layer: int = 2, share: float = 0.25,
+                               seed: int = 0) -> dict[str, float]:
+    """Share of object tiles (a 4x4 pixel tile, one image token, with any non-black pixel) among all image tokens
+    (``all``), among the ``share`` of them with the highest value-vector norm at decoder layer ``layer`` (L2 over
+    head_dim, mean over KV heads, as ``token_drop`` scores them; ``highest``) and among the ``share`` with the
+    lowest (``lowest``), over ``n_scenes`` test scenes asked one question each."""
+    from flashu_compile.models.showo2.understanding import prepare
+
+    lm = model.showo.model
+    heads = lm.config.num_key_value_heads
+    shares: dict[str, list[float]] = defaultdict(list)
+    values: list[torch.Tensor] = []
+    hook = lm.layers[layer].self_attn.v_proj.register_forward_hook(lambda mod, args, out: values.append(out))
+    try:
+        prompts = []
+        for scene in make_split("test", n_scenes, seed=seed):
+            image = (to_tensor(scene.render()) + 1) / 2
+            rows, embeds = prepare(model, model.tokenizer, model.encode_image(image), scene.qa[0][0])
+            lm(inputs_embeds=embeds, attention_mask=rows.attention_mask)
+            prompts.append((image, rows))
+    finally:
+        hook.remove()
+    for (image, rows), value in zip(prompts, values, strict=True):
+        positions = rows.image_positions()[0]
+        norms = value[0, positions].unflatten(-1, (heads, -1)).norm(dim=-1).mean(-1)
+        occupied = F.pixel_unshuffle(image[None], 4)[0].flatten(1).amax(0) > 0  # tile k is image token k
+        if occupied.numel() != positions.numel():
+            raise ValueError(f"{positions.numel()} image tokens for {occupied.numel()} tiles: not a 4x4-tile model")
+        order = norms.argsort(descending=True)
+        k = max(1, int(len(order) * share))
+        shares["all"].append(occupied.float().mean().item())
+        shares["highest"].append(occupied[order[:k]].float().mean().item())
+        shares["lowest"].append(occupied[order[-k:]].float().mean().item())
+    return {name: float(np.mean(values)) for name, values in shares.items()}
 
 
 def colour_centroid(image, colour: str) -> tuple[float, float] | None:
@@ -161,16 +203,24 @@ def relation_sensitivity(model, n: int = 12, noises: int = 8, seed: int = 0) -> 
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("model", help="checkpoint folder, or 'default'")
+    parser.add_argument("model", help="checkpoint folder, 'default' or an embedded model's name (scenes-10)")
     parser.add_argument("--questions", type=int, default=200)
     parser.add_argument("--pairs", type=int, default=20)
+    parser.add_argument("--only", choices=["layout", "value-norm"],
+                        help="run one probe family: the layout probes, or object_tiles_by_value_norm (default: all)")
     args = parser.parse_args(argv)
     from flashu_compile.models.showo2 import Showo2
+    from flashu_compile.models.showo2.embedded import EMBEDDED
 
-    model = Showo2.default() if args.model == "default" else Showo2.from_pretrained(args.model)
-    print(json.dumps({"vqa_layout_sensitivity": vqa_layout_sensitivity(model, args.questions),
-                      "relation_swap": relation_swap(model, args.pairs),
-                      "relation_sensitivity": relation_sensitivity(model)}, indent=1))
+    model = (Showo2.default() if args.model == "default" else Showo2.embedded(args.model) if args.model in EMBEDDED
+             else Showo2.from_pretrained(args.model))
+    found = {}
+    if args.only in (None, "layout"):
+        found.update(vqa_layout_sensitivity=vqa_layout_sensitivity(model, args.questions),
+                     relation_swap=relation_swap(model, args.pairs), relation_sensitivity=relation_sensitivity(model))
+    if args.only in (None, "value-norm"):
+        found["object_tiles_by_value_norm"] = object_tiles_by_value_norm(model)
+    print(json.dumps(found, indent=1))
 
 
 if __name__ == "__main__":

@@ -13,6 +13,7 @@ from flashu_compile.scenes import Obj, Scene, make_split, to_tensor
 from research.scenes.probes import (
     colour_centroid,
     data_mean_image,
+    object_tiles_by_value_norm,
     relation_sensitivity,
     relation_swap,
     shuffle_tiles,
@@ -125,3 +126,18 @@ def test_soft_centroid_follows_the_colour_and_refuses_shared_channels():
     assert torch.allclose(soft_centroid(image, "red"), torch.tensor([7.5, 19.5]))
     with pytest.raises(ValueError, match="soft centroids"):
         soft_centroid(image, "yellow")
+
+
+def test_object_tiles_by_value_norm_counts_the_tiles_that_hold_objects():
+    """``all`` is the share of 4x4 tiles with a non-black pixel, counted here from the renders; ranked shares
+    over every token are that share again, and the highest and lowest quarters split the objects between them."""
+    from flashu_compile.models.showo2 import Showo2
+
+    model = Showo2.default()
+    scenes = make_split("test", 6)
+    expected = np.mean([(s.render().reshape(8, 4, 8, 4, 3).max(axis=(1, 3, 4)) > 0).mean() for s in scenes])
+    whole = object_tiles_by_value_norm(model, n_scenes=6, share=1.0)
+    assert whole["all"] == pytest.approx(expected) and whole["highest"] == whole["lowest"] == pytest.approx(expected)
+    quarter = object_tiles_by_value_norm(model, n_scenes=6, share=0.25)
+    assert quarter["all"] == pytest.approx(expected)
+    assert 0 <= quarter["lowest"] <= 1 and 0 <= quarter["highest"] <= 1 and quarter["highest"] != quarter["lowest"]
