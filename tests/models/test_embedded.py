@@ -36,3 +36,26 @@ def test_default_generates_the_prompted_colour():
     colours = [{d.colour for d in find_objects(img)} for img in images]
     assert "red" in colours[0] and "blue" in colours[1]
     assert torch.isfinite(images).all()
+
+
+def test_every_embedded_file_is_package_data():
+    """A wheel carries each file of each embedded model (config files in subfolders included): every file under
+    the weights folders matches one of pyproject's package-data patterns, as setuptools matches them."""
+    import fnmatch
+    from pathlib import Path
+
+    import tomllib
+
+    from flashu_compile.models.showo2.embedded import EMBEDDED
+
+    root = Path(__file__).resolve().parents[2]
+    patterns = tomllib.loads((root / "pyproject.toml").read_text())["tool"]["setuptools"]["package-data"][
+        "flashu_compile"]
+    package = root / "flashu_compile"
+    files = [f.relative_to(package).as_posix() for folder in EMBEDDED.values() for f in Path(folder).rglob("*")
+             if f.is_file()]
+    assert any("/llm/" in f for f in files) and len(EMBEDDED) >= 2
+    # setuptools' globs do not cross "/" with "*", as fnmatch does; compare part by part.
+    missing = [f for f in files if not any(len(p.split("/")) == len(f.split("/")) and fnmatch.fnmatch(f, p)
+                                           for p in patterns)]
+    assert missing == []
