@@ -45,6 +45,7 @@ def run(argv, capsys) -> str:
     (["graph-diff", "--step", "99"], r"--step must be an int in \[1, 49\], got 99"),
     (["graph-diff", "--tolerance", "nan"], "--tolerance must be a finite number"),
     (["bench", "--runs", "0"], "--runs must be an int >= 1, got 0"),
+    (["bench", "--compile-warm-runs", "0"], "--compile-warm-runs must be an int >= 1, got 0"),
     (["bench", "--guidance=-inf"], "--guidance must be a finite number"),
 ])
 def test_bad_arguments_are_errors_before_the_model_loads(argv, message, no_model, capsys):

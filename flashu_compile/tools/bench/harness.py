@@ -189,17 +189,18 @@ class Bench:
         return understanding.answer_tokens(self.model, self.model.tokenizer, self.image, self.question,
                                            max_new_tokens=self.max_new_tokens, entries=self.entries)
 
-    def run(self, runs: int = 5, progress: bool = True, compile_warm: bool = True,
+    def run(self, runs: int = 5, progress: bool = True, compile_warm: int = 1,
             fresh_caches: bool = True) -> list[Result]:
-        """Measure every configuration; ``compile_warm=False`` leaves out the second first request (after a
-        dynamo reset, on warm caches), which compiles every configuration again. ``fresh_caches=False``
+        """Measure every configuration; ``compile_warm`` is how many times the first request is made again (after a
+        dynamo reset, on warm caches, the configurations interleaved), which compiles every configuration again
+        each time (0: never); its median is the warm start's time. ``fresh_caches=False``
         gives all configurations one set of Inductor caches: a graph an earlier configuration compiled is
         then loaded, not compiled (less time in all; compile cold is then "with the earlier rows' caches")."""
         with tempfile.TemporaryDirectory(prefix="flashu-bench-") as caches:
             folders = [Path(caches) / (str(i) if fresh_caches else "shared") for i in range(len(self.configs))]
             return self._run(runs, progress, folders, compile_warm)
 
-    def _run(self, runs: int, progress: bool, caches: list[Path], compile_warm: bool) -> list[Result]:
+    def _run(self, runs: int, progress: bool, caches: list[Path], compile_warm: int) -> list[Result]:
         results = {c.name: Result(c.name, c.task) for c in self.configs}
         outputs = {}
         device = self.model.device
@@ -246,7 +247,7 @@ class Bench:
             if config.backend == "flashu":
                 results[config.name].did = str(done)
             bar.update()
-        if compile_warm:
+        for _ in range(compile_warm):
             self._compile_warm(results, caches, bar)
         bar.close()
         self._fidelity(results, outputs)
@@ -266,7 +267,8 @@ class Bench:
         """First request again, after a dynamo reset, on the on-disk caches the cold request filled.
 
         Last, because the reset drops every configuration's compiled code. A configuration that
-        compiled nothing cold (it reused another's programs, or runs eagerly) is left out.
+        compiled nothing cold (it reused another's programs, or runs eagerly) is left out. With
+        ``--profile-compile`` the phases are those of the latest restart.
         """
         for i, config in enumerate(self.configs):
             r = results[config.name]
@@ -279,7 +281,7 @@ class Bench:
                     self._use(config)
                     self.request(config)
                     synchronize(self.model.device)
-                    r.compile_warm_s = time.perf_counter() - t0
+                    r.compile_warm_runs_s.append(time.perf_counter() - t0)
             bar.update()
 
     def _fidelity(self, results: dict[str, Result], outputs: dict) -> None:

@@ -154,7 +154,7 @@ def summary(results: list[Result], machine: str, command: str) -> dict:
     """What bench.json holds for one model's results."""
     return {"machine": machine, "command": command, "speedups": speedups(results),
             "flashu_off_vs_inductor": off_vs_inductor(results), "savings_by_technique": technique_savings(results),
-            "results": [asdict(r) | {"median_s": r.median_s} for r in results]}
+            "results": [asdict(r) | {"median_s": r.median_s, "compile_warm_s": r.compile_warm_s} for r in results]}
 
 
 def write(results: list[Result], out: Path, machine: str, command: str) -> str:
