@@ -24,6 +24,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+import sympy
 import torch
 import torch._inductor.config
 from torch._dynamo.utils import counters
@@ -77,14 +78,17 @@ def lower_inductor(gm: torch.fx.GraphModule, example_inputs: list, settings: Ind
     given_fakes = detect_fake_mode(pytree.tree_leaves(example_inputs))
     shape_env = getattr(given_fakes, "shape_env", None)
     # CUDA graphs record per function and treat weights as fixed addresses: such pieces are never shared.
-    key = None if patches else _structure_key(gm, example_inputs)
+    key, symbols = (None, ()) if patches else _structure_key(gm, example_inputs)
     if key is not None and (shared := _compiled_pieces.get(key)) is not None:
-        trace = _trace_of[shared]
-        # A piece compiled for symbolic sizes left its assumptions as guards in that trace's shape
-        # environment; it serves only pieces of the same trace, whose guards already hold them.
-        if (trace() if trace is not None else None) is shape_env:
+        origin = _origin_of[shared]
+        # A piece compiled for symbolic sizes may have left assumptions about its own symbols in its trace's shape
+        # environment (guards, narrowed ranges): it serves only pieces of the same trace, and pieces whose sizes
+        # are other symbols (another layer's cache length) only if it left none.
+        if origin.trace() is shape_env and (symbols == origin.symbols or (
+                not origin.assumed and _ranges(shape_env, symbols) == origin.ranges)):
             counters["flashu"]["pieces_shared"] += 1
             return shared
+    before = _assumptions(shape_env, symbols)
     if given_fakes is not None:
         compiled = compile_fx(copy_graph(gm), example_inputs, config_patches=patches)  # dynamo's context, or fakes
     else:
@@ -96,14 +100,40 @@ def lower_inductor(gm: torch.fx.GraphModule, example_inputs: list, settings: Ind
             compiled = compile_fx(copy_graph(gm), fakes, config_patches=patches)
     if key is not None:
         _compiled_pieces[key] = compiled
-        _trace_of[compiled] = weakref.ref(shape_env) if shape_env is not None else None
+        _origin_of[compiled] = _Origin(weakref.ref(shape_env) if shape_env is not None else lambda: None, symbols,
+                                       _ranges(shape_env, symbols), _assumptions(shape_env, symbols) != before)
     return copied_outputs(compiled) if patches else compiled
 
 
+@dataclass(frozen=True)
+class _Origin:
+    """Where a shared piece was compiled: the shape environment its symbolic sizes belong to (None for a static
+    piece), its inputs' symbols in the order its structure key names them and their value ranges when it was
+    compiled, and whether compiling it added an assumption about them (a guard, a runtime assertion, a
+    replacement or a narrower range). Code compiled without an assumption serves any symbols of those ranges."""
+
+    trace: Callable[[], ShapeEnv | None]
+    symbols: tuple
+    ranges: tuple
+    assumed: bool
+
+
+def _ranges(shape_env: ShapeEnv | None, symbols: tuple) -> tuple:
+    return tuple(str(shape_env.var_to_range.get(symbol)) for symbol in symbols) if shape_env is not None else ()
+
+
+def _assumptions(shape_env: ShapeEnv | None, symbols: tuple) -> tuple:
+    """What a shape environment assumes, as far as compiling one piece can change it (compared before and after)."""
+    if shape_env is None:
+        return ()
+    return (len(shape_env.guards), sum(map(len, shape_env.deferred_runtime_asserts.values())),
+            len(shape_env.replacements), _ranges(shape_env, symbols))
+
+
 # The compiled pieces live programs use, by ``_structure_key`` (held weakly: a piece no program uses any more is
-# not kept), and the shape environment each symbolic one's guards live in (None for a static piece).
+# not kept), and where each was compiled.
 _compiled_pieces: weakref.WeakValueDictionary[str, Callable] = weakref.WeakValueDictionary()
-_trace_of: weakref.WeakKeyDictionary[Callable, weakref.ref | None] = weakref.WeakKeyDictionary()
+_origin_of: weakref.WeakKeyDictionary[Callable, _Origin] = weakref.WeakKeyDictionary()
 
 
 def forget_compiled_pieces() -> None:
@@ -125,21 +155,34 @@ class _Ref:
         return f"%{self.position}"
 
 
-def _structure_key(gm: torch.fx.GraphModule, example_inputs: list) -> str | None:
-    """What Inductor's output for ``gm`` on ``example_inputs`` depends on, with node names left out; None for a
-    graph that holds constants or submodules of its own (``get_attr``, ``call_module``), whose values would
-    be compiled in.
+def _structure_key(gm: torch.fx.GraphModule, example_inputs: list) -> tuple[str | None, tuple]:
+    """What Inductor's output for ``gm`` on ``example_inputs`` depends on, with node names left out, and the
+    symbols of the inputs' sizes in the order the key names them; a key of None for a graph that holds
+    constants or submodules of its own (``get_attr``, ``call_module``), whose values would be compiled in.
 
     Equal keys mean the same operations on inputs of the same sizes, strides, alignment, dtypes, devices and
     aliasing (which inputs share storage), under the same Inductor config and grad mode: one compiled function
     serves both graphs, whatever the inputs hold. Decoder layers outlined from one model differ only in
-    their node names and weights, which are inputs.
+    their node names and weights, which are inputs. Symbolic sizes are named by order of appearance, so the
+    decode step's layers, each with its own symbol for its cache length, have equal keys (compiled code reads a
+    symbol's value from its input's size at run time; whether the symbols' ranges allow sharing is
+    ``lower_inductor``'s to check).
     """
+    symbols: dict = {}
+
+    def size(value: Any) -> str:
+        if not isinstance(value, torch.SymInt):
+            return str(value)
+        expr = value.node.expr
+        for symbol in sorted(expr.free_symbols, key=str):
+            symbols.setdefault(symbol, sympy.Symbol(f"S{len(symbols)}", integer=True))
+        return str(expr.xreplace(symbols))
+
     position: dict[torch.fx.Node, int] = {}
     parts = []
     for node in gm.graph.nodes:
         if node.op in ("get_attr", "call_module"):
-            return None
+            return None, ()
         position[node] = len(position)
         if node.op != "placeholder":
             args = torch.fx.node.map_arg((node.args, node.kwargs), lambda n: _Ref(position[n]))
@@ -154,12 +197,12 @@ def _structure_key(gm: torch.fx.GraphModule, example_inputs: list) -> str | None
             # Whether the input is aligned is part of the key: Inductor assumes inputs aligned at compile
             # time stay aligned (and copies one that is not).
             aligned = x.storage_offset() * x.element_size() % _ALIGNMENT == 0
-            parts.append(f"tensor {tuple(x.shape)} {x.stride()} aligned {aligned} {x.dtype} {x.device} "
-                         f"{x.requires_grad} storage of input {shared}")
+            parts.append(f"tensor {list(map(size, x.shape))} {list(map(size, x.stride()))} aligned {aligned} "
+                         f"{x.dtype} {x.device} {x.requires_grad} storage of input {shared}")
         else:
-            parts.append(f"{type(x).__name__} {x}")
+            parts.append(f"{type(x).__name__} {size(x)}")
     parts += [str(spec), torch._inductor.config.get_hash().hex(), f"grad {torch.is_grad_enabled()}"]
-    return "\n".join(parts)
+    return "\n".join(parts), tuple(symbols)
 
 
 def copied_outputs(fn: Callable) -> Callable:

@@ -102,6 +102,47 @@ def test_symbolic_pieces_are_shared_only_within_one_trace(compiles):
     assert len(compiles) == 2
 
 
+def _two_symbols(ranges=((2, 64), (2, 64))):
+    """Inputs of two pieces in one trace: each piece's rows are a size symbol of its own (as each decoder layer's
+    cache length is in a decode step), the weight static."""
+    from torch.fx.experimental.symbolic_shapes import DimDynamic, StatelessSymbolicContext
+
+    mode = FakeTensorMode(shape_env=ShapeEnv())
+    context = StatelessSymbolicContext(dynamic_sizes=[DimDynamic.DYNAMIC, DimDynamic.STATIC])
+    xs = [mode.from_tensor(torch.randn(n, 4), symbolic_context=context) for n in (3, 5)]
+    for x, (low, high) in zip(xs, ranges, strict=True):
+        mode.shape_env.constrain_symbol_range(x.shape[0].node.expr, low, high)
+    w = mode.from_tensor(torch.randn(4, 4))
+    assert x.shape[0].node.expr != xs[0].shape[0].node.expr
+    return mode.shape_env, [xs[0], w], [xs[1], w]
+
+
+def test_pieces_whose_sizes_are_other_symbols_of_one_trace_share(compiles):
+    _, first, second = _two_symbols()
+    fns = [inductor.lower_inductor(_layer("a"), first), inductor.lower_inductor(_layer("b"), second)]
+    assert len(compiles) == 1 and fns[0] is fns[1]
+    _, first, second = _two_symbols(ranges=((2, 64), (2, 128)))  # a symbol of another range is another input
+    fns = [inductor.lower_inductor(_layer("a"), first), inductor.lower_inductor(_layer("b"), second)]
+    assert len(compiles) == 3
+
+
+def test_a_piece_whose_compile_assumed_something_of_its_symbols_serves_only_those(compiles, monkeypatch):
+    """Compiling the first piece guarded its rows (as Inductor may, choosing code by a size): the guard holds for
+    its own symbol only, so a piece with another symbol compiles for itself."""
+    def compile_fx(gm, example_inputs, config_patches=None):
+        compiles.append(type(gm).__name__)
+        assert example_inputs[0].shape[0] <= 16  # a guard on this piece's row count
+        return gm
+
+    monkeypatch.setattr("torch._inductor.compile_fx.compile_fx", compile_fx)
+    shape_env, first, second = _two_symbols()
+    guards = len(shape_env.guards)
+    fns = [inductor.lower_inductor(_layer("a"), first), inductor.lower_inductor(_layer("b"), first)]
+    assert len(compiles) == 1 and len(shape_env.guards) > guards  # the same symbols: shared
+    fns.append(inductor.lower_inductor(_layer("c"), second))
+    assert len(compiles) == 2 and fns[2] is not fns[0]
+
+
 def test_pieces_are_shared_among_live_programs_until_forgotten(compiles):
     x, w = torch.randn(2, 4), torch.randn(4, 4)
     fn = inductor.lower_inductor(_layer("a"), [x, w])
