@@ -161,7 +161,8 @@ def _structure_key(gm: torch.fx.GraphModule, example_inputs: list) -> tuple[str 
     constants or submodules of its own (``get_attr``, ``call_module``), whose values would be compiled in.
 
     Equal keys mean the same operations on inputs of the same sizes, strides, alignment, dtypes, devices and
-    aliasing (which inputs share storage), under the same Inductor config and grad mode: one compiled function
+    aliasing (which inputs share storage), under the same Inductor config, grad mode and deterministic-algorithms
+    setting: one compiled function
     serves both graphs, whatever the inputs hold. Decoder layers outlined from one model differ only in
     their node names and weights, which are inputs. Symbolic sizes are named by order of appearance, so the
     decode step's layers, each with its own symbol for its cache length, have equal keys (compiled code reads a
@@ -201,7 +202,8 @@ def _structure_key(gm: torch.fx.GraphModule, example_inputs: list) -> tuple[str 
                          f"{x.dtype} {x.device} {x.requires_grad} storage of input {shared}")
         else:
             parts.append(f"{type(x).__name__} {size(x)}")
-    parts += [str(spec), torch._inductor.config.get_hash().hex(), f"grad {torch.is_grad_enabled()}"]
+    parts += [str(spec), torch._inductor.config.get_hash().hex(), f"grad {torch.is_grad_enabled()}",
+              f"deterministic {torch.are_deterministic_algorithms_enabled()}"]
     return "\n".join(parts), tuple(symbols)
 
 

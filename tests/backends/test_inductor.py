@@ -51,6 +51,20 @@ def test_layers_differing_in_names_and_weights_share_one_compile(compiles):
         torch.testing.assert_close(fn(x, w), torch.relu(x @ w) + x)
 
 
+def test_a_piece_compiled_under_other_global_settings_compiles_again(compiles):
+    x, w = torch.randn(4, 4), torch.randn(4, 4)
+    first = inductor.lower_inductor(_layer("a"), [x, w])
+    with torch.no_grad():
+        inductor.lower_inductor(_layer("b"), [x, w])
+    deterministic = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True)
+    try:
+        inductor.lower_inductor(_layer("c"), [x, w])
+    finally:
+        torch.use_deterministic_algorithms(deterministic)
+    assert len(compiles) == 3 and first is not None
+
+
 @pytest.mark.parametrize("other", ["shape", "dtype", "stride", "alignment", "aliasing", "op"])
 def test_a_piece_differing_in_what_inductor_reads_compiles_again(compiles, other):
     x, w = torch.randn(4, 4), torch.randn(4, 4)
