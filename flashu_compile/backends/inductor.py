@@ -163,10 +163,10 @@ def _structure_key(gm: torch.fx.GraphModule, example_inputs: list) -> tuple[str 
     Equal keys mean the same operations on inputs of the same sizes, strides, alignment, dtypes, devices and
     aliasing (which inputs share storage), under the same Inductor config, grad mode and deterministic-algorithms
     setting: one compiled function serves both graphs, whatever the inputs hold. Decoder layers outlined from
-    one model differ only in their node names and weights, which are inputs. Symbolic sizes are named by order of appearance, so the
-    decode step's layers, each with its own symbol for its cache length, have equal keys (compiled code reads a
-    symbol's value from its input's size at run time; whether the symbols' ranges allow sharing is
-    ``lower_inductor``'s to check).
+    one model differ only in their node names and weights, which are inputs. Symbolic sizes are named by order
+    of appearance, so the decode step's layers, each with its own symbol for its cache length, have equal keys
+    (compiled code reads a symbol's value from its input's size at run time; whether the symbols' ranges allow
+    sharing is ``lower_inductor``'s to check).
     """
     symbols: dict = {}
 
