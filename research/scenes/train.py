@@ -352,7 +352,9 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=DEFAULT_STEPS,
                         help=f"optimizer steps (default: {DEFAULT_STEPS}, the shipped weights' run)")
-    parser.add_argument("--out", type=Path, default=Path("flashu_compile/weights/showo2-scenes"))
+    parser.add_argument("--out", type=Path,
+                        help="the checkpoint folder to write (default: the shipped 4-layer weights, "
+                             "flashu_compile/weights/showo2-scenes; with --recipe it must be given)")
     parser.add_argument("--batch", type=int, default=16, help="text-to-image rows per step")
     parser.add_argument("--answer-batch", type=int, default=12, help="understanding rows per step")
     parser.add_argument("--answer-weight", type=float, default=0.5, help="weight of the answer loss")
@@ -386,8 +388,11 @@ def main(argv: list[str] | None = None) -> None:
                  if key not in ("recipe", "out") and value != parser.get_default(key)]
         if given:
             parser.error(f"--recipe {args.recipe} sets every training option itself; drop {', '.join(given)}")
+        if args.out is None:  # its earlier stages' folders go beside --out: never inside the package
+            parser.error(f"--recipe {args.recipe} needs --out, a folder outside flashu_compile/weights")
         log = run_recipe(args.recipe, args.out)
     else:
+        args.out = args.out or Path("flashu_compile/weights/showo2-scenes")
         log = train(args.steps, args.out, args.batch, args.lr, args.seed, init_from=args.init_from,
                     answer_batch=args.answer_batch, answer_weight=args.answer_weight, ema_decay=args.ema,
                     time_shift=args.time_shift, kind_weights=args.kinds, answer_kind_weights=args.answer_kinds,

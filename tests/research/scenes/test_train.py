@@ -222,8 +222,11 @@ def test_a_recipe_trains_its_stages_in_order_and_continues_where_it_stopped(tmp_
 
 def test_a_recipe_takes_no_other_training_option(capsys):
     with pytest.raises(SystemExit):
-        main(["--recipe", "scenes-10", "--steps", "5", "--lr", "0.1"])
+        main(["--recipe", "scenes-10", "--out", "run", "--steps", "5", "--lr", "0.1"])
     assert "--recipe scenes-10 sets every training option itself; drop --steps, --lr" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["--recipe", "scenes-10"])  # without --out it would write beside the shipped weights
+    assert "--recipe scenes-10 needs --out" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         main(["--recipe", "nonesuch"])
     assert "invalid choice: 'nonesuch'" in capsys.readouterr().err
