@@ -153,6 +153,34 @@ def test_not_applicable_graph_is_lowered_unchanged_or_rejected_in_strict_mode(mo
         flashu_backend(gm, [x], {"passes": ["layer_skip"], "lowering": "eager", "strict": True})
 
 
+def test_the_cycle_collector_is_held_off_while_a_graph_compiles_and_restored_after(monkeypatch):
+    import gc
+
+    from flashu_compile import backend
+
+    seen = []
+    index = backend.build_index
+    monkeypatch.setattr(backend, "build_index", lambda gm, inputs: seen.append(gc.isenabled()) or index(gm, inputs))
+    mlp = torch.nn.Sequential(torch.nn.Linear(3, 3), torch.nn.ReLU())
+    x = torch.randn(2, 3)
+    gm = torch.fx.symbolic_trace(mlp)
+    options = {"passes": ["layer_skip"], "lowering": "eager"}
+    assert gc.isenabled()
+    with pytest.warns(UserWarning, match="flashu passes skipped for this graph"):
+        flashu_backend(gm, [x], options)
+    assert seen == [False] and gc.isenabled()
+    with pytest.raises(StrictModeError):  # an error restores it too
+        flashu_backend(gm, [x], {**options, "strict": True})
+    assert seen == [False, False] and gc.isenabled()
+    gc.disable()  # the caller's choice stays
+    try:
+        with pytest.warns(UserWarning):
+            flashu_backend(gm, [x], options)
+        assert not gc.isenabled()
+    finally:
+        gc.enable()
+
+
 def test_compiled_tasks_do_not_recompile_across_steps_or_requests(tokenizer):
     from torch._dynamo.utils import counters
 
