@@ -160,8 +160,9 @@ def _cycle_collection_paused() -> Iterator[None]:
 
     The passes copy graphs (a snapshot before each pass, copies for the lowering), and FX graphs are cycles of
     nodes: the allocations start collections, each of which scans every object the process holds. Held off,
-    a 10-layer model's first answer (4.2 s on a warm start) comes 0.16-0.25 s sooner; reference counting still frees what it can,
-    and the cycles left wait for the first collection after. A collector the caller disabled stays disabled.
+    a 10-layer model's first answer (4.2 s on a warm start) comes 0.16-0.25 s sooner; reference counting still
+    frees what it can, and the cycles left wait for the first collection after. A collector the caller disabled
+    stays disabled.
     """
     if not gc.isenabled():
         yield
