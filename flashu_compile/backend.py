@@ -247,7 +247,9 @@ def _compile(gm: torch.fx.GraphModule, example_inputs: list, options: Any) -> Ca
     # Kept before lowering, which may rewrite the graph it is given.
     rewritten = copy_graph(gm) if _specializable(gm, controller, opts) else None
     with phase("lowering graph"):
-        compiled = lower(gm, example_inputs, lowering)
+        # A graph with specializations is their fallback: an answer settles its skip set in the prefill, so its
+        # decode steps run a specialization and this graph compiles only if some call needs it.
+        compiled = lower(gm, example_inputs, lowering, defer=rewritten is not None)
     specialized = Specializations(rewritten, lowering, opts.decode_graphs, compiled) if rewritten else None
     # The program holds its controller: guard nodes only name it by id (a weak map of ids).
     return PhasedProgram(controller, compiled,

@@ -30,7 +30,15 @@ import torch._inductor.config
 from torch._dynamo.utils import counters
 from torch.utils import _pytree as pytree
 
-from ..graph.compat import FakeTensorMode, ShapeEnv, TracingContext, detect_fake_mode, tracing
+from ..graph.compat import (
+    FakeTensorMode,
+    ShapeEnv,
+    TracingContext,
+    detect_fake_mode,
+    shape_assumptions,
+    symbol_ranges,
+    tracing,
+)
 from ..graph.rewrite import copy_graph
 from ..validate import warn_user
 
@@ -85,10 +93,10 @@ def lower_inductor(gm: torch.fx.GraphModule, example_inputs: list, settings: Ind
         # environment (guards, narrowed ranges): it serves only pieces of the same trace, and pieces whose sizes
         # are other symbols (another layer's cache length) only if it left none.
         if origin.trace() is shape_env and (symbols == origin.symbols or (
-                not origin.assumed and _ranges(shape_env, symbols) == origin.ranges)):
+                not origin.assumed and symbol_ranges(shape_env, symbols) == origin.ranges)):
             counters["flashu"]["pieces_shared"] += 1
             return shared
-    before = _assumptions(shape_env, symbols)
+    before = shape_assumptions(shape_env, symbols)
     if given_fakes is not None:
         compiled = compile_fx(copy_graph(gm), example_inputs, config_patches=patches)  # dynamo's context, or fakes
     else:
@@ -100,8 +108,9 @@ def lower_inductor(gm: torch.fx.GraphModule, example_inputs: list, settings: Ind
             compiled = compile_fx(copy_graph(gm), fakes, config_patches=patches)
     if key is not None:
         _compiled_pieces[key] = compiled
+        assumed = shape_assumptions(shape_env, symbols) != before
         _origin_of[compiled] = _Origin(weakref.ref(shape_env) if shape_env is not None else lambda: None, symbols,
-                                       _ranges(shape_env, symbols), _assumptions(shape_env, symbols) != before)
+                                       symbol_ranges(shape_env, symbols), assumed)
     return copied_outputs(compiled) if patches else compiled
 
 
@@ -116,18 +125,6 @@ class _Origin:
     symbols: tuple
     ranges: tuple
     assumed: bool
-
-
-def _ranges(shape_env: ShapeEnv | None, symbols: tuple) -> tuple:
-    return tuple(str(shape_env.var_to_range.get(symbol)) for symbol in symbols) if shape_env is not None else ()
-
-
-def _assumptions(shape_env: ShapeEnv | None, symbols: tuple) -> tuple:
-    """What a shape environment assumes, as far as compiling one piece can change it (compared before and after)."""
-    if shape_env is None:
-        return ()
-    return (len(shape_env.guards), sum(map(len, shape_env.deferred_runtime_asserts.values())),
-            len(shape_env.replacements), _ranges(shape_env, symbols))
 
 
 # The compiled pieces live programs use, by ``_structure_key`` (held weakly: a piece no program uses any more is

@@ -8,6 +8,10 @@ real inputs of that call. A graph dynamo traced with symbolic sizes (a decode st
 cache grows) instead compiles every piece at once, while dynamo's tracing context is still
 open, on fake inputs that carry its symbols: the pieces then accept every size the graph does,
 and whatever they assume about the symbols becomes one of dynamo's guards on the whole graph.
+A graph that serves only as a fallback (a decode step whose answers run its specializations)
+defers that compile to its first call, if any: it then compiles on the same fakes after dynamo's
+context has closed (:func:`compile_on_trace`), where no guard can be added any more, so it keeps
+the compiled pieces only if they assumed nothing about the symbols, and runs eagerly otherwise.
 """
 
 from __future__ import annotations
@@ -19,7 +23,7 @@ import sympy
 import torch.fx
 import torch.utils._pytree as pytree
 
-from ..graph.compat import FakeTensor, TracingContext, detect_fake_mode, fuse_as_graphmodule
+from ..graph.compat import FakeTensor, TracingContext, detect_fake_mode, fuse_as_graphmodule, shape_assumptions, tracing
 from ..graph.rewrite import copy_graph, has_guards, is_symbolic
 from ..runtime.compile_profile import phase, piece_kind
 from ..runtime.guards import GUARDS
@@ -27,13 +31,25 @@ from ..validate import warn_user
 from .lowerings import Lowering, lower_unguarded
 
 
-def lower(gm: torch.fx.GraphModule, example_inputs: list, lowering: Lowering) -> Callable:
+def lower(gm: torch.fx.GraphModule, example_inputs: list, lowering: Lowering, defer: bool = False) -> Callable:
     """Lower ``gm``: a graph with guards becomes a SegmentedProgram of lowered pieces, any other graph is
-    lowered whole (see :func:`lowerings.lower_unguarded` for what ``lowering`` may be)."""
+    lowered whole (see :func:`lowerings.lower_unguarded` for what ``lowering`` may be). ``defer``: a
+    SegmentedProgram traced with symbolic sizes compiles on its first call instead of now."""
     if has_guards(gm):
         # Guards read per-step state in Python; only the segments between them are compiled.
-        return SegmentedProgram(gm, lowering, example_inputs)
+        return SegmentedProgram(gm, lowering, example_inputs, defer=defer)
     return lower_unguarded(gm, example_inputs, lowering)
+
+
+def compile_on_trace(fakes: list, compile_now: Callable[[], None]) -> bool:
+    """Run ``compile_now`` (a compile on ``fakes``, fake inputs of a trace dynamo has finished) in a tracing context
+    of their fake mode; returns whether it assumed nothing about their symbols (no guard, runtime assertion,
+    replacement or narrowed range), the condition for its code to serve every call the trace's guards admit."""
+    fake_mode = detect_fake_mode(fakes)
+    before = shape_assumptions(fake_mode.shape_env)
+    with tracing(TracingContext(fake_mode)):
+        compile_now()
+    return shape_assumptions(fake_mode.shape_env) == before
 
 
 def _expr(size: Any) -> sympy.Expr | None:
@@ -176,7 +192,8 @@ def symbolic_inputs(gm: torch.fx.GraphModule, example_inputs: list) -> list | No
 
 
 class SegmentedProgram:
-    def __init__(self, gm: torch.fx.GraphModule, lowering: str, example_inputs: list | None = None) -> None:
+    def __init__(self, gm: torch.fx.GraphModule, lowering: str, example_inputs: list | None = None,
+                 defer: bool = False) -> None:
         self.placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
         self.output = next(n for n in gm.graph.nodes if n.op == "output")
         self.steps: list[tuple[str, Any, list, list]] = []
@@ -199,8 +216,23 @@ class SegmentedProgram:
         self._plan_releases()
         self.fake_output: Any = None  # what the graph returns, on fakes, once compiled for symbolic sizes
         fakes = symbolic_inputs(gm, example_inputs or []) if lowering != "eager" else None
-        if fakes is not None:
+        self.deferred = fakes if defer else None  # fakes to compile on at the first call
+        if fakes is not None and not defer:
             _compile_or_run_eagerly(self, lambda: self._compile_all(fakes), "the pieces of a graph", "they run")
+
+    def _compile_deferred(self) -> None:
+        fakes, self.deferred = self.deferred, None
+        try:
+            assumed_nothing = compile_on_trace(fakes, lambda: self._compile_all(fakes))
+        except Exception as error:
+            warn_user(f"compiling the pieces of a graph with symbolic sizes failed ({type(error).__name__}: "
+                      f"{error}); they run eagerly")
+            self.fall_back_to_eager()
+            return
+        if not assumed_nothing:
+            warn_user("the pieces of a graph compiled after its trace assumed something about its symbolic sizes, "
+                      "which no guard of the trace checks; they run eagerly")
+            self.fall_back_to_eager()
 
     def fall_back_to_eager(self) -> None:
         for kind, fn, _, _ in self.steps:
@@ -240,6 +272,8 @@ class SegmentedProgram:
         self.releases = [[n for n, i in last.items() if i == k and n not in kept] for k in range(len(self.steps))]
 
     def __call__(self, *args: Any) -> Any:
+        if self.deferred is not None:
+            self._compile_deferred()
         env: dict[torch.fx.Node, Any] = dict(zip(self.placeholders, args, strict=True))
         for (kind, fn, inputs, outputs), release in zip(self.steps, self.releases, strict=True):
             values = [env[v] if isinstance(v, torch.fx.Node) else v for v in inputs]

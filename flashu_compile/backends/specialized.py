@@ -3,8 +3,12 @@
 The guarded graph stays the program of record: it serves every step whose decisions may still
 change, and any skip set whose specialization cannot be built or compiled (with a warning). A
 specialization is compiled through dynamo with dynamic sizes, because the graph it comes from
-serves every cache length: dynamo then guards it like any other compiled frame, so a call it
-does not fit recompiles rather than computing something wrong.
+serves every cache length. It is compiled on the symbolic inputs of that graph's trace (the
+placeholders' fake values), and kept only if compiling it assumed nothing about their sizes
+(no guard, runtime assertion, replacement or narrowed range): it then serves every call the
+trace's guards admit, which are the only calls that reach it. Otherwise it goes through dynamo
+with dynamic sizes, which guards it like any other compiled frame (a call it does not fit
+recompiles rather than computing something wrong), at the price of tracing the graph again.
 """
 
 from __future__ import annotations
@@ -15,10 +19,11 @@ from typing import Any
 
 import torch
 
+from ..graph.compat import detect_fake_mode
 from ..graph.specialize import resolve_layer_guards
 from ..runtime.compile_profile import phase
 from ..validate import warn_user
-from .segmented import lower
+from .segmented import compile_on_trace, lower
 
 
 class Specializations:
@@ -45,7 +50,23 @@ class Specializations:
             return self.guarded
         if self.lowering == "eager":
             return gm.forward
+        try:
+            compiled = self._on_trace_symbols(gm)
+        except Exception as error:  # any compile failure has the same remedy
+            _warn_guarded_runs(error, skip)
+            return self.guarded
+        if compiled is not None:
+            return compiled
         return _FirstCallFallback(torch.compile(gm, backend=self._lower, dynamic=True), self.guarded, skip)
+
+    def _on_trace_symbols(self, gm: torch.fx.GraphModule) -> Callable | None:
+        """``gm`` lowered on its trace's fake inputs, or None if that compile assumed something of their sizes."""
+        fakes = [n.meta.get("example_value") for n in gm.graph.nodes if n.op == "placeholder"]
+        fake_mode = detect_fake_mode(fakes)
+        if fake_mode is None or fake_mode.shape_env is None or any(v is None for v in fakes):
+            return None
+        compiled = []
+        return compiled[0] if compile_on_trace(fakes, lambda: compiled.append(self._lower(gm, fakes))) else None
 
     def _lower(self, gm: torch.fx.GraphModule, example_inputs: list) -> Callable:
         with phase("lowering specialization"):
@@ -64,10 +85,14 @@ class _FirstCallFallback:
         try:
             out = self.fn(*args)
         except Exception as error:  # any compile failure has the same remedy
-            cause = getattr(error, "inner_exception", None) or error  # dynamo wraps the lowering's own error
-            warn_user(f"compiling the decode graph specialized on skip set {sorted(self.skip)} failed "
-                      f"({type(cause).__name__}: {cause}); the guarded graph runs")
+            _warn_guarded_runs(error, self.skip)
             self.fn = self.guarded
             out = self.fn(*args)
         self.tried = True
         return out
+
+
+def _warn_guarded_runs(error: Exception, skip: frozenset[int]) -> None:
+    cause = getattr(error, "inner_exception", None) or error  # dynamo wraps the lowering's own error
+    warn_user(f"compiling the decode graph specialized on skip set {sorted(skip)} failed "
+              f"({type(cause).__name__}: {cause}); the guarded graph runs")

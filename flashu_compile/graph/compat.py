@@ -15,6 +15,8 @@ What callers rely on:
   a compilation context of flashu's own, for a piece compiled after dynamo's has closed;
 - ``fuse_as_graphmodule(gm, nodes, name, always_return_tuple=...)`` -> (submodule, inputs, outputs),
   and ``topo_sort(nodes)``;
+- ``ShapeEnv``'s ``guards``, ``deferred_runtime_asserts``, ``replacements`` and ``var_to_range``: what a
+  compile assumed about its symbols (:func:`shape_assumptions`);
 - ``ShortenTraceback``: an exception of this type raised by a backend reaches the caller of the
   compiled function as it is, where dynamo wraps any other in ``BackendCompilerFailed``
   (tests/test_backend.py checks that the library's errors arrive by their own names).
@@ -23,6 +25,7 @@ What callers rely on:
 from __future__ import annotations
 
 import inspect
+from collections.abc import Iterable
 
 import torch
 from torch._dynamo.exc import ShortenTraceback
@@ -32,7 +35,8 @@ from torch.fx.experimental.symbolic_shapes import ShapeEnv
 from torch.fx.passes.utils.fuser_utils import fuse_as_graphmodule, topo_sort
 
 __all__ = ["FakeTensor", "FakeTensorMode", "ShapeEnv", "ShortenTraceback", "TracingContext", "detect_fake_mode",
-           "fuse_as_graphmodule", "missing_internals", "topo_sort", "tracing"]
+           "fuse_as_graphmodule", "missing_internals", "shape_assumptions",
+           "symbol_ranges", "topo_sort", "tracing"]
 
 
 def _accepts(fn, parameter: str) -> bool:
@@ -41,7 +45,7 @@ def _accepts(fn, parameter: str) -> bool:
 
 def missing_internals() -> list[str]:
     """What of the internals listed in this module's docstring the installed torch lacks (empty: all present)."""
-    context = TracingContext(None)
+    context, shapes = TracingContext(None), ShapeEnv()
     checks = {
         "TracingContext.try_get": hasattr(TracingContext, "try_get"),
         "TracingContext.fake_mode": hasattr(context, "fake_mode"),
@@ -50,8 +54,30 @@ def missing_internals() -> list[str]:
         "FakeTensorMode.from_tensor(static_shapes=)": _accepts(FakeTensorMode.from_tensor, "static_shapes"),
         "FakeTensorMode(shape_env=)": _accepts(FakeTensorMode.__init__, "shape_env"),
         "fuse_as_graphmodule(always_return_tuple=)": _accepts(fuse_as_graphmodule, "always_return_tuple"),
+        **{f"ShapeEnv.{name}": hasattr(shapes, name) for name in _ASSUMPTIONS},
     }
     return [name for name, present in checks.items() if not present]
+
+
+_ASSUMPTIONS = ("guards", "deferred_runtime_asserts", "replacements", "var_to_range")
+
+
+def shape_assumptions(shape_env: ShapeEnv | None, symbols: Iterable | None = None) -> tuple:
+    """What ``shape_env`` assumes about ``symbols`` (all its symbols when None), as far as a compile can change it:
+    compared before and after one, a difference means the compiled code holds only under some guard, runtime
+    assertion, replacement or narrower value range that nothing checks unless a caller installs it."""
+    if shape_env is None:
+        return ()
+    return (len(shape_env.guards), sum(map(len, shape_env.deferred_runtime_asserts.values())),
+            len(shape_env.replacements), symbol_ranges(shape_env, symbols))
+
+
+def symbol_ranges(shape_env: ShapeEnv | None, symbols: Iterable | None = None) -> tuple:
+    """The value ranges ``shape_env`` gives ``symbols`` (all its symbols, in name order, when None), as text."""
+    if shape_env is None:
+        return ()
+    ranges = shape_env.var_to_range
+    return tuple(str(ranges.get(symbol)) for symbol in (sorted(ranges, key=str) if symbols is None else symbols))
 
 
 if _missing := missing_internals():

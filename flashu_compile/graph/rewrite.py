@@ -7,6 +7,7 @@ definition of each.
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import torch.fx
@@ -40,6 +41,31 @@ def copy_graph(gm: torch.fx.GraphModule) -> torch.fx.GraphModule:
     graph = torch.fx.Graph()
     graph.output(graph.graph_copy(gm.graph, {}))
     return torch.fx.GraphModule(gm, graph)
+
+
+def inline_call(gm: torch.fx.GraphModule, sub: torch.fx.GraphModule, args: tuple, prefix: str) -> Any:
+    """Copy ``sub``'s graph into ``gm`` at its insertion point, its placeholders bound to ``args`` (nodes of ``gm``),
+    and return what it returns, in ``gm``'s nodes: a call of ``sub`` made part of the graph that calls it.
+
+    The copies keep their meta. Attributes ``sub``'s nodes read (constants, nested submodules) join ``gm`` under
+    names starting with ``prefix``.
+    """
+    placeholders = [n for n in sub.graph.nodes if n.op == "placeholder"]
+    env: dict[torch.fx.Node, Any] = dict(zip(placeholders, args, strict=True))
+    for node in sub.graph.nodes:
+        if node.op == "placeholder":
+            continue
+        if node.op == "output":
+            return torch.fx.node.map_arg(node.args[0], env.__getitem__)
+        copied = gm.graph.node_copy(node, env.__getitem__)
+        if node.op in ("get_attr", "call_module"):
+            name, k = f"{prefix}_{node.target.replace('.', '_')}", 0
+            while hasattr(gm, name + (f"_{k}" if k else "")):
+                k += 1
+            copied.target = name + (f"_{k}" if k else "")
+            setattr(gm, copied.target, functools.reduce(getattr, node.target.split("."), sub))
+        env[node] = copied
+    raise ValueError(f"graph of {prefix} has no output node")
 
 
 def is_symbolic(value: Any) -> bool:

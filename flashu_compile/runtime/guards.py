@@ -167,9 +167,9 @@ def skipped_cache(past: torch.Tensor, stream: torch.Tensor) -> torch.Tensor:
     new tokens (B, S, H). The entries are never read: an answer keeps its skip set for every token, so the layer
     never runs again in it. They keep every layer's cache as long as layer 0's, as without skipping, so dynamo
     sees one cache length for all layers whatever the skip set (a cache left shorter is a static size of its own,
-    and each new skip set would compile the decode step again)."""
-    new = past.new_zeros((*past.shape[:-2], stream.shape[-2], past.shape[-1]))
-    return torch.cat([past, new], dim=-2)
+    and each new skip set would compile the decode step again). A graph specialized on the skip set
+    (graph.specialize) writes the same op."""
+    return torch.nn.functional.pad(past, (0, 0, 0, stream.shape[-2]))
 
 
 @guard_op

@@ -17,9 +17,9 @@ def _rewritten(monkeypatch, run):
     graphs = []
     lower = backend.lower
 
-    def capture(gm, example_inputs, lowering):
+    def capture(gm, example_inputs, lowering, **kwargs):
         graphs.append(copy_graph(gm))
-        return lower(gm, example_inputs, lowering)
+        return lower(gm, example_inputs, lowering, **kwargs)
 
     monkeypatch.setattr(backend, "lower", capture)
     torch._dynamo.reset()
@@ -27,11 +27,25 @@ def _rewritten(monkeypatch, run):
     return graphs
 
 
-def _modules_called(gm):
-    return sorted(n.target for n in gm.graph.nodes if n.op == "call_module")
+def _own_inputs(decode):
+    """Per layer index, the names of the tensors only that layer's guard reads and does not carry when the layer is
+    skipped (its weights, not its past keys and values)."""
+    guards = layer_guards(decode)
+    readers: dict[str, int] = {}
+    for g in guards:
+        for x in set(g.args[4:]):
+            readers[x.name] = readers.get(x.name, 0) + 1
+    return {g.args[2]: {x.name for k, x in enumerate(g.args[4:]) if readers[x.name] == 1 and k not in g.args[3]
+                        and isinstance(x.meta.get("example_value"), torch.Tensor)}
+            for g in guards}
 
 
-def test_skipped_layers_leave_the_graph_and_kept_ones_are_plain_calls(tokenizer, monkeypatch):
+def _read(gm):
+    """Names of the nodes of ``gm`` that some node reads."""
+    return {x.name for n in gm.graph.nodes for x in n.all_input_nodes}
+
+
+def test_skipped_layers_leave_the_graph_and_kept_ones_are_inlined(tokenizer, monkeypatch):
     model = Showo2.random(small_config(num_layers=4), seed=2).attach(tokenizer=tokenizer)
     image = torch.randn(1, model.config.image_latent_dim, *model.config.latent_size)
 
@@ -45,13 +59,21 @@ def test_skipped_layers_leave_the_graph_and_kept_ones_are_plain_calls(tokenizer,
     prefill, *decodes = [gm for gm in _rewritten(monkeypatch, run) if layer_guards(gm)]  # not the embedding
     decode = decodes[-1]
     assert len(layer_guards(decode)) == 4
-    skipped = resolve_layer_guards(decode, {1, 3})
-    assert not layer_guards(skipped)
-    assert _modules_called(skipped) == ["flashu_layer_0", "flashu_layer_2"]
-    assert not hasattr(skipped, "flashu_layer_1") and hasattr(decode, "flashu_layer_1")  # the source is untouched
-    assert _modules_called(resolve_layer_guards(decode, ())) == [f"flashu_layer_{i}" for i in range(4)]
-    # A prefill's layers have no past to carry: none can be skipped, whatever the set says.
-    assert _modules_called(resolve_layer_guards(prefill, {1, 3})) == [f"flashu_layer_{i}" for i in range(4)]
+    own = _own_inputs(decode)
+    assert sorted(own) == [0, 1, 2, 3] and all(own.values())
+    for graph, kept in [(decode, (0, 2)), (prefill, (0, 1, 2, 3))]:
+        flat = resolve_layer_guards(graph, {1, 3})
+        # One flat graph of operations: no guard, no call of a block, no block kept as a submodule.
+        assert not layer_guards(flat)
+        assert not [n for n in flat.graph.nodes if n.op in ("call_module", "get_attr")]
+        assert not [name for name, _ in flat.named_children()]
+        read = _read(flat)
+        # A kept layer's weights are read by its inlined operations; a skipped one's by nothing. A prefill's layers
+        # have no past to carry: none can be skipped, whatever the set says.
+        for i, names in _own_inputs(graph).items():
+            assert (names <= read) if i in kept else not (names & read), i
+    assert hasattr(decode, "flashu_layer_1")  # the source is untouched
+    assert not [n for n in resolve_layer_guards(decode, ()).graph.nodes if n.op == "call_module"]
 
 
 def test_no_single_graph_when_other_guards_remain(small_model, monkeypatch):
