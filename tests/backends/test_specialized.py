@@ -91,7 +91,7 @@ class _Inductor:
     """Stands in for Inductor (it runs each piece eagerly) and records every compile: whether its inputs were
     symbolic fakes, and whether it ran inside a dynamo compile. ``assume`` makes each compile on symbolic fakes of
     one kind (``"specialization"``: the whole specialized step; ``"pieces"``: a piece of the guarded step) assume
-    something of a symbol: it specializes the symbol to its value in this call.
+    something of a symbol: it specializes the symbol to its value in this call."""
 
     def __init__(self, monkeypatch, assume: str | None = None) -> None:
         self.compiles: list[tuple[bool, bool]] = []  # (symbolic fakes, inside dynamo) per compile
