@@ -123,7 +123,8 @@ def test_embedded_model_answers_with_dropping_and_skipping_composed():
 
 def _skipping_answerer(tokenizer, monkeypatch, on_symbolic):
     """A 4-layer model compiled with layer_skip on Inductor, whose Inductor calls for pieces of symbolic
-    size go through ``on_symbolic`` first; returns answer(), giving 8 tokens, and the reference tokens."""
+    size go through ``on_symbolic`` first; returns answer(), giving 8 tokens, and the reference tokens.
+    Without guard-free decode graphs, so every decode step runs the guarded graph's pieces."""
     compile_piece = inductor.lower_inductor
 
     def lower(gm, example_inputs, settings=None):
@@ -136,7 +137,7 @@ def _skipping_answerer(tokenizer, monkeypatch, on_symbolic):
     image = _image(model, 2)
     _, want, _, _ = reference_answer(model, tokenizer, image, QUESTION, 8, skip_ratio=0.5)
     torch._dynamo.reset()
-    compiled = compile_tasks(model, "flashu", {"passes": ["layer_skip"], "skip_ratio": 0.5})
+    compiled = compile_tasks(model, "flashu", {"passes": ["layer_skip"], "skip_ratio": 0.5, "decode_graphs": 0})
     return lambda: answer_tokens(model, tokenizer, image, QUESTION, max_new_tokens=8, entries=compiled.entries), want
 
 
@@ -166,20 +167,20 @@ def test_symbolic_pieces_fall_back_to_eager_when_inductor_fails(tokenizer, monke
 
 
 def test_pruned_dropping_skipping_answer_compiles_its_symbolic_pieces(tokenizer, recwarn, builds):
-    """The paper preset's answer passes on Inductor. A layer guard's tuple output carries the grown cache
-    (s0 + 1 rows) into the next segment, where no input states s0 bare: it is handed over explicitly
-    instead of failing in Inductor and falling back to eager. Once the skip set is settled, the
-    guard-free decode graph compiles too."""
+    """The paper preset's answer passes on Inductor. In the guarded decode graph (``decode_graphs=0``), a layer
+    guard's tuple output carries the grown cache (s0 + 1 rows) into the next segment, where no input states s0
+    bare: it is handed over explicitly instead of failing in Inductor and falling back to eager. With guard-free
+    decode graphs (the default), the one for the settled skip set compiles instead."""
     model = Showo2.random(small_config(num_layers=4), seed=2).attach(tokenizer=tokenizer)
     image = _image(model, 2)
     options = {"passes": ["prune_channels", "token_drop", "layer_skip"], "skip_ratio": 0.5, "token_drop_layer": 1,
                "plan": calibrate(model, multiple=8, steps=3, samples=2, progress=False)}
     answers = []
     with torch.no_grad():
-        for lowering in ("eager", "inductor"):
+        for lowering, graphs in (("eager", 8), ("inductor", 8), ("inductor", 0)):
             torch._dynamo.reset()
-            compiled = compile_tasks(model, "flashu", {**options, "lowering": lowering})
+            compiled = compile_tasks(model, "flashu", {**options, "lowering": lowering, "decode_graphs": graphs})
             answers.append(answer_tokens(model, tokenizer, image, QUESTION, max_new_tokens=8, entries=compiled.entries))
-    assert len(answers[0]) == 8 and answers[1] == answers[0]
+    assert len(answers[0]) == 8 and answers[1] == answers[0] and answers[2] == answers[0]
     assert len(builds) == 2 and builds[0] == builds[1]  # one specialization per lowering, same skip set
     assert not [w for w in recwarn if "failed" in str(w.message)]
