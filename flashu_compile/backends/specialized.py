@@ -2,13 +2,13 @@
 
 The guarded graph stays the program of record: it serves every step whose decisions may still
 change, and any skip set whose specialization cannot be built or compiled (with a warning). A
-specialization is compiled through dynamo with dynamic sizes, because the graph it comes from
-serves every cache length. It is compiled on the symbolic inputs of that graph's trace (the
-placeholders' fake values), and kept only if compiling it assumed nothing about their sizes
-(no guard, runtime assertion, replacement or narrowed range): it then serves every call the
-trace's guards admit, which are the only calls that reach it. Otherwise it goes through dynamo
-with dynamic sizes, which guards it like any other compiled frame (a call it does not fit
-recompiles rather than computing something wrong), at the price of tracing the graph again.
+specialization must serve every cache length the graph it comes from serves, so it is compiled
+for symbolic sizes: on the symbolic inputs of that graph's trace (the placeholders' fake values),
+kept only if compiling it assumed nothing about their sizes (no guard, runtime assertion,
+replacement or narrowed range). It then serves every call the trace's guards admit, which are the
+only calls that reach it. Otherwise it goes through dynamo with dynamic sizes, which guards it
+like any other compiled frame (a call it does not fit recompiles rather than computing something
+wrong), at the price of tracing the graph again.
 """
 
 from __future__ import annotations
