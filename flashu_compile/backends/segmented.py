@@ -222,17 +222,13 @@ class SegmentedProgram:
 
     def _compile_deferred(self) -> None:
         fakes, self.deferred = self.deferred, None
-        try:
-            assumed_nothing = compile_on_trace(fakes, lambda: self._compile_all(fakes))
-        except Exception as error:
-            warn_user(f"compiling the pieces of a graph with symbolic sizes failed ({type(error).__name__}: "
-                      f"{error}); they run eagerly")
-            self.fall_back_to_eager()
-            return
-        if not assumed_nothing:
-            warn_user("the pieces of a graph compiled after its trace assumed something about its symbolic sizes, "
-                      "which no guard of the trace checks; they run eagerly")
-            self.fall_back_to_eager()
+
+        def compile_now() -> None:
+            if not compile_on_trace(fakes, lambda: self._compile_all(fakes)):
+                raise RuntimeError("the compile assumed something about the symbolic sizes, which no guard of the "
+                                   "graph's trace checks")
+
+        _compile_or_run_eagerly(self, compile_now, "the pieces of a graph", "they run")
 
     def fall_back_to_eager(self) -> None:
         for kind, fn, _, _ in self.steps:
