@@ -46,6 +46,7 @@ def run(argv, capsys) -> str:
     (["graph-diff", "--tolerance", "nan"], "--tolerance must be a finite number"),
     (["bench", "--runs", "0"], "--runs must be an int >= 1, got 0"),
     (["bench", "--compile-warm-runs", "0"], "--compile-warm-runs must be an int >= 1, got 0"),
+    (["bench", "--no-compile-warm", "--compile-warm-runs", "3"], "--no-compile-warm leaves out the warm start"),
     (["bench", "--guidance=-inf"], "--guidance must be a finite number"),
 ])
 def test_bad_arguments_are_errors_before_the_model_loads(argv, message, no_model, capsys):

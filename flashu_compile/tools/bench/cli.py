@@ -22,7 +22,11 @@ def check_args(args) -> tuple[torch.device, torch.dtype]:
     from ..common import check_output, check_plan
 
     check_int("--runs", args.runs, 1)
-    check_int("--compile-warm-runs", args.compile_warm_runs, 1)
+    if args.compile_warm_runs is not None:
+        if args.no_compile_warm:
+            raise ValueError("--no-compile-warm leaves out the warm start that --compile-warm-runs repeats: "
+                             "give one of them")
+        check_int("--compile-warm-runs", args.compile_warm_runs, 1)
     check_int("--prompts", args.prompts, 1)
     check_int("--max-new-tokens", args.max_new_tokens, 1)
     check_float("--guidance", args.guidance, 0.0, MAX_GUIDANCE)
@@ -67,7 +71,7 @@ def run_bench(args, device: torch.device, dtype: torch.dtype) -> list[Result]:
                   scenes=scenes[:-1] if scored else None, expected_answer=expected if scored else None,
                   guidance=args.guidance, profile_compile=args.profile_compile)
     return bench.run(args.runs, progress=not args.no_progress, compile_warm=0 if args.no_compile_warm else
-                     args.compile_warm_runs,
+                     args.compile_warm_runs or 1,
                      fresh_caches=not args.shared_caches)
 
 
@@ -107,9 +111,10 @@ def add_parser(sub) -> None:
     p.add_argument("--no-compile-warm", action="store_true",
                    help="leave out the second first request (after a dynamo reset, on warm caches), which compiles "
                         "every configuration again")
-    p.add_argument("--compile-warm-runs", type=int, default=1, metavar="N",
-                   help="make the second first request N times, the configurations interleaved, and report the "
-                        "median (a warm start of a second or two varies by a tenth of a second run to run)")
+    p.add_argument("--compile-warm-runs", type=int, metavar="N",
+                   help="make the second first request N times (default 1), the configurations interleaved, and "
+                        "report the median (a warm start of a second or two varies by a tenth of a second run to "
+                        "run)")
     p.add_argument("--shared-caches", action="store_true",
                    help="one set of Inductor caches for all configurations (faster; compile cold then counts what "
                         "earlier rows compiled as cached)")
