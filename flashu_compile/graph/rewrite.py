@@ -51,21 +51,16 @@ def inline_call(gm: torch.fx.GraphModule, sub: torch.fx.GraphModule, args: tuple
     names starting with ``prefix``.
     """
     placeholders = [n for n in sub.graph.nodes if n.op == "placeholder"]
-    env: dict[torch.fx.Node, Any] = dict(zip(placeholders, args, strict=True))
+    copies: dict[torch.fx.Node, torch.fx.Node] = dict(zip(placeholders, args, strict=True))
+    value = gm.graph.graph_copy(sub.graph, copies)
     for node in sub.graph.nodes:
-        if node.op == "placeholder":
-            continue
-        if node.op == "output":
-            return torch.fx.node.map_arg(node.args[0], env.__getitem__)
-        copied = gm.graph.node_copy(node, env.__getitem__)
         if node.op in ("get_attr", "call_module"):
             name, k = f"{prefix}_{node.target.replace('.', '_')}", 0
             while hasattr(gm, name + (f"_{k}" if k else "")):
                 k += 1
-            copied.target = name + (f"_{k}" if k else "")
-            setattr(gm, copied.target, functools.reduce(getattr, node.target.split("."), sub))
-        env[node] = copied
-    raise ValueError(f"graph of {prefix} has no output node")
+            copies[node].target = name + (f"_{k}" if k else "")
+            setattr(gm, copies[node].target, functools.reduce(getattr, node.target.split("."), sub))
+    return value
 
 
 def is_symbolic(value: Any) -> bool:
