@@ -26,7 +26,7 @@ def layer_guards(gm: torch.fx.GraphModule) -> list[torch.fx.Node]:
 
 def resolve_layer_guards(gm: torch.fx.GraphModule, skip: Iterable[int]) -> torch.fx.GraphModule | None:
     """A copy of ``gm`` with every top-level layer guard decided for the skip set ``skip`` (layer indices), and each
-kept layer's block inlined.
+    kept layer's block inlined.
 
     A layer whose block has an output no input can stand for (a prefill's KV write, marked -1 in
     its carry) runs whatever ``skip`` says, exactly as its guard would. Returns None when other
